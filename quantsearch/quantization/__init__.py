@@ -1,0 +1,43 @@
+"""The quantizer core: NNI-style quantizers driven by an NNI v2 ``config_list``.
+
+    from quantsearch.quantization import QAT_Quantizer
+    config_list = [{"quant_types": ["weight", "output"], "quant_bits": 8,
+                    "op_types": ["Conv2d", "Linear", "ReLU6"]}]
+    model = QAT_Quantizer(model, config_list, optimizer).compress()
+
+This package imports torch only: no search, no tasks.
+"""
+
+from ._algorithms import (
+    QUANTIZERS,
+    BNNQuantizer,
+    DoReFaQuantizer,
+    LsqQuantizer,
+    NaiveQuantizer,
+    QAT_Quantizer,
+    QATQuantizer,
+    get_quantizer,
+)
+from ._base import Quantizer, real_state_dict
+from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
+from ._pack import load_packed, model_size_bytes
+from ._wrapper import QuantWrapper
+
+__all__ = [
+    "DEFAULT_OP_TYPES",
+    "QUANTIZERS",
+    "QUANT_TYPES",
+    "BNNQuantizer",
+    "ConfigError",
+    "DoReFaQuantizer",
+    "LsqQuantizer",
+    "NaiveQuantizer",
+    "QATQuantizer",
+    "QAT_Quantizer",
+    "QuantWrapper",
+    "Quantizer",
+    "get_quantizer",
+    "load_packed",
+    "model_size_bytes",
+    "real_state_dict",
+]

@@ -1,0 +1,203 @@
+"""The five quantization algorithms and the registry that names them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._base import Quantizer
+from ._config import AlgorithmRules, ConfigError, LayerConfig
+from ._tensor_quant import (
+    SCHEMES,
+    AffineWeightQuant,
+    DoReFaWeightQuant,
+    EmaActivationQuant,
+    LsqQuant,
+    SignQuant,
+    TensorQuant,
+)
+
+__all__ = [
+    "QUANTIZERS",
+    "BNNQuantizer",
+    "DoReFaQuantizer",
+    "LsqQuantizer",
+    "NaiveQuantizer",
+    "QATQuantizer",
+    "QAT_Quantizer",
+    "get_quantizer",
+]
+
+_DTYPES = ("int", "uint")
+
+
+def _one_of(allowed: Sequence[str]) -> Any:
+    return lambda v: None if v in allowed else f"expected one of {list(allowed)}"
+
+
+def _non_negative_int(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else "expected an int >= 0"
+
+
+def _channels(module: nn.Module) -> int:
+    weight = getattr(module, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 1
+
+
+def _has_weight(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
+class NaiveQuantizer(Quantizer):
+    """Weights only, symmetric int per tensor (scale = max|w| / (2^(b-1) - 1)), rounded to the
+    nearest level (NNI truncates toward zero). NNI takes only 8 bits; 2..16 are accepted here.
+    Without a config_list every weighted layer gets 8 bits."""
+
+    rules = AlgorithmRules(name="NaiveQuantizer", quant_types=("weight",), min_bits=2, max_bits=16)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: Sequence[Mapping[str, Any]] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        dummy_input: Any = None,
+    ) -> None:
+        if config_list is None:
+            config_list = [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["default"]}]
+        super().__init__(model, config_list, optimizer, dummy_input)
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        return {
+            "weight": AffineWeightQuant(
+                layer.bits["weight"], scheme="per_tensor_symmetric", dtype="int",
+                channels=_channels(module),
+            )
+        }
+
+
+class QAT_Quantizer(Quantizer):
+    """Quantization-aware training (Jacob et al. 2018).
+
+    Weights: min/max of the current (BatchNorm-folded) weight on every forward. Inputs and
+    outputs: min/max tracked by an EMA (decay 0.99). Options per entry: ``quant_start_step``
+    (default 0), ``quant_scheme`` (default ``per_tensor_affine``), ``quant_dtype`` (default
+    ``uint``; ``int`` is the restricted symmetric range -(2^(b-1)-1)..2^(b-1)-1). BatchNorm is
+    folded into the conv before it when a ``dummy_input`` is given (pairs found by running it).
+    """
+
+    rules = AlgorithmRules(
+        name="QAT_Quantizer",
+        quant_types=("weight", "input", "output"),
+        min_bits=2,
+        max_bits=16,
+        options={
+            "quant_start_step": (0, _non_negative_int),
+            "quant_scheme": ("per_tensor_affine", _one_of(SCHEMES)),
+            "quant_dtype": ("uint", _one_of(_DTYPES)),
+        },
+    )
+    folds_batch_norm = True
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        scheme, dtype = layer.options["quant_scheme"], layer.options["quant_dtype"]
+        quants: dict[str, TensorQuant] = {}
+        for quant_type in layer.quant_types:
+            bits = layer.bits[quant_type]
+            if quant_type == "weight":
+                if _has_weight(module):
+                    quants["weight"] = AffineWeightQuant(
+                        bits, scheme=scheme, dtype=dtype, channels=_channels(module)
+                    )
+            else:
+                quants[quant_type] = EmaActivationQuant(bits, scheme=scheme, dtype=dtype)
+        return quants
+
+
+QATQuantizer = QAT_Quantizer
+
+
+class DoReFaQuantizer(Quantizer):
+    """DoReFa-Net weights (Zhou et al. 2016): tanh, rescale to [0, 1], k-bit levels, back to
+    [-1, 1]. Weights only, 1..16 bits."""
+
+    rules = AlgorithmRules(name="DoReFaQuantizer", quant_types=("weight",), min_bits=1, max_bits=16)
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        return {"weight": DoReFaWeightQuant(layer.bits["weight"])}
+
+
+class BNNQuantizer(Quantizer):
+    """Binarized networks (Courbariaux/Hubara et al. 2016): sign of weights and outputs, 1 bit.
+
+    Output gradients pass only where |x| <= 1; weight gradients pass unchanged, and the latent
+    float weights are clipped to [-1, 1] after every optimizer step."""
+
+    rules = AlgorithmRules(
+        name="BNNQuantizer", quant_types=("weight", "output"), min_bits=1, max_bits=1
+    )
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        quants: dict[str, TensorQuant] = {}
+        if "weight" in layer.quant_types and _has_weight(module):
+            quants["weight"] = SignQuant(window=False)
+        if "output" in layer.quant_types:
+            quants["output"] = SignQuant(window=True)
+        return quants
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        for wrapper in self._wrappers().values():
+            if wrapper.weight_quant is not None:
+                wrapper.module.weight.clamp_(-1.0, 1.0)
+
+
+class LsqQuantizer(Quantizer):
+    """Learned Step Size Quantization (Esser et al. 2019) for weights, inputs and outputs.
+
+    The step sizes are Parameters: when an optimizer is given they are added to it as a new
+    param group; otherwise build the optimizer after :meth:`compress`. Option: ``quant_dtype``
+    (default ``int``: -2^(b-1)..2^(b-1)-1 as in NNI; ``uint``: 0..2^b-1)."""
+
+    rules = AlgorithmRules(
+        name="LsqQuantizer",
+        quant_types=("weight", "input", "output"),
+        min_bits=2,
+        max_bits=16,
+        options={"quant_dtype": ("int", _one_of(_DTYPES))},
+    )
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        dtype = layer.options["quant_dtype"]
+        quants: dict[str, TensorQuant] = {}
+        for quant_type in layer.quant_types:
+            bits = layer.bits[quant_type]
+            if quant_type == "weight":
+                if _has_weight(module):
+                    quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=module.weight)
+            else:
+                quants[quant_type] = LsqQuant(bits, dtype=dtype)
+        return quants
+
+
+#: Algorithm name -> quantizer class.
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "naive": NaiveQuantizer,
+    "qat": QAT_Quantizer,
+    "dorefa": DoReFaQuantizer,
+    "bnn": BNNQuantizer,
+    "lsq": LsqQuantizer,
+}
+
+
+def get_quantizer(name: str) -> type[Quantizer]:
+    """The quantizer class registered under ``name`` (see :data:`QUANTIZERS`)."""
+    try:
+        return QUANTIZERS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown algorithm {name!r}: expected one of {', '.join(QUANTIZERS)}"
+        ) from None

@@ -1,0 +1,258 @@
+"""The quantizer base class: config_list -> wrapped layers, step counting, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ._config import AlgorithmRules, ConfigError, LayerConfig, select_layers, validate_config_list
+from ._tensor_quant import TensorQuant
+from ._wrapper import QuantWrapper
+
+__all__ = ["Quantizer", "find_conv_bn_pairs", "real_state_dict", "wrappers_of"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def wrappers_of(model: nn.Module) -> dict[str, QuantWrapper]:
+    """Every quantized layer of a model, by its original qualified name."""
+    return {m.name: m for m in model.modules() if isinstance(m, QuantWrapper)}
+
+
+def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:
+    """Conv name -> BatchNorm name, for each BatchNorm whose input is exactly a conv's output.
+
+    Found by running ``dummy_input`` through the model in eval mode with forward hooks (nothing
+    in the model changes); the channel counts must agree.
+    """
+    produced: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    modules = dict(model.named_modules())
+
+    def after_conv(module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+        produced[id(output)] = names[id(module)]
+
+    def before_bn(module: nn.Module, inputs: tuple) -> None:
+        conv_name = produced.get(id(inputs[0])) if inputs else None
+        if conv_name is not None and modules[conv_name].out_channels == module.num_features:
+            pairs[conv_name] = names[id(module)]
+
+    handles = []
+    for module in model.modules():
+        if isinstance(module, _CONVS):
+            handles.append(module.register_forward_hook(after_conv))
+        elif isinstance(module, _BATCH_NORMS):
+            handles.append(module.register_forward_pre_hook(before_bn))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(dummy_input, Mapping):
+                model(**dummy_input)
+            elif isinstance(dummy_input, tuple):
+                model(*dummy_input)
+            else:
+                model(dummy_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return pairs
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, module)
+
+
+def real_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of the original architecture: wrappers removed, BatchNorm unfolded.
+
+    Loads strictly into a fresh instance of the model; quantizer state (scales, statistics,
+    step counts) is left out.
+    """
+    wrapper_paths = {
+        path: m for path, m in model.named_modules() if isinstance(m, QuantWrapper)
+    }
+    state: dict[str, Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        new_key: str | None = key
+        # Innermost wrapper first: a key belongs to the longest wrapper path that prefixes it.
+        for path in sorted(wrapper_paths, key=len, reverse=True):
+            if not key.startswith(path + "."):
+                continue
+            rest = key[len(path) + 1 :]
+            wrapper = wrapper_paths[path]
+            if rest.startswith("module."):
+                new_key = f"{path}.{rest[len('module.'):]}"
+            elif rest.startswith("bn.") and wrapper.bn_name is not None:
+                new_key = f"{wrapper.bn_name}.{rest[len('bn.'):]}"
+            else:
+                new_key = None
+            break
+        if new_key is not None:
+            state[new_key] = tensor.detach().clone()
+    return state
+
+
+class Quantizer:
+    """Base of the NNI-style quantizers: ``Quantizer(model, config_list, optimizer, dummy_input)``.
+
+    The config_list is validated on construction (:class:`ConfigError`); :meth:`compress` wraps
+    the selected layers in place and returns the model. Steps are counted by a post-step hook on
+    ``optimizer`` when one is given, or by calling :meth:`step` yourself; the count lives in the
+    model's state dict, so it survives a save and load.
+    """
+
+    rules: ClassVar[AlgorithmRules]
+    #: Algorithms whose weights are quantized after BatchNorm folding.
+    folds_batch_norm: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config_list: Sequence[Mapping[str, Any]],
+        optimizer: torch.optim.Optimizer | None = None,
+        dummy_input: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.bound_model = model
+        self.config_list = copy.deepcopy(list(config_list)) if isinstance(
+            config_list, Sequence
+        ) else config_list
+        self.optimizer = optimizer
+        self.dummy_input = dummy_input
+        entries = validate_config_list(self.config_list, self.rules)
+        self.layers: dict[str, LayerConfig] = select_layers(model, entries, self.rules)
+        self._compressed = False
+        self._hook_handle: Any = None
+
+    # -- construction -------------------------------------------------------------------
+    def _make_quants(
+        self, layer: LayerConfig, module: nn.Module
+    ) -> dict[str, TensorQuant]:
+        """The tensor quantizers of one layer, by quant type."""
+        raise NotImplementedError
+
+    def compress(self) -> nn.Module:
+        """Wrap every selected layer; idempotent. Returns the (same) model."""
+        if self._compressed:
+            return self.bound_model
+        model = self.bound_model
+        modules = dict(model.named_modules())
+        pairs: dict[str, str] = {}
+        if self.folds_batch_norm and self.dummy_input is not None:
+            pairs = {
+                conv: bn
+                for conv, bn in find_conv_bn_pairs(model, self.dummy_input).items()
+                if conv in self.layers and "weight" in self.layers[conv].quant_types
+            }
+        new_params: list[nn.Parameter] = []
+        # Deepest layers first, so a wrapped child keeps its path while its parent is wrapped.
+        for name in sorted(self.layers, key=lambda n: n.count("."), reverse=True):
+            layer = self.layers[name]
+            module = modules[name]
+            quants = self._make_quants(layer, module)
+            bn_name = pairs.get(name)
+            wrapper = QuantWrapper(
+                module,
+                name=name,
+                weight_quant=quants.get("weight"),
+                input_quant=quants.get("input"),
+                output_quant=quants.get("output"),
+                quant_start_step=int(layer.options.get("quant_start_step", 0)),
+                bn=modules[bn_name] if bn_name else None,
+                bn_name=bn_name,
+            )
+            device = next(module.parameters(), torch.empty(0)).device
+            wrapper.to(device)
+            _set_module(model, name, wrapper)
+            if bn_name:
+                _set_module(model, bn_name, nn.Identity())
+            for quant in quants.values():
+                new_params.extend(quant.parameters())
+        if self.optimizer is not None:
+            known = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            fresh = [p for p in new_params if id(p) not in known]
+            if fresh:
+                self.optimizer.add_param_group({"params": fresh})
+            self._hook_handle = self.optimizer.register_step_post_hook(
+                lambda *_args, **_kwargs: self.step()
+            )
+        self._compressed = True
+        return model
+
+    # -- training -----------------------------------------------------------------------
+    def _wrappers(self) -> dict[str, QuantWrapper]:
+        if not self._compressed:
+            raise RuntimeError("call compress() first")
+        return wrappers_of(self.bound_model)
+
+    def step(self) -> None:
+        """Count one optimizer step (called for you after ``optimizer.step()`` when an
+        optimizer was given to the constructor)."""
+        for wrapper in self._wrappers().values():
+            wrapper.advance()
+        self._after_step()
+
+    def _after_step(self) -> None:
+        """Per-algorithm work after each optimizer step."""
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps counted so far."""
+        wrappers = self._wrappers()
+        return next(iter(wrappers.values()))._steps if wrappers else 0
+
+    # -- inspection and export ------------------------------------------------------------
+    def layer_bits(self) -> dict[str, dict[str, int]]:
+        """Bits per quantized layer and quant type, e.g. ``{"conv1": {"weight": 8}}``."""
+        return {name: dict(layer.bits) for name, layer in self.layers.items()}
+
+    def calibration_config(self) -> dict[str, dict[str, Any]]:
+        """Per-layer calibration with NNI's keys (``weight_bits``, ``tracked_min_output``...)."""
+        config: dict[str, dict[str, Any]] = {}
+        for name, wrapper in self._wrappers().items():
+            entry: dict[str, Any] = {}
+            for role in ("weight", "input", "output"):
+                quant = getattr(wrapper, f"{role}_quant")
+                if quant is not None:
+                    entry.update(quant.calibration(role))
+            if wrapper.bn_name is not None:
+                entry["folded_batch_norm"] = wrapper.bn_name
+            config[name] = entry
+        return config
+
+    def export_model(
+        self, model_path: str | Path, calibration_path: str | Path | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Save the real state dict (unwrapped, BatchNorm unfolded: it loads strictly into a
+        fresh model) and, if asked, the calibration as JSON. Can be called any number of times;
+        returns the calibration dict."""
+        torch.save(real_state_dict(self._compressed_model()), model_path)
+        calibration = self.calibration_config()
+        if calibration_path is not None:
+            Path(calibration_path).write_text(json.dumps(calibration, indent=2) + "\n")
+        return calibration
+
+    def export_packed(self, path: str | Path) -> int:
+        """Write the deployed model with integer weights packed at their bit width; returns the
+        file's size in bytes. :func:`load_packed` reads it back."""
+        from ._pack import save_packed
+
+        return save_packed(self._compressed_model(), path)
+
+    def _compressed_model(self) -> nn.Module:
+        if not self._compressed:
+            raise RuntimeError("call compress() first")
+        return self.bound_model

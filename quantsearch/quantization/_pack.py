@@ -1,0 +1,266 @@
+"""Model size accounting and the packed export: integer weights really stored at their bits.
+
+File layout: the magic ``QSPACK1\\n``, a little-endian uint32 header length, a JSON header, then
+the payload. The payload holds, per tensor, either float32 values or the integer codes packed
+little-endian bit by bit (1, 2, 4 or any other width; each tensor starts on a byte boundary),
+followed by its float32 scales and int32 zero points. The payload's size is exactly what
+:func:`model_size_bytes` computes; the header is the only overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._base import wrappers_of
+from ._tensor_quant import TensorQuant, decode
+from ._wrapper import QuantWrapper
+
+__all__ = ["load_packed", "model_size_bytes", "pack_codes", "save_packed", "unpack_codes"]
+
+_MAGIC = b"QSPACK1\n"
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes the model needs deployed.
+
+    Quantized weights count at their bits (rounded up to whole bytes per tensor), every other
+    floating-point tensor of the state dict at 32 bits, plus the scales and zero points of every
+    quantized tensor. Integer bookkeeping buffers (BatchNorm's ``num_batches_tracked``) are not
+    needed for inference and are not counted. A float model therefore takes exactly 4 bytes per
+    floating-point element.
+    """
+    total = 0
+    seen: set[int] = set()
+    for wrapper in wrappers_of(model).values():
+        total += wrapper.storage_bytes()
+        seen.update(id(t) for t in wrapper.state_dict(keep_vars=True).values())
+    for tensor in model.state_dict(keep_vars=True).values():
+        if id(tensor) in seen or not tensor.is_floating_point():
+            continue
+        seen.add(id(tensor))
+        total += 4 * tensor.numel()
+    return total
+
+
+def pack_codes(codes: Tensor, bits: int) -> bytes:
+    """Pack non-negative integer codes below 2^bits into ceil(n * bits / 8) bytes."""
+    values = codes.reshape(-1).to(torch.int64).cpu().numpy()
+    if bits == 8:
+        return values.astype(np.uint8).tobytes()
+    planes = ((values[:, None] >> np.arange(bits, dtype=np.int64)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_codes(data: bytes, bits: int, count: int) -> Tensor:
+    """Inverse of :func:`pack_codes`."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 8:
+        return torch.from_numpy(raw[:count].astype(np.int64))
+    planes = np.unpackbits(raw, count=count * bits, bitorder="little").reshape(count, bits)
+    values = (planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+    return torch.from_numpy(values)
+
+
+class _Payload:
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> dict[str, int]:
+        self.chunks.append(data)
+        self.size += len(data)
+        return {"offset": self.size - len(data), "nbytes": len(data)}
+
+    def add_float(self, tensor: Tensor) -> dict[str, int]:
+        return self.add(tensor.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+
+    def add_int32(self, tensor: Tensor) -> dict[str, int]:
+        return self.add(tensor.detach().cpu().to(torch.int32).contiguous().numpy().tobytes())
+
+
+def _qparam_record(payload: _Payload, meta: dict[str, Any]) -> dict[str, Any]:
+    """Scales and zero points go to the payload; the rest of ``meta`` to the header."""
+    record: dict[str, Any] = {k: v for k, v in meta.items() if k not in ("scale", "zero_point")}
+    if "scale" in meta:
+        record["scale"] = payload.add_float(meta["scale"])
+        record["zero_point"] = payload.add_int32(meta["zero_point"])
+    return record
+
+
+
+@torch.no_grad()
+def save_packed(model: nn.Module, path: str | Path) -> int:
+    """Write the deployed form of a compressed model (see the module docstring); returns bytes."""
+    was_training = model.training
+    model.eval()
+    payload = _Payload()
+    tensors: list[dict[str, Any]] = []
+    activations: list[dict[str, Any]] = []
+    folded: dict[str, str] = {}
+    covered: set[int] = set()
+    try:
+        for name, wrapper in wrappers_of(model).items():
+            covered.update(id(t) for t in wrapper.state_dict(keep_vars=True).values())
+            if wrapper.bn_name is not None:
+                folded[name] = wrapper.bn_name
+            for key, tensor in wrapper.module.state_dict().items():
+                if not tensor.is_floating_point():
+                    continue
+                full = f"{name}.{key}"
+                if key == "weight" and wrapper.weight_quant is not None:
+                    tensors.append(_pack_weight(payload, full, wrapper))
+                elif key == "bias" and wrapper.bn is not None:
+                    tensors.append(_float_record(payload, full, wrapper.deployed_bias()))
+                else:
+                    tensors.append(_float_record(payload, full, tensor))
+            if wrapper.bn is not None and getattr(wrapper.module, "bias", None) is None:
+                tensors.append(_float_record(payload, f"{name}.bias", wrapper.deployed_bias()))
+            for role in ("input", "output"):
+                quant = getattr(wrapper, f"{role}_quant")
+                if quant is not None:
+                    activations.append(_activation_record(payload, name, role, quant))
+        for key, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in covered or not tensor.is_floating_point():
+                continue
+            covered.add(id(tensor))
+            tensors.append(_float_record(payload, key, tensor))
+    finally:
+        model.train(was_training)
+    header = json.dumps(
+        {"format": "quantsearch-packed", "version": 1, "tensors": tensors,
+         "activations": activations, "folded": folded},
+        separators=(",", ":"),
+    ).encode()
+    data = _MAGIC + struct.pack("<I", len(header)) + header + b"".join(payload.chunks)
+    Path(path).write_bytes(data)
+    return len(data)
+
+
+def _float_record(payload: _Payload, name: str, tensor: Tensor) -> dict[str, Any]:
+    return {"name": name, "shape": list(tensor.shape), "encoding": "float32",
+            **payload.add_float(tensor)}
+
+
+def _pack_weight(payload: _Payload, name: str, wrapper: QuantWrapper) -> dict[str, Any]:
+    quant = wrapper.weight_quant
+    assert quant is not None
+    x_hat = wrapper.quantized_weight()
+    codes, meta = quant.codes(x_hat)
+    if not torch.equal(decode(codes, quant.encoding, quant.bits, meta), x_hat):
+        raise RuntimeError(f"{name}: integer codes do not reproduce the quantized weight")
+    record = {"name": name, "shape": list(x_hat.shape), "encoding": quant.encoding,
+              "bits": quant.bits, **payload.add(pack_codes(codes, quant.bits))}
+    record["meta"] = _qparam_record(payload, meta)
+    return record
+
+
+def _activation_record(
+    payload: _Payload, layer: str, role: str, quant: TensorQuant
+) -> dict[str, Any]:
+    record: dict[str, Any] = {"layer": layer, "role": role, "encoding": quant.encoding,
+                              "bits": quant.bits}
+    fixed = getattr(quant, "fixed_params", None)
+    if fixed is not None:
+        record["meta"] = _qparam_record(payload, fixed())
+    return record
+
+
+class _FixedActivation:
+    """Eval-mode activation quantization of a deployed model (a forward (pre-)hook)."""
+
+    def __init__(self, record: dict[str, Any], blob: bytes) -> None:
+        self.encoding = record["encoding"]
+        meta = record.get("meta", {})
+        self.axis = meta.get("axis")
+        self.qmin, self.qmax = meta.get("qmin", 0), meta.get("qmax", 0)
+        if "scale" in meta:
+            self.scale = _read(blob, meta["scale"], np.float32)
+            self.zero_point = _read(blob, meta["zero_point"], np.int32)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.encoding == "sign":
+            return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(
+                x, float(self.scale[0]), int(self.zero_point[0]), self.qmin, self.qmax
+            )
+        return torch.fake_quantize_per_channel_affine(
+            x, self.scale.to(x.device), self.zero_point.to(x.device), self.axis, self.qmin,
+            self.qmax,
+        )
+
+
+def _read(blob: bytes, where: dict[str, int], dtype: Any) -> Tensor:
+    start = where["offset"]
+    return torch.from_numpy(
+        np.frombuffer(blob[start : start + where["nbytes"]], dtype=dtype).copy()
+    )
+
+
+def _decode_meta(blob: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+    out = dict(meta)
+    if "scale" in meta:
+        out["scale"] = _read(blob, meta["scale"], np.float32)
+        out["zero_point"] = _read(blob, meta["zero_point"], np.int32)
+    return out
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+@torch.no_grad()
+def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
+    """Load a packed file into ``model``, a fresh float instance of the original architecture.
+
+    Weights are decoded bit-exactly; folded BatchNorms become ``nn.Identity`` (their effect is in
+    the conv's weight and bias); quantized inputs and outputs get fixed quantization hooks.
+    Returns the model in eval mode; its outputs equal the compressed model's in eval mode.
+    """
+    data = Path(path).read_bytes()
+    if not data.startswith(_MAGIC):
+        raise ValueError(f"{path}: not a quantsearch packed model (bad magic bytes)")
+    (length,) = struct.unpack("<I", data[len(_MAGIC) : len(_MAGIC) + 4])
+    start = len(_MAGIC) + 4
+    header = json.loads(data[start : start + length])
+    blob = data[start + length :]
+    for conv_name, bn_name in header["folded"].items():
+        _set_module(model, bn_name, nn.Identity())
+        conv = model.get_submodule(conv_name)
+        if getattr(conv, "bias", None) is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
+    targets = model.state_dict(keep_vars=True)
+    for record in header["tensors"]:
+        name = record["name"]
+        if name not in targets:
+            raise ValueError(f"{path}: tensor {name!r} has no place in the given model")
+        shape = record["shape"]
+        chunk = blob[record["offset"] : record["offset"] + record["nbytes"]]
+        if record["encoding"] == "float32":
+            value = torch.from_numpy(np.frombuffer(chunk, dtype=np.float32).copy())
+        else:
+            count = math.prod(shape)
+            codes = unpack_codes(chunk, record["bits"], count).reshape(shape)
+            value = decode(codes, record["encoding"], record["bits"],
+                           _decode_meta(blob, record["meta"]))
+        target = targets[name]
+        target.copy_(value.reshape(shape).to(target.dtype))
+    for record in header["activations"]:
+        module = model.get_submodule(record["layer"])
+        fixed = _FixedActivation(record, blob)
+        if record["role"] == "input":
+            module.register_forward_pre_hook(
+                lambda _m, args, fixed=fixed: (fixed(args[0]), *args[1:])
+            )
+        else:
+            module.register_forward_hook(lambda _m, _args, out, fixed=fixed: fixed(out))
+    return model.eval()

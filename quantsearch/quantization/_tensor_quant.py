@@ -1,0 +1,376 @@
+"""Tensor quantizers: each one fake-quantizes one tensor role of a layer (weight, input, output).
+
+Every tensor quantizer can also turn its fake-quantized output into integer codes and back
+(``codes`` / :func:`decode`), bit-exactly, which is what the packed export stores.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._math import (
+    SCALE_FLOOR,
+    affine_qparams,
+    affine_qparams_float,
+    binarize,
+    dorefa_levels_to_weight,
+    quant_range,
+    round_ste,
+)
+
+__all__ = [
+    "SCHEMES",
+    "AffineWeightQuant",
+    "DoReFaWeightQuant",
+    "EmaActivationQuant",
+    "LsqQuant",
+    "SignQuant",
+    "TensorQuant",
+    "decode",
+]
+
+SCHEMES = (
+    "per_tensor_affine",
+    "per_tensor_symmetric",
+    "per_channel_affine",
+    "per_channel_symmetric",
+)
+
+
+class TensorQuant(nn.Module):
+    """Base class: ``forward(x, active)`` returns x fake-quantized (or x itself when inactive)."""
+
+    bits: int
+    #: How the codes map back to floats: "affine", "dorefa" or "sign" (see :func:`decode`).
+    encoding: str = "affine"
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        raise NotImplementedError
+
+    def param_bytes(self) -> int:
+        """Bytes of the parameters (scales, zero points) a deployed model stores for this tensor."""
+        return 0
+
+    def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """Integer codes 0..2^bits-1 of a fake-quantized tensor, and what :func:`decode` needs."""
+        raise NotImplementedError
+
+    def calibration(self, role: str) -> dict[str, Any]:
+        """NNI-style calibration keys (``weight_bits``, ``tracked_min_output``...)."""
+        return {f"{role}_bits": self.bits}
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # Per-channel statistics get their shape on the first batch: adopt the stored one.
+        for name, buffer in self._buffers.items():
+            key = prefix + name
+            if buffer is not None and key in state_dict and state_dict[key].shape != buffer.shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Refresh Python-side mirrors of buffers after a state_dict load."""
+
+
+def _affine_codes(
+    x_hat: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, axis: int | None
+) -> tuple[Tensor, dict[str, Any]]:
+    shape = [1] * x_hat.dim()
+    if axis is not None:
+        shape[axis] = -1
+    s = scale.reshape(shape) if axis is not None else scale
+    z = zero_point.reshape(shape) if axis is not None else zero_point
+    q = torch.round(x_hat / s).to(torch.int64) + z.to(torch.int64)
+    meta = {
+        "scale": scale.detach().float().reshape(-1).clone(),
+        "zero_point": zero_point.detach().to(torch.int32).reshape(-1).clone(),
+        "axis": axis,
+        "qmin": qmin,
+    }
+    return q - qmin, meta
+
+
+def decode(codes: Tensor, encoding: str, bits: int, meta: dict[str, Any]) -> Tensor:
+    """Float tensor from integer codes 0..2^bits-1; bit-exact inverse of ``TensorQuant.codes``."""
+    if encoding == "sign":
+        return codes.to(torch.float32) * 2.0 - 1.0
+    if encoding == "dorefa":
+        return dorefa_levels_to_weight(codes.to(torch.float32), bits)
+    q = codes.to(torch.int64) + meta["qmin"]
+    scale, zero_point, axis = meta["scale"], meta["zero_point"].to(torch.int64), meta["axis"]
+    if axis is None:
+        return (q - zero_point.reshape(())).to(torch.float32) * scale.reshape(())
+    shape = [1] * codes.dim()
+    shape[axis] = -1
+    return (q - zero_point.reshape(shape)).to(torch.float32) * scale.reshape(shape)
+
+
+class AffineWeightQuant(TensorQuant):
+    """Scale and zero point from the current weight's min/max, recomputed on every forward.
+
+    Used by QAT (any scheme and dtype) and by the naive quantizer (per-tensor symmetric int).
+    Per-channel schemes use dim 0 (output channels of a Conv/Linear weight).
+    """
+
+    def __init__(self, bits: int, *, scheme: str, dtype: str, channels: int) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown quant_scheme {scheme!r}")
+        self.bits = bits
+        self.qmin, self.qmax = quant_range(bits, dtype)
+        self.per_channel = scheme.startswith("per_channel")
+        self.symmetric = scheme.endswith("symmetric")
+        shape = (channels,) if self.per_channel else ()
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        if not active:
+            return x
+        detached = x.detach()
+        if self.per_channel:
+            rmin, rmax = torch.aminmax(detached.reshape(x.shape[0], -1), dim=1)
+            scale, zero_point = affine_qparams(rmin, rmax, self.qmin, self.qmax, self.symmetric)
+            self.scale, self.zero_point = scale, zero_point
+            return torch.fake_quantize_per_channel_affine(
+                x, scale, zero_point, 0, self.qmin, self.qmax
+            )
+        rmin, rmax = torch.aminmax(detached)
+        if x.is_cuda:  # stay on the device: no host synchronisation
+            scale, zero_point = affine_qparams(rmin, rmax, self.qmin, self.qmax, self.symmetric)
+            self.scale, self.zero_point = scale, zero_point
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale, zero_point, self.qmin, self.qmax
+            )
+        s, z = affine_qparams_float(
+            rmin.item(), rmax.item(), self.qmin, self.qmax, self.symmetric
+        )
+        self.scale.fill_(s)
+        self.zero_point.fill_(z)
+        return torch.fake_quantize_per_tensor_affine(x, s, z, self.qmin, self.qmax)
+
+    def param_bytes(self) -> int:
+        return 8 * self.scale.numel()  # float32 scale + int32 zero point per tensor/channel
+
+    def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return _affine_codes(
+            x_hat, self.scale, self.zero_point, self.qmin, 0 if self.per_channel else None
+        )
+
+    def calibration(self, role: str) -> dict[str, Any]:
+        return {
+            f"{role}_bits": self.bits,
+            f"{role}_scale": self.scale.tolist(),
+            f"{role}_zero_point": self.zero_point.tolist(),
+        }
+
+
+class EmaActivationQuant(TensorQuant):
+    """QAT activations: min/max tracked by an exponential moving average (decay 0.99).
+
+    Initialised from the first training batch; the average keeps updating before
+    ``quant_start_step``; eval mode never updates it. Per-channel schemes use dim 1.
+    """
+
+    def __init__(self, bits: int, *, scheme: str, dtype: str, decay: float = 0.99) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown quant_scheme {scheme!r}")
+        self.bits = bits
+        self.decay = decay
+        self.qmin, self.qmax = quant_range(bits, dtype)
+        self.per_channel = scheme.startswith("per_channel")
+        self.symmetric = scheme.endswith("symmetric")
+        self.register_buffer("tracked_min", torch.zeros(()))
+        self.register_buffer("tracked_max", torch.zeros(()))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        self._observed = False
+        self._min = self._max = 0.0
+
+    def _after_load(self) -> None:
+        self._observed = bool(self.observed)
+        if not self.per_channel:
+            self._min, self._max = float(self.tracked_min), float(self.tracked_max)
+
+    @torch.no_grad()
+    def _update(self, x: Tensor) -> None:
+        if self.per_channel:
+            flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+            rmin, rmax = torch.aminmax(flat, dim=1)
+            if self._observed:
+                rmin = self.decay * self.tracked_min + (1 - self.decay) * rmin
+                rmax = self.decay * self.tracked_max + (1 - self.decay) * rmax
+            self.tracked_min, self.tracked_max = rmin, rmax
+        else:
+            rmin_t, rmax_t = torch.aminmax(x)
+            rmin, rmax = rmin_t.item(), rmax_t.item()
+            if self._observed:
+                rmin = self.decay * self._min + (1 - self.decay) * rmin
+                rmax = self.decay * self._max + (1 - self.decay) * rmax
+            self._min, self._max = rmin, rmax
+            self.tracked_min.fill_(rmin)
+            self.tracked_max.fill_(rmax)
+        if not self._observed:
+            self._observed = True
+            self.observed.fill_(True)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """Scale (float32) and zero point (int32) from the tracked range."""
+        if self.per_channel:
+            return affine_qparams(
+                self.tracked_min, self.tracked_max, self.qmin, self.qmax, self.symmetric
+            )
+        s, z = affine_qparams_float(self._min, self._max, self.qmin, self.qmax, self.symmetric)
+        return torch.tensor(s), torch.tensor(z, dtype=torch.int32)
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        if self.training:
+            self._update(x.detach())
+        if not active or not self._observed:
+            return x
+        if self.per_channel:
+            scale, zero_point = self.qparams()
+            return torch.fake_quantize_per_channel_affine(
+                x, scale.to(x.device), zero_point.to(x.device), 1, self.qmin, self.qmax
+            )
+        s, z = affine_qparams_float(self._min, self._max, self.qmin, self.qmax, self.symmetric)
+        return torch.fake_quantize_per_tensor_affine(x, s, z, self.qmin, self.qmax)
+
+    def param_bytes(self) -> int:
+        return 8 * self.tracked_min.numel()
+
+    def fixed_params(self) -> dict[str, Any]:
+        """What a deployed model needs to reproduce this quantizer in eval mode."""
+        scale, zero_point = self.qparams()
+        return {
+            "scale": scale.reshape(-1).float(),
+            "zero_point": zero_point.reshape(-1).to(torch.int32),
+            "axis": 1 if self.per_channel else None,
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+        }
+
+    def calibration(self, role: str) -> dict[str, Any]:
+        return {
+            f"{role}_bits": self.bits,
+            f"tracked_min_{role}": self.tracked_min.tolist(),
+            f"tracked_max_{role}": self.tracked_max.tolist(),
+        }
+
+
+class DoReFaWeightQuant(TensorQuant):
+    """DoReFa-Net weights: t = tanh(w), u = t / (2 max|t|) + 1/2, w_q = 2 round(u n) / n - 1.
+
+    n = 2^k - 1. The straight-through estimator covers only the rounding, so tanh's derivative
+    counts (as in NNI 3.0; NNI 2.x passed the gradient straight through the whole chain).
+    """
+
+    encoding = "dorefa"
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        if not active:
+            return x
+        t = torch.tanh(x)
+        u = t / (2 * t.abs().max().clamp(min=SCALE_FLOOR)) + 0.5
+        return dorefa_levels_to_weight(round_ste(u * (2**self.bits - 1)), self.bits)
+
+    def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        n = 2**self.bits - 1
+        return torch.round((x_hat + 1.0) * (n / 2.0)).to(torch.int64), {}
+
+
+class SignQuant(TensorQuant):
+    """BNN: sign(x) with sign(0) = +1. ``window`` limits the gradient to |x| <= 1 (activations)."""
+
+    encoding = "sign"
+
+    def __init__(self, *, window: bool) -> None:
+        super().__init__()
+        self.bits = 1
+        self.window = window
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        return binarize(x, window=self.window) if active else x
+
+    def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return (x_hat > 0).to(torch.int64), {}
+
+
+class LsqQuant(TensorQuant):
+    """Learned Step Size Quantization: x_hat = round(clamp(x / s, Qn, Qp)) * s with a learned s.
+
+    Signed range Qn = -2^(b-1), Qp = 2^(b-1) - 1 (``dtype='int'``, NNI's choice for every tensor)
+    or 0..2^b-1 (``dtype='uint'``, better after a ReLU). s starts at 2 mean|x| / sqrt(Qp): for
+    weights at construction, for activations from the first training batch. The gradient reaching
+    s is scaled by 1 / sqrt(numel(x) Qp).
+    """
+
+    def __init__(self, bits: int, *, dtype: str, init_from: Tensor | None = None) -> None:
+        super().__init__()
+        self.bits = bits
+        if dtype == "uint":
+            self.qmin, self.qmax = 0, 2**bits - 1
+        else:
+            self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.scale = nn.Parameter(torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        self._observed = False
+        if init_from is not None:
+            self._init_scale(init_from)
+
+    def _after_load(self) -> None:
+        self._observed = bool(self.observed)
+
+    @torch.no_grad()
+    def _init_scale(self, x: Tensor) -> None:
+        value = 2 * x.detach().abs().mean() / math.sqrt(self.qmax)
+        self.scale.fill_(max(float(value), SCALE_FLOOR))
+        self.observed.fill_(True)
+        self._observed = True
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        if not self._observed:
+            if not self.training:
+                return x
+            self._init_scale(x)
+        if not active:
+            return x
+        grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, self.scale.clamp(min=SCALE_FLOOR), self.zero_point, self.qmin, self.qmax,
+            grad_factor,
+        )
+
+    def param_bytes(self) -> int:
+        return 4  # the learned float32 step size; the zero point is always 0
+
+    def _scale_value(self) -> Tensor:
+        return self.scale.detach().clamp(min=SCALE_FLOOR).reshape(())
+
+    def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        return _affine_codes(
+            x_hat, self._scale_value(), torch.zeros((), dtype=torch.int32), self.qmin, None
+        )
+
+    def fixed_params(self) -> dict[str, Any]:
+        return {
+            "scale": self._scale_value().reshape(1).float(),
+            "zero_point": torch.zeros(1, dtype=torch.int32),
+            "axis": None,
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+        }
+
+    def calibration(self, role: str) -> dict[str, Any]:
+        return {f"{role}_bits": self.bits, f"{role}_scale": float(self._scale_value())}

@@ -1,0 +1,162 @@
+"""The module that stands in a model where a layer is quantized."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._tensor_quant import TensorQuant
+
+__all__ = ["QuantWrapper"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class QuantWrapper(nn.Module):
+    """Wraps one layer: quantizes its input, its weight (after BatchNorm folding) and its output.
+
+    The original layer stays in ``self.module`` with its own parameters, so training updates
+    the float ("latent") weights and the optimizer built on the original model keeps working.
+    Before ``quant_start_step`` optimizer steps the training forward passes tensors through
+    unquantized (statistics still update); eval mode always quantizes, so an evaluated accuracy
+    is always the quantized model's.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        name: str,
+        weight_quant: TensorQuant | None = None,
+        input_quant: TensorQuant | None = None,
+        output_quant: TensorQuant | None = None,
+        quant_start_step: int = 0,
+        bn: nn.Module | None = None,
+        bn_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.name = name
+        self.weight_quant = weight_quant
+        self.input_quant = input_quant
+        self.output_quant = output_quant
+        self.bn = bn
+        self.bn_name = bn_name
+        self.quant_start_step = quant_start_step
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self._steps = 0
+        if isinstance(module, _CONV):
+            self._kind = "conv"
+        elif isinstance(module, nn.Linear):
+            self._kind = "linear"
+        else:
+            self._kind = "generic"
+        if bn is not None and self._kind != "conv":
+            raise ValueError(f"{name}: BatchNorm folding needs a Conv1d/2d/3d layer")
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{role}={quant.bits}b"
+            for role, quant in (
+                ("input", self.input_quant),
+                ("weight", self.weight_quant),
+                ("output", self.output_quant),
+            )
+            if quant is not None
+        ]
+        if self.bn is not None:
+            parts.append(f"folded={self.bn_name}")
+        return ", ".join(parts)
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._steps = int(self.steps)
+
+    def advance(self) -> None:
+        """Count one optimizer step."""
+        self._steps += 1
+        self.steps.fill_(self._steps)
+
+    def _folded(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias the layer computes with: BatchNorm folded in when paired.
+
+        w_fold = w * gamma / sqrt(var + eps) per output channel,
+        b_fold = beta + (b - mean) * gamma / sqrt(var + eps), from the running statistics.
+        """
+        weight, bias = self.module.weight, getattr(self.module, "bias", None)
+        bn = self.bn
+        if bn is None:
+            return weight, bias
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            factor = bn.weight * factor
+        shift = -bn.running_mean if bias is None else bias - bn.running_mean
+        folded_bias = shift * factor
+        if bn.bias is not None:
+            folded_bias = folded_bias + bn.bias
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        return weight * factor.reshape(shape), folded_bias
+
+    def _weighted(
+        self, x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple, kwargs: dict
+    ) -> Tensor:
+        if self._kind == "conv":
+            return self.module._conv_forward(x, weight, bias)
+        if self._kind == "linear":
+            return F.linear(x, weight, bias)
+        return torch.func.functional_call(self.module, {"weight": weight}, (x, *args), kwargs)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        active = not self.training or self._steps >= self.quant_start_step
+        if self.input_quant is not None:
+            x = self.input_quant(x, active)
+        if self.weight_quant is None:
+            out = self.module(x, *args, **kwargs)
+        else:
+            if self.bn is not None and self.training:
+                # The batch statistics of the float layer keep BatchNorm's running averages fresh.
+                with torch.no_grad():
+                    self.bn(self.module(x))
+            weight, bias = self._folded()
+            out = self._weighted(x, self.weight_quant(weight, active), bias, args, kwargs)
+        if self.output_quant is not None:
+            out = self.output_quant(out, active)
+        return out
+
+    @torch.no_grad()
+    def quantized_weight(self) -> Tensor:
+        """The weight as the quantized layer uses it (folded, fake-quantized), without updates."""
+        if self.weight_quant is None:
+            raise ValueError(f"{self.name}: its weight is not quantized")
+        weight, _ = self._folded()
+        return self.weight_quant(weight.detach(), True)
+
+    @torch.no_grad()
+    def deployed_bias(self) -> Tensor | None:
+        """The bias a deployed model stores (the folded one when BatchNorm was folded in)."""
+        return self._folded()[1] if self.weight_quant is not None else None
+
+    def storage_bytes(self) -> int:
+        """Bytes this layer needs deployed: quantized weight codes at their bits, every other
+        float tensor at 32 bits, plus scales and zero points. A folded BatchNorm costs only the
+        bias it folds into."""
+        total = 0
+        for key, tensor in self.module.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            if key == "weight" and self.weight_quant is not None:
+                total += math.ceil(tensor.numel() * self.weight_quant.bits / 8)
+            else:
+                total += 4 * tensor.numel()
+        if self.bn is not None and getattr(self.module, "bias", None) is None:
+            total += 4 * self.bn.num_features
+        for quant in (self.weight_quant, self.input_quant, self.output_quant):
+            if quant is not None:
+                total += quant.param_bytes()
+        return total
