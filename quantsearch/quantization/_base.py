@@ -15,7 +15,13 @@ from ._config import AlgorithmRules, ConfigError, LayerConfig, select_layers, va
 from ._tensor_quant import TensorQuant
 from ._wrapper import QuantWrapper
 
-__all__ = ["Quantizer", "find_conv_bn_pairs", "real_state_dict", "wrappers_of"]
+__all__ = [
+    "Quantizer",
+    "find_conv_bn_pairs",
+    "real_state_dict",
+    "unwrapped_float_state",
+    "wrappers_of",
+]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -24,6 +30,21 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def wrappers_of(model: nn.Module) -> dict[str, QuantWrapper]:
     """Every quantized layer of a model, by its original qualified name."""
     return {m.name: m for m in model.modules() if isinstance(m, QuantWrapper)}
+
+
+def unwrapped_float_state(model: nn.Module) -> dict[str, Tensor]:
+    """The floating-point state tensors that no quantized layer owns, by state-dict key."""
+    prefixes = tuple(
+        f"{path}." for path, m in model.named_modules() if isinstance(m, QuantWrapper)
+    )
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key.startswith(prefixes) or not tensor.is_floating_point() or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))  # tied weights are stored once
+        state[key] = tensor
+    return state
 
 
 def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:

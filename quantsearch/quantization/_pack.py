@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._base import wrappers_of
+from ._base import unwrapped_float_state, wrappers_of
 from ._tensor_quant import TensorQuant, decode
 from ._wrapper import QuantWrapper
 
@@ -37,17 +37,8 @@ def model_size_bytes(model: nn.Module) -> int:
     needed for inference and are not counted. A float model therefore takes exactly 4 bytes per
     floating-point element.
     """
-    total = 0
-    seen: set[int] = set()
-    for wrapper in wrappers_of(model).values():
-        total += wrapper.storage_bytes()
-        seen.update(id(t) for t in wrapper.state_dict(keep_vars=True).values())
-    for tensor in model.state_dict(keep_vars=True).values():
-        if id(tensor) in seen or not tensor.is_floating_point():
-            continue
-        seen.add(id(tensor))
-        total += 4 * tensor.numel()
-    return total
+    total = sum(wrapper.storage_bytes() for wrapper in wrappers_of(model).values())
+    return total + sum(4 * t.numel() for t in unwrapped_float_state(model).values())
 
 
 def pack_codes(codes: Tensor, bits: int) -> bytes:
@@ -91,6 +82,7 @@ def _qparam_record(payload: _Payload, meta: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {k: v for k, v in meta.items() if k not in ("scale", "zero_point")}
     if "scale" in meta:
         record["scale"] = payload.add_float(meta["scale"])
+    if "zero_point" in meta:
         record["zero_point"] = payload.add_int32(meta["zero_point"])
     return record
 
@@ -105,10 +97,8 @@ def save_packed(model: nn.Module, path: str | Path) -> int:
     tensors: list[dict[str, Any]] = []
     activations: list[dict[str, Any]] = []
     folded: dict[str, str] = {}
-    covered: set[int] = set()
     try:
         for name, wrapper in wrappers_of(model).items():
-            covered.update(id(t) for t in wrapper.state_dict(keep_vars=True).values())
             if wrapper.bn_name is not None:
                 folded[name] = wrapper.bn_name
             for key, tensor in wrapper.module.state_dict().items():
@@ -127,10 +117,7 @@ def save_packed(model: nn.Module, path: str | Path) -> int:
                 quant = getattr(wrapper, f"{role}_quant")
                 if quant is not None:
                     activations.append(_activation_record(payload, name, role, quant))
-        for key, tensor in model.state_dict(keep_vars=True).items():
-            if id(tensor) in covered or not tensor.is_floating_point():
-                continue
-            covered.add(id(tensor))
+        for key, tensor in unwrapped_float_state(model).items():
             tensors.append(_float_record(payload, key, tensor))
     finally:
         model.train(was_training)
@@ -183,7 +170,11 @@ class _FixedActivation:
         self.qmin, self.qmax = meta.get("qmin", 0), meta.get("qmax", 0)
         if "scale" in meta:
             self.scale = _read(blob, meta["scale"], np.float32)
-            self.zero_point = _read(blob, meta["zero_point"], np.int32)
+            self.zero_point = (
+                _read(blob, meta["zero_point"], np.int32)
+                if "zero_point" in meta
+                else torch.zeros_like(self.scale, dtype=torch.int32)
+            )
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.encoding == "sign":
@@ -209,6 +200,7 @@ def _decode_meta(blob: bytes, meta: dict[str, Any]) -> dict[str, Any]:
     out = dict(meta)
     if "scale" in meta:
         out["scale"] = _read(blob, meta["scale"], np.float32)
+    if "zero_point" in meta:
         out["zero_point"] = _read(blob, meta["zero_point"], np.int32)
     return out
 

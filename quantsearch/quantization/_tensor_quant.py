@@ -79,20 +79,19 @@ class TensorQuant(nn.Module):
 
 
 def _affine_codes(
-    x_hat: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, axis: int | None
+    x_hat: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, axis: int | None
 ) -> tuple[Tensor, dict[str, Any]]:
+    """Codes of an affine tensor; a ``None`` zero point means 0 and is not stored."""
     shape = [1] * x_hat.dim()
     if axis is not None:
         shape[axis] = -1
     s = scale.reshape(shape) if axis is not None else scale
-    z = zero_point.reshape(shape) if axis is not None else zero_point
-    q = torch.round(x_hat / s).to(torch.int64) + z.to(torch.int64)
-    meta = {
-        "scale": scale.detach().float().reshape(-1).clone(),
-        "zero_point": zero_point.detach().to(torch.int32).reshape(-1).clone(),
-        "axis": axis,
-        "qmin": qmin,
-    }
+    q = torch.round(x_hat / s).to(torch.int64)
+    meta: dict[str, Any] = {"scale": scale.detach().float().reshape(-1).clone(), "axis": axis,
+                            "qmin": qmin}
+    if zero_point is not None:
+        q = q + (zero_point.reshape(shape) if axis is not None else zero_point).to(torch.int64)
+        meta["zero_point"] = zero_point.detach().to(torch.int32).reshape(-1).clone()
     return q - qmin, meta
 
 
@@ -103,7 +102,8 @@ def decode(codes: Tensor, encoding: str, bits: int, meta: dict[str, Any]) -> Ten
     if encoding == "dorefa":
         return dorefa_levels_to_weight(codes.to(torch.float32), bits)
     q = codes.to(torch.int64) + meta["qmin"]
-    scale, zero_point, axis = meta["scale"], meta["zero_point"].to(torch.int64), meta["axis"]
+    scale, axis = meta["scale"], meta["axis"]
+    zero_point = meta.get("zero_point", torch.zeros(1, dtype=torch.int32)).to(torch.int64)
     if axis is None:
         return (q - zero_point.reshape(())).to(torch.float32) * scale.reshape(())
     shape = [1] * codes.dim()
@@ -137,14 +137,16 @@ class AffineWeightQuant(TensorQuant):
         if self.per_channel:
             rmin, rmax = torch.aminmax(detached.reshape(x.shape[0], -1), dim=1)
             scale, zero_point = affine_qparams(rmin, rmax, self.qmin, self.qmax, self.symmetric)
-            self.scale, self.zero_point = scale, zero_point
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
             return torch.fake_quantize_per_channel_affine(
                 x, scale, zero_point, 0, self.qmin, self.qmax
             )
         rmin, rmax = torch.aminmax(detached)
         if x.is_cuda:  # stay on the device: no host synchronisation
             scale, zero_point = affine_qparams(rmin, rmax, self.qmin, self.qmax, self.symmetric)
-            self.scale, self.zero_point = scale, zero_point
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
             return torch.fake_quantize_per_tensor_affine(
                 x, scale, zero_point, self.qmin, self.qmax
             )
@@ -360,13 +362,12 @@ class LsqQuant(TensorQuant):
 
     def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
         return _affine_codes(
-            x_hat, self._scale_value(), torch.zeros((), dtype=torch.int32), self.qmin, None
+            x_hat, self._scale_value(), None, self.qmin, None
         )
 
     def fixed_params(self) -> dict[str, Any]:
         return {
             "scale": self._scale_value().reshape(1).float(),
-            "zero_point": torch.zeros(1, dtype=torch.int32),
             "axis": None,
             "qmin": self.qmin,
             "qmax": self.qmax,

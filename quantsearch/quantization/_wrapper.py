@@ -118,16 +118,36 @@ class QuantWrapper(nn.Module):
             x = self.input_quant(x, active)
         if self.weight_quant is None:
             out = self.module(x, *args, **kwargs)
+        elif self.bn is not None and self.training:
+            out = self._folded_training_forward(x, active)
         else:
-            if self.bn is not None and self.training:
-                # The batch statistics of the float layer keep BatchNorm's running averages fresh.
-                with torch.no_grad():
-                    self.bn(self.module(x))
             weight, bias = self._folded()
             out = self._weighted(x, self.weight_quant(weight, active), bias, args, kwargs)
         if self.output_quant is not None:
             out = self.output_quant(out, active)
         return out
+
+    def _folded_training_forward(self, x: Tensor, active: bool) -> Tensor:
+        """Training with BatchNorm folded in, in one convolution.
+
+        The conv runs with the quantized folded weight q(w * gamma / sigma_running); dividing its
+        output by gamma / sigma_running gives back the float conv's scale, and BatchNorm then
+        normalises with the batch statistics and updates its running averages, as in training
+        without quantization. Eval mode uses the folded weight and bias directly.
+        """
+        bn = self.bn
+        assert bn is not None
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            factor = bn.weight * factor
+        shape = (-1,) + (1,) * (self.module.weight.dim() - 1)
+        weight = self.weight_quant(self.module.weight * factor.reshape(shape), active)
+        channel_shape = (1, -1) + (1,) * (self.module.weight.dim() - 2)
+        out = self.module._conv_forward(x, weight, None) / factor.reshape(channel_shape)
+        bias = self.module.bias
+        if bias is not None:
+            out = out + bias.reshape(channel_shape)
+        return bn(out)
 
     @torch.no_grad()
     def quantized_weight(self) -> Tensor:
