@@ -1,0 +1,177 @@
+"""Numbers on hand-made tensors: scales, zero points, EMA, STE windows, DoReFa, BNN, LSQ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from quantsearch.quantization._math import SCALE_FLOOR, affine_qparams, quant_range
+from quantsearch.quantization._tensor_quant import (
+    AffineWeightQuant,
+    DoReFaWeightQuant,
+    EmaActivationQuant,
+    LsqQuant,
+    SignQuant,
+)
+
+
+def test_quant_ranges() -> None:
+    assert quant_range(8, "uint") == (0, 255)
+    assert quant_range(8, "int") == (-127, 127)
+    assert quant_range(2, "int") == (-1, 1)
+
+
+# tensor [-1, 0, 3]: range [-1, 3]
+@pytest.mark.parametrize(
+    ("scheme", "dtype", "scale", "zero_point"),
+    [
+        ("per_tensor_affine", "uint", 4 / 255, 64),  # 0 - round(-1 / (4/255)) = round(63.75)
+        ("per_tensor_affine", "int", 4 / 254, -63),  # -127 - round(-63.5) = -127 + 64
+        ("per_tensor_symmetric", "int", 3 / 127, 0),
+        ("per_tensor_symmetric", "uint", 3 / 127.5, 128),
+    ],
+)
+def test_per_tensor_scale_and_zero_point(
+    scheme: str, dtype: str, scale: float, zero_point: int
+) -> None:
+    quant = AffineWeightQuant(8, scheme=scheme, dtype=dtype, channels=3)
+    quant(torch.tensor([-1.0, 0.0, 3.0]))
+    assert float(quant.scale.detach()) == pytest.approx(scale, rel=1e-6)
+    assert int(quant.zero_point) == zero_point
+
+
+def test_range_is_widened_to_contain_zero() -> None:
+    quant = AffineWeightQuant(8, scheme="per_tensor_affine", dtype="uint", channels=1)
+    out = quant(torch.tensor([2.0, 4.0]))
+    assert float(quant.scale.detach()) == pytest.approx(4 / 255, rel=1e-6)
+    assert int(quant.zero_point) == 0
+    assert torch.allclose(out, torch.tensor([2.0, 4.0]), atol=4 / 255 / 2)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "dtype", "scales", "zero_points"),
+    [
+        ("per_channel_affine", "uint", [3 / 255, 0.5 / 255], [85, 0]),
+        ("per_channel_symmetric", "int", [2 / 127, 0.5 / 127], [0, 0]),
+    ],
+)
+def test_per_channel_scales_use_dim_0(
+    scheme: str, dtype: str, scales: list[float], zero_points: list[int]
+) -> None:
+    quant = AffineWeightQuant(8, scheme=scheme, dtype=dtype, channels=2)
+    quant(torch.tensor([[-1.0, 2.0], [0.5, 0.25]]))
+    assert quant.scale.tolist() == pytest.approx(scales, rel=1e-6)
+    assert quant.zero_point.tolist() == zero_points
+
+
+def test_all_zero_tensor_gets_the_scale_floor_and_no_nan() -> None:
+    for scheme in ("per_tensor_affine", "per_channel_symmetric"):
+        quant = AffineWeightQuant(8, scheme=scheme, dtype="uint", channels=2)
+        out = quant(torch.zeros(2, 3))
+        assert quant.scale.flatten().tolist() == pytest.approx([SCALE_FLOOR] * quant.scale.numel())
+        assert torch.equal(out, torch.zeros(2, 3))
+    scale, zero_point = affine_qparams(torch.zeros(()), torch.zeros(()), 0, 255, False)
+    assert float(scale) == pytest.approx(SCALE_FLOOR) and int(zero_point) == 0
+    assert torch.isfinite(DoReFaWeightQuant(2)(torch.zeros(4))).all()
+
+
+def test_ema_starts_from_the_first_batch_then_decays_by_0_99() -> None:
+    quant = EmaActivationQuant(8, scheme="per_tensor_affine", dtype="uint").train()
+    quant(torch.tensor([-1.0, 3.0]))
+    assert (float(quant.tracked_min), float(quant.tracked_max)) == (-1.0, 3.0)
+    quant(torch.tensor([-2.0, 5.0]))
+    assert float(quant.tracked_min) == pytest.approx(0.99 * -1 + 0.01 * -2)
+    assert float(quant.tracked_max) == pytest.approx(0.99 * 3 + 0.01 * 5)
+    quant.eval()
+    quant(torch.tensor([-100.0, 100.0]))
+    assert float(quant.tracked_max) == pytest.approx(3.02)
+
+
+def test_ema_per_channel_tracks_dim_1() -> None:
+    quant = EmaActivationQuant(8, scheme="per_channel_affine", dtype="uint").train()
+    quant(torch.tensor([[[1.0, 2.0], [-3.0, 0.5]], [[4.0, 0.0], [-1.0, 1.0]]]))
+    assert quant.tracked_min.tolist() == [0.0, -3.0]
+    assert quant.tracked_max.tolist() == [4.0, 1.0]
+
+
+def test_straight_through_gradient_is_zero_outside_the_range() -> None:
+    quant = EmaActivationQuant(8, scheme="per_tensor_affine", dtype="uint").train()
+    quant(torch.tensor([0.0, 1.0]))
+    quant.eval()
+    x = torch.tensor([-1.0, 0.5, 2.0], requires_grad=True)
+    quant(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_fake_quantization_formula() -> None:
+    quant = AffineWeightQuant(2, scheme="per_tensor_affine", dtype="uint", channels=4)
+    x = torch.tensor([-1.0, 0.1, 0.9, 2.0])
+    out = quant(x)
+    scale, zp = 3.0 / 3, 1  # range [-1, 2] on 0..3
+    expected = [scale * (min(max(round(v / scale + zp), 0), 3) - zp) for v in x.tolist()]
+    assert out.tolist() == pytest.approx(expected)
+    assert float(quant.scale.detach()) == scale and int(quant.zero_point) == zp
+
+
+def test_dorefa_two_bit_levels() -> None:
+    w = torch.linspace(-3, 3, 101)
+    out = DoReFaWeightQuant(2)(w)
+    assert sorted(set(torch.round(out * 3).tolist())) == [-3.0, -1.0, 1.0, 3.0]
+    assert out.min() == -1.0 and out.max() == 1.0
+
+
+def test_dorefa_gradient_includes_tanh_derivative() -> None:
+    w = torch.tensor([0.1, -0.5, 2.0], requires_grad=True)
+    out = DoReFaWeightQuant(8)(w)
+    out[0].backward()
+    # d/dw0 of tanh(w0) / (2 max|tanh|) + 1/2, times 2: max|tanh| = tanh(2) comes from w2
+    expected = (1 - math.tanh(0.1) ** 2) / math.tanh(2.0)
+    assert float(w.grad[0]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bnn_sign_of_zero_is_plus_one_and_gradients() -> None:
+    activation = SignQuant(window=True)
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0], requires_grad=True)
+    out = activation(x)
+    assert out.tolist() == [-1.0, -1.0, 1.0, 1.0, 1.0]
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+    w = torch.tensor([-2.0, 0.0, 3.0], requires_grad=True)
+    SignQuant(window=False)(w).sum().backward()
+    assert w.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_lsq_initial_scale_and_scale_gradient() -> None:
+    bits = 3
+    qn, qp = -4, 3
+    x = torch.tensor([-1.0, -0.3, 0.05, 0.4, 2.5])
+    quant = LsqQuant(bits, dtype="int", init_from=x)
+    s0 = 2 * x.abs().mean().item() / math.sqrt(qp)
+    assert float(quant.scale.detach()) == pytest.approx(s0, rel=1e-6)
+    out = quant(x)
+    out.sum().backward()
+    s = float(quant.scale.detach())
+    expected = 0.0
+    for v in x.tolist():
+        r = v / s
+        if r <= qn:
+            expected += qn
+        elif r >= qp:
+            expected += qp
+        else:
+            expected += -r + round(r)
+    expected /= math.sqrt(x.numel() * qp)
+    assert float(quant.scale.grad) == pytest.approx(expected, rel=1e-4)
+    assert out.tolist() == pytest.approx(
+        [s * min(max(round(v / s), qn), qp) for v in x.tolist()], rel=1e-6
+    )
+
+
+def test_lsq_activation_scale_comes_from_the_first_training_batch() -> None:
+    quant = LsqQuant(4, dtype="uint")
+    x = torch.tensor([0.0, 1.0, 3.0])
+    assert torch.equal(quant.eval()(x), x)  # nothing observed yet: passes through
+    quant.train()(x)
+    assert float(quant.scale.detach()) == pytest.approx(2 * (4 / 3) / math.sqrt(15), rel=1e-6)
