@@ -1,0 +1,302 @@
+"""Export a finished trial from its stored checkpoint, then prove the export by reloading it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from quantsearch.report._errors import ExportError
+from quantsearch.report._storage import sqlite_folder, storage_url
+
+if TYPE_CHECKING:
+    from quantsearch.tasks import Task
+
+__all__ = [
+    "ExportResult",
+    "describe_export",
+    "export_trial",
+    "resolve_checkpoint",
+    "task_from_study",
+]
+
+MODEL_FILE = "model.pt"
+CALIBRATION_FILE = "calibration.json"
+PACKED_FILE = "model.qpk"
+SUMMARY_FILE = "export.json"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The files of an exported trial and the test accuracies measured on the way."""
+
+    trial_number: int
+    out_dir: Path
+    model_path: Path
+    calibration_path: Path
+    packed_path: Path | None
+    """None for a float trial (empty config_list): it has no integers to pack."""
+    stored_test_accuracy: float
+    checkpoint_accuracy: float
+    """The trained model rebuilt from the stored checkpoint."""
+    reloaded_accuracy: float
+    """The deployed export reloaded: model.qpk through ``load_packed`` (a float trial: model.pt)."""
+    state_dict_accuracy: float
+    """model.pt alone in a fresh float model: the trained float weights, no quantization."""
+    size_bytes: int
+    packed_file_bytes: int | None
+    test_samples: int
+
+    @property
+    def matches(self) -> bool:
+        """True when the reloaded export classifies exactly as many test samples right."""
+        return _same_count(self.reloaded_accuracy, self.stored_test_accuracy, self.test_samples)
+
+
+def _same_count(a: float, b: float, samples: int) -> bool:
+    """Accuracies equal as counts of correct samples (immune to float formatting of a ratio)."""
+    return round(a * samples) == round(b * samples)
+
+
+def _find_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.number == number:
+            return trial
+    if not trials:
+        raise ExportError(f"study {study.study_name!r} has no trial: nothing to export")
+    raise ExportError(
+        f"study {study.study_name!r} has no trial {number}: "
+        f"its trials are numbered 0 to {trials[-1].number}"
+    )
+
+
+def resolve_checkpoint(
+    study: optuna.Study,
+    trial: FrozenTrial,
+    *,
+    checkpoint_root: str | Path | None = None,
+) -> Path:
+    """The file of ``trial``'s "checkpoint" attribute, relative to the study's SQLite folder.
+
+    ``checkpoint_root`` replaces that folder (needed for storages that are not SQLite files).
+    """
+    relative = trial.user_attrs.get("checkpoint")
+    if not relative:
+        raise ExportError(
+            f"trial {trial.number} has no stored checkpoint (user attribute 'checkpoint'): "
+            "rerun the study with a version that stores checkpoints"
+        )
+    path = Path(relative)
+    if not path.is_absolute():
+        root = Path(checkpoint_root) if checkpoint_root is not None else None
+        if root is None:
+            root = sqlite_folder(storage_url(study))
+        if root is None:
+            raise ExportError(
+                f"trial {trial.number}'s checkpoint {relative!r} is relative to the study's "
+                "SQLite file, but this study is not stored in one: pass checkpoint_root"
+            )
+        path = root / path
+    if not path.is_file():
+        raise ExportError(
+            f"checkpoint of trial {trial.number} not found at {path}: the study's artifacts "
+            "folder must stay beside its database file"
+        )
+    return path
+
+
+def _task_settings(study: optuna.Study) -> tuple[str, dict[str, Any]]:
+    """The task name and get_task keyword arguments recorded with the study."""
+    attrs = study.user_attrs
+    task = attrs.get("task")
+    space = attrs.get("space") if isinstance(attrs.get("space"), Mapping) else {}
+    settings: Mapping[str, Any] = {}
+    if isinstance(task, Mapping):
+        settings = task
+        name = task.get("name")
+    else:
+        name = task
+        if isinstance(space.get("task"), Mapping):
+            settings = space["task"]
+        if name is None and isinstance(space.get("task"), str):
+            name = space["task"]
+    if not name:
+        raise ExportError(
+            f"study {study.study_name!r} does not record its task (study user attribute "
+            "'task'): pass the task to export explicitly"
+        )
+    kwargs: dict[str, Any] = {}
+    for key in ("data_dir", "options", "seed"):
+        source = settings if key in settings else space
+        if key in source and source[key] is not None:
+            kwargs[key] = source[key]
+    return str(name), kwargs
+
+
+def task_from_study(study: optuna.Study) -> Task:
+    """Rebuild the study's task (same name, data folder, options and seed, hence same splits)."""
+    from quantsearch.tasks import get_task
+
+    name, kwargs = _task_settings(study)
+    return get_task(name, **kwargs)
+
+
+def export_trial(
+    study: optuna.Study,
+    trial_number: int,
+    out_dir: str | Path,
+    *,
+    task: Task | None = None,
+    checkpoint_root: str | Path | None = None,
+) -> ExportResult:
+    """Write ``trial_number``'s model to ``out_dir`` from its checkpoint, reload it, evaluate it.
+
+    Files: ``model.pt`` (the real, unwrapped state dict), ``calibration.json`` (per-layer scales,
+    zero points and bits under NNI's keys), ``model.qpk`` (integers packed at their bit width;
+    not for a float trial) and ``export.json`` (the accuracies below). The packed file is loaded
+    into a fresh float model and evaluated on the test split; an :class:`ExportError` is raised
+    unless it gets the trial's stored test accuracy exactly (the files stay written, for
+    inspection).
+    """
+    import torch
+
+    from quantsearch.quantization import get_quantizer, load_packed
+    from quantsearch.tasks import evaluate
+
+    trial = _find_trial(study, trial_number)
+    if trial.state != TrialState.COMPLETE:
+        reason = trial.user_attrs.get("fail_reason")
+        detail = f" ({reason})" if reason else ""
+        raise ExportError(
+            f"trial {trial_number} is {trial.state.name}{detail}: only complete trials have a "
+            "model to export"
+        )
+    attrs = trial.user_attrs
+    config_list = attrs.get("config_list")
+    algorithm = attrs.get("algorithm") or study.user_attrs.get("algorithm")
+    stored = attrs.get("test_accuracy")
+    if config_list is None or algorithm is None or stored is None:
+        missing = [
+            key
+            for key, value in (
+                ("config_list", config_list),
+                ("algorithm", algorithm),
+                ("test_accuracy", stored),
+            )
+            if value is None
+        ]
+        raise ExportError(f"trial {trial_number} lacks the user attributes {missing}")
+    checkpoint = resolve_checkpoint(study, trial, checkpoint_root=checkpoint_root)
+    task = task if task is not None else task_from_study(study)
+
+    model = task.build_model()
+    # A float trial (empty config_list) trained the bare model: no quantizer to rebuild.
+    quantizer = None
+    if config_list:
+        quantizer = get_quantizer(algorithm)(
+            model, config_list, optimizer=None, dummy_input=task.dummy_input
+        )
+        model = quantizer.compress()
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    checkpoint_accuracy = evaluate(model, task.test_set)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / MODEL_FILE
+    calibration_path = out / CALIBRATION_FILE
+    packed_path: Path | None = None
+    if quantizer is not None:
+        quantizer.export_model(model_path, calibration_path)
+        packed_path = out / PACKED_FILE
+        quantizer.export_packed(packed_path)
+    else:
+        torch.save(model.state_dict(), model_path)
+        calibration_path.write_text("{}\n")
+
+    float_model = task.build_model()
+    float_model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    state_dict_accuracy = evaluate(float_model, task.test_set)
+    if packed_path is not None:
+        reloaded_accuracy = evaluate(load_packed(packed_path, task.build_model()), task.test_set)
+    else:
+        reloaded_accuracy = state_dict_accuracy
+
+    samples = len(task.test_set)  # type: ignore[arg-type]
+    result = ExportResult(
+        trial_number=trial_number,
+        out_dir=out,
+        model_path=model_path,
+        calibration_path=calibration_path,
+        packed_path=packed_path,
+        stored_test_accuracy=float(stored),
+        checkpoint_accuracy=checkpoint_accuracy,
+        reloaded_accuracy=reloaded_accuracy,
+        state_dict_accuracy=state_dict_accuracy,
+        size_bytes=int(attrs.get("size_bytes", trial.values[1])),
+        packed_file_bytes=packed_path.stat().st_size if packed_path is not None else None,
+        test_samples=samples,
+    )
+    (out / SUMMARY_FILE).write_text(json.dumps(_summary(result), indent=2) + "\n")
+    if not _same_count(checkpoint_accuracy, result.stored_test_accuracy, samples):
+        raise ExportError(
+            f"trial {trial_number}'s checkpoint {checkpoint} gives test accuracy "
+            f"{checkpoint_accuracy:.4%}, but the study stored {result.stored_test_accuracy:.4%}: "
+            "the checkpoint does not belong to this trial's model"
+        )
+    if not result.matches:
+        reloaded = packed_path if packed_path is not None else model_path
+        raise ExportError(
+            f"the exported model {reloaded} reloaded gives test accuracy "
+            f"{reloaded_accuracy:.4%}, but trial {trial_number} stored "
+            f"{result.stored_test_accuracy:.4%}"
+        )
+    return result
+
+
+def _summary(result: ExportResult) -> dict[str, Any]:
+    return {
+        "trial": result.trial_number,
+        "files": {
+            "state_dict": result.model_path.name,
+            "calibration": result.calibration_path.name,
+            "packed": result.packed_path.name if result.packed_path is not None else None,
+        },
+        "stored_test_accuracy": result.stored_test_accuracy,
+        "checkpoint_accuracy": result.checkpoint_accuracy,
+        "reloaded_accuracy": result.reloaded_accuracy,
+        "state_dict_accuracy": result.state_dict_accuracy,
+        "size_bytes": result.size_bytes,
+        "packed_file_bytes": result.packed_file_bytes,
+        "test_samples": result.test_samples,
+        "matches": result.matches,
+    }
+
+
+def describe_export(result: ExportResult) -> str:
+    """What an export wrote and measured, as lines for a terminal."""
+    correct = round(result.reloaded_accuracy * result.test_samples)
+    lines = [
+        f"exported trial {result.trial_number} to {result.out_dir}",
+        f"  {result.model_path.name:<17} state dict of the original architecture",
+        f"  {result.calibration_path.name:<17} calibration (scales, zero points, bits)",
+    ]
+    if result.packed_path is not None:
+        lines.append(
+            f"  {result.packed_path.name:<17} packed integer model, "
+            f"{result.packed_file_bytes:,} bytes (model size {result.size_bytes:,} bytes)"
+        )
+    else:
+        lines.append("  (float trial: no integer weights to pack)")
+    reloaded = "packed model" if result.packed_path is not None else "state dict"
+    verdict = "equal" if result.matches else "DIFFERENT"
+    lines.append(
+        f"test accuracy of the reloaded {reloaded}: {result.reloaded_accuracy:.4%} "
+        f"({correct}/{result.test_samples}); stored: {result.stored_test_accuracy:.4%}: {verdict}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,431 @@
+"""Figures of a study: the accuracy/size front, per-layer bits of the front, hypervolume history.
+
+Every function builds its own :class:`matplotlib.figure.Figure` on the Agg canvas (no pyplot, so
+no global figure state) and returns it, so callers and tests can read the plotted data back from
+``fig.axes[0].collections`` / ``.lines`` / ``.images``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from itertools import pairwise
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
+
+from quantsearch.report._table import BITS_PREFIX, bits_columns, pareto_frame
+
+__all__ = [
+    "bits_heatmap_figure",
+    "float_size_of",
+    "format_size",
+    "history_figure",
+    "hypervolume_2d",
+    "hypervolume_history",
+    "nondominated_mask",
+    "pareto_figure",
+    "save_figure",
+]
+
+_FRONT_COLOR = "#d95f02"
+_TRIAL_COLOR = "#1f77b4"
+_FLOAT_COLOR = "#e6ab02"
+_BASELINE_COLOR = "#7570b3"
+_FAILED_COLOR = "#d62728"
+_MUTED = "#9a9a9a"
+
+
+def format_size(num_bytes: float, _position: float | None = None) -> str:
+    """Bytes as a short label with decimal units: ``950 B``, ``12 KB``, ``1.5 MB``."""
+    if not math.isfinite(num_bytes):
+        return ""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(num_bytes) >= scale:
+            return f"{num_bytes / scale:.3g} {unit}"
+    return f"{num_bytes:.3g} B"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as PNG or SVG (by suffix) without timestamps, so reruns give the same file."""
+    path = Path(path)
+    if path.suffix == ".svg":
+        with matplotlib.rc_context({"svg.hashsalt": "quantsearch", "svg.fonttype": "none"}):
+            fig.savefig(path, format="svg", metadata={"Date": None})
+    else:
+        fig.savefig(path, format="png", dpi=150, metadata={"Software": None})
+    return path
+
+
+def _size_axis(ax: matplotlib.axes.Axes, sizes: np.ndarray) -> None:
+    """Log-scaled x axis of model sizes with KB/MB tick labels."""
+    ax.set_xscale("log")
+    finite = sizes[np.isfinite(sizes) & (sizes > 0)]
+    if finite.size == 0:
+        return
+    low, high = float(finite.min()) / 1.35, float(finite.max()) * 1.35
+    ax.set_xlim(low, high)
+    decades = math.log10(high / low)
+    if decades <= 1.3:
+        subs: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
+    elif decades <= 3.5:
+        subs = (1.0, 2.0, 5.0)
+    else:
+        subs = (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(format_size))
+    ax.xaxis.set_minor_locator(LogLocator(base=10.0, subs=np.arange(1.0, 10.0)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _baseline_style(label: str) -> tuple[str, str, float]:
+    if label == "float":
+        return _FLOAT_COLOR, "*", 260.0
+    return _BASELINE_COLOR, "D", 70.0
+
+
+def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Validation accuracy against model size (log axis), one point per trial.
+
+    Artists, by label: ``trials`` (feasible complete trials, dots), ``infeasible`` (hollow grey
+    circles), ``failed (n)`` / ``pruned (n)`` ('x' / '+' markers on the bottom edge, at the
+    trial's size when it was recorded: their y offsets are in axes units), ``Pareto front`` (a
+    post-step line through the front sorted by size), one scatter per baseline labelled with its
+    name (``float`` drawn as a large star), and ``float accuracy`` (a dotted horizontal line).
+    """
+    fig = _new_figure(8.0, 5.2)
+    ax = fig.add_subplot()
+    complete = frame[frame["state"] == "COMPLETE"]
+    is_baseline = complete["baseline"].notna()
+    feasible = complete[complete["feasible"] & ~is_baseline]
+    infeasible = complete[~complete["feasible"] & ~is_baseline]
+
+    ax.scatter(
+        feasible["size_bytes"],
+        feasible["accuracy"],
+        s=28,
+        color=_TRIAL_COLOR,
+        alpha=0.65,
+        linewidths=0,
+        label="trials",
+        zorder=3,
+    )
+    if not infeasible.empty:
+        ax.scatter(
+            infeasible["size_bytes"],
+            infeasible["accuracy"],
+            s=30,
+            facecolors="none",
+            edgecolors=_MUTED,
+            linewidths=1.0,
+            label=f"infeasible ({len(infeasible)})",
+            zorder=2,
+        )
+
+    front = pareto_frame(frame)
+    if not front.empty:
+        ax.step(
+            front["size_bytes"],
+            front["accuracy"],
+            where="post",
+            color=_FRONT_COLOR,
+            linewidth=1.8,
+            marker="o",
+            markersize=6,
+            markerfacecolor="white",
+            markeredgewidth=1.6,
+            label="Pareto front",
+            zorder=4,
+        )
+
+    sizes = frame["size_bytes"].to_numpy(dtype=float)
+    legend_done: set[str] = set()
+    for _, row in complete[is_baseline].sort_values("size_bytes").iterrows():
+        label = str(row["baseline"])
+        color, marker, size = _baseline_style(label)
+        group = "float" if label == "float" else "baselines"
+        edge = "black" if label == "float" else "white"
+        ax.scatter(
+            [row["size_bytes"]],
+            [row["accuracy"]],
+            s=size,
+            marker=marker,
+            color=color,
+            edgecolors=edge,
+            linewidths=0.7,
+            label=group if group not in legend_done else "_nolegend_",
+            gid=f"baseline:{label}",
+            zorder=5,
+        )
+        legend_done.add(group)
+        # Labels of points in the right half go to their left, so they stay inside the axes.
+        right_half = row["size_bytes"] > math.sqrt(np.nanmin(sizes) * np.nanmax(sizes))
+        ax.annotate(
+            f"{label}\n{row['accuracy']:.1%} · {format_size(row['size_bytes'])}",
+            (row["size_bytes"], row["accuracy"]),
+            xytext=(-9 if right_half else 7, -18 if label == "float" else 6),
+            textcoords="offset points",
+            ha="right" if right_half else "left",
+            bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.75},
+            fontsize=8,
+            color="black" if label == "float" else _BASELINE_COLOR,
+            fontweight="bold" if label == "float" else "normal",
+            zorder=6,
+        )
+        if label == "float":
+            ax.axhline(
+                row["accuracy"],
+                color=_FLOAT_COLOR,
+                linestyle=":",
+                linewidth=1.2,
+                label="float accuracy",
+                zorder=1,
+            )
+
+    # Unfinished trials have no accuracy: they sit on the bottom edge at their size, if known.
+    bottom = ax.get_xaxis_transform()
+    for state, marker, color in (("FAIL", "x", _FAILED_COLOR), ("PRUNED", "+", _MUTED)):
+        rows = frame[frame["state"] == state]
+        if rows.empty:
+            continue
+        placed = rows[rows["size_bytes"].notna()]
+        ax.scatter(
+            placed["size_bytes"],
+            np.full(len(placed), 0.03),
+            transform=bottom,
+            marker=marker,
+            s=40,
+            color=color,
+            linewidths=1.4,
+            label=f"{'failed' if state == 'FAIL' else 'pruned'} ({len(rows)})",
+            clip_on=False,
+            zorder=3,
+        )
+
+    _size_axis(ax, sizes)
+    # Room above the highest point for the baselines' labels.
+    ax.margins(y=0.1)
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.set_xlabel("model size (log scale)")
+    ax.set_ylabel("validation accuracy")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", axis="x", alpha=0.1)
+    ax.set_title(title or "Accuracy against model size")
+    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    return fig
+
+
+def _heatmap_rows(frame: pd.DataFrame, layers: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(layer, quant type) rows: each quantized tensor; a weight row per never-quantized layer."""
+    rows: list[tuple[str, str]] = []
+    by_layer: dict[str, list[str]] = {}
+    for column in bits_columns(frame):
+        layer, qtype = column[len(BITS_PREFIX) :].rsplit(".", 1)
+        by_layer.setdefault(layer, []).append(qtype)
+    order = list(layers or [])
+    order += [layer for layer in by_layer if layer not in order]
+    for layer in order:
+        rows.extend((layer, qtype) for qtype in by_layer.get(layer, ["weight"]))
+    return rows
+
+
+def bits_heatmap_figure(frame: pd.DataFrame, *, layers: Sequence[str] | None = None) -> Figure:
+    """Bit width of every quantized tensor (rows) for each front trial (columns, by size).
+
+    ``fig.axes[0].images[0].get_array()`` holds the bits, masked where the tensor stays float.
+    ``layers`` (model order) adds a float row for each layer that no trial quantized.
+    """
+    front = pareto_frame(frame)
+    rows = _heatmap_rows(frame, layers)
+    if front.empty or not rows:
+        fig = _new_figure(6.0, 2.0)
+        ax = fig.add_subplot()
+        ax.axis("off")
+        message = "no front trial" if front.empty else "no per-layer bit widths were recorded"
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11)
+        return fig
+
+    values = np.full((len(rows), len(front)), np.nan)
+    for i, (layer, qtype) in enumerate(rows):
+        column = f"{BITS_PREFIX}{layer}.{qtype}"
+        if column in front.columns:
+            values[i] = front[column].to_numpy(dtype=float)
+
+    width = min(24.0, 2.8 + 0.62 * len(front))
+    height = min(24.0, 1.9 + 0.32 * len(rows))
+    fig = _new_figure(width, height)
+    ax = fig.add_subplot()
+    levels = sorted({int(v) for v in values[np.isfinite(values)]}) or [8]
+    palette = matplotlib.colormaps["viridis"].resampled(max(len(levels), 2))
+    colors = [palette(i) for i in range(len(levels))]
+    cmap = ListedColormap(colors).with_extremes(bad="#e4e4e4")
+    # Each distinct bit width gets its own colour; boundaries sit halfway between widths.
+    edges = [levels[0] - 0.5, *((a + b) / 2 for a, b in pairwise(levels)), levels[-1] + 0.5]
+    norm = BoundaryNorm(edges, cmap.N)
+    image = ax.imshow(
+        np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest"
+    )
+    for (i, j), bits in np.ndenumerate(values):
+        if np.isfinite(bits):
+            shade = levels.index(int(bits)) / max(len(levels) - 1, 1)
+            ax.text(
+                j,
+                i,
+                f"{int(bits)}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if shade < 0.6 else "black",
+            )
+        else:
+            ax.text(j, i, "fp", ha="center", va="center", fontsize=7, color=_MUTED)
+    ax.set_yticks(range(len(rows)), [f"{layer} ({qtype})" for layer, qtype in rows], fontsize=8)
+    column_labels = [
+        f"#{int(r.number)}\n{format_size(r.size_bytes)}\n{r.accuracy:.1%}"
+        + (f"\n{r.baseline}" if isinstance(r.baseline, str) else "")
+        for r in front.itertuples()
+    ]
+    ax.set_xticks(range(len(front)), column_labels, fontsize=7)
+    ax.tick_params(length=0)
+    ax.set_xlabel("front trials, smallest first (trial number, size, validation accuracy)")
+    ax.set_title("Bit width per layer on the Pareto front (fp = float)")
+    bar = fig.colorbar(image, ax=ax, ticks=levels, fraction=0.04, pad=0.02)
+    bar.set_label("bits")
+    return fig
+
+
+def nondominated_mask(accuracy: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """True for points no other point dominates (accuracy maximized, size minimized)."""
+    accuracy = np.asarray(accuracy, dtype=float)
+    size = np.asarray(size, dtype=float)
+    keep = np.ones(len(accuracy), dtype=bool)
+    for i in range(len(accuracy)):
+        no_worse = (accuracy >= accuracy[i]) & (size <= size[i])
+        better = (accuracy > accuracy[i]) | (size < size[i])
+        keep[i] = not np.any(no_worse & better)
+    return keep
+
+
+def hypervolume_2d(accuracy: Sequence[float], size_ratio: Sequence[float]) -> float:
+    """Area of the unit square (size/float size, accuracy) dominated by the points.
+
+    The reference point is (size ratio 1, accuracy 0): a model is worth area only if it is smaller
+    than the float model. The result lies in [0, 1]; 1 would be a perfect model of size zero.
+    """
+    points = sorted(
+        (min(max(r, 0.0), 1.0), min(max(a, 0.0), 1.0))
+        for a, r in zip(accuracy, size_ratio, strict=True)
+        if math.isfinite(a) and math.isfinite(r) and r < 1.0
+    )
+    area = 0.0
+    best_accuracy = 0.0
+    next_ratios = [p[0] for p in points[1:]] + [1.0] if points else []
+    for (ratio, acc), next_ratio in zip(points, next_ratios, strict=True):
+        best_accuracy = max(best_accuracy, acc)
+        area += (next_ratio - ratio) * best_accuracy
+    return area
+
+
+def float_size_of(frame: pd.DataFrame, study_float_size: float | None = None) -> float:
+    """The float model's size: the study attribute, else a trial's, else the float baseline's."""
+    if study_float_size:
+        return float(study_float_size)
+    recorded = frame["float_size_bytes"].dropna()
+    if not recorded.empty:
+        return float(recorded.max())
+    float_rows = frame[(frame["baseline"] == "float") & (frame["state"] == "COMPLETE")]
+    if not float_rows.empty:
+        return float(float_rows["size_bytes"].max())
+    return float(frame["size_bytes"].max())
+
+
+def hypervolume_history(frame: pd.DataFrame, *, float_size_bytes: float) -> pd.DataFrame:
+    """After each trial (by number): the hypervolume and the size of the front so far.
+
+    Only feasible complete trials count; sizes are divided by ``float_size_bytes``.
+    """
+    ordered = frame.sort_values("number")
+    accuracy: list[float] = []
+    ratio: list[float] = []
+    records = []
+    for row in ordered.itertuples():
+        if row.state == "COMPLETE" and row.feasible:
+            accuracy.append(float(row.accuracy))
+            ratio.append(float(row.size_bytes) / float_size_bytes)
+        front_size = int(nondominated_mask(np.array(accuracy), np.array(ratio)).sum())
+        records.append(
+            {
+                "number": int(row.number),
+                "hypervolume": hypervolume_2d(accuracy, ratio),
+                "front_size": front_size,
+            }
+        )
+    return pd.DataFrame(records, columns=["number", "hypervolume", "front_size"])
+
+
+def history_figure(frame: pd.DataFrame, *, float_size_bytes: float | None = None) -> Figure:
+    """Hypervolume (``fig.axes[0]``) and front size (``fig.axes[1]``) after each trial.
+
+    The hypervolume is that of :func:`hypervolume_2d`: validation accuracy against size divided by
+    the float model's size, reference point (1, 0), so it is comparable between studies of a task.
+    Failed trials are 'x' markers on the bottom edge of the hypervolume panel.
+    """
+    float_size = float_size_of(frame, float_size_bytes)
+    history = hypervolume_history(frame, float_size_bytes=float_size)
+    fig = _new_figure(8.0, 5.0)
+    ax, below = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    ax.step(
+        history["number"],
+        history["hypervolume"],
+        where="post",
+        color=_FRONT_COLOR,
+        linewidth=2.0,
+        label="hypervolume",
+    )
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("hypervolume")
+    ax.grid(True, alpha=0.3)
+    failed = frame[frame["state"] == "FAIL"]["number"]
+    if not failed.empty:
+        ax.scatter(
+            failed,
+            np.full(len(failed), 0.03),
+            transform=ax.get_xaxis_transform(),
+            marker="x",
+            color=_FAILED_COLOR,
+            s=30,
+            label=f"failed ({len(failed)})",
+        )
+    ax.legend(loc="center right", fontsize=8)
+    final = history["hypervolume"].iloc[-1] if not history.empty else 0.0
+    ax.set_title(
+        f"Search progress: hypervolume of (size / float size, accuracy), final {final:.4f}",
+        fontsize=11,
+    )
+
+    below.step(
+        history["number"],
+        history["front_size"],
+        where="post",
+        color=_TRIAL_COLOR,
+        linewidth=1.6,
+        label="front size",
+    )
+    below.set_ylim(0, max(int(history["front_size"].max()), 1) + 1)
+    below.yaxis.get_major_locator().set_params(integer=True)
+    below.set_ylabel("front size")
+    below.set_xlabel("trial number")
+    below.grid(True, alpha=0.3)
+    return fig

@@ -1,0 +1,31 @@
+"""Where a study lives on disk: its storage URL and the folder its checkpoints are relative to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from sqlalchemy.engine import make_url
+
+__all__ = ["sqlite_folder", "storage_url"]
+
+
+def storage_url(study: optuna.Study) -> str | None:
+    """The RDB URL of ``study``'s storage, or None for in-memory and other storages."""
+    storage = study._storage
+    # RDB storages come wrapped in optuna's cache layer.
+    backend = getattr(storage, "_backend", storage)
+    url = getattr(backend, "url", None)
+    return str(url) if isinstance(url, str) else None
+
+
+def sqlite_folder(url: str | None) -> Path | None:
+    """The folder holding the SQLite file of ``url`` (``sqlite:///path/to.db``), else None."""
+    if not url:
+        return None
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or not parsed.database:
+        return None
+    if parsed.database == ":memory:":
+        return None
+    return Path(parsed.database).parent

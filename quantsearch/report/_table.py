@@ -1,0 +1,219 @@
+"""One row per trial: the study as a pandas DataFrame (the source of every plot and table)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from quantsearch.report._errors import ReportError
+
+__all__ = [
+    "BITS_PREFIX",
+    "PARAMS_PREFIX",
+    "QUANT_TYPE_ORDER",
+    "bits_columns",
+    "check_reportable",
+    "pareto_frame",
+    "trials_frame",
+]
+
+BITS_PREFIX = "bits."
+PARAMS_PREFIX = "params."
+ATTR_PREFIX = "attr."
+QUANT_TYPE_ORDER = ("weight", "input", "output")
+
+# User attributes that get a column of their own (everything else lands in "attr.<key>").
+_KNOWN_USER_ATTRS = (
+    "test_accuracy",
+    "val_accuracy",
+    "compression_ratio",
+    "float_size_bytes",
+    "train_seconds",
+    "algorithm",
+    "baseline",
+    "fail_reason",
+    "checkpoint",
+)
+_SPECIAL_USER_ATTRS = frozenset({*_KNOWN_USER_ATTRS, "config_list", "layer_bits", "size_bytes"})
+
+_BASE_COLUMNS = (
+    "number",
+    "state",
+    "accuracy",
+    "size_bytes",
+    "test_accuracy",
+    "val_accuracy",
+    "compression_ratio",
+    "float_size_bytes",
+    "train_seconds",
+    "algorithm",
+    "baseline",
+    "feasible",
+    "pareto",
+    "constraints",
+    "fail_reason",
+    "checkpoint",
+    "datetime_start",
+    "datetime_complete",
+    "duration_seconds",
+    "config_list",
+)
+
+
+def _float_or_nan(value: Any) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _is_feasible(trial: FrozenTrial) -> bool:
+    return all(c <= 0.0 for c in trial.constraints.values())
+
+
+def _layer_order(study_layers: Sequence[str] | None, trials: Iterable[FrozenTrial]) -> list[str]:
+    """Layers in model order (the study's "layers" attribute), then any others as first seen."""
+    order: list[str] = list(study_layers or [])
+    seen = set(order)
+    for trial in trials:
+        for layer in trial.user_attrs.get("layer_bits") or {}:
+            if layer not in seen:
+                seen.add(layer)
+                order.append(layer)
+    return order
+
+
+def _bits_column_names(layers: Sequence[str], trials: Sequence[FrozenTrial]) -> list[str]:
+    present: set[tuple[str, str]] = set()
+    for trial in trials:
+        for layer, per_type in (trial.user_attrs.get("layer_bits") or {}).items():
+            present.update((layer, qtype) for qtype in per_type)
+    extra_types = sorted({t for _, t in present} - set(QUANT_TYPE_ORDER))
+    columns = []
+    for layer in layers:
+        for qtype in (*QUANT_TYPE_ORDER, *extra_types):
+            if (layer, qtype) in present:
+                columns.append(f"{BITS_PREFIX}{layer}.{qtype}")
+    return columns
+
+
+def _cell(value: Any) -> Any:
+    """A CSV-friendly cell: scalars as they are, anything else as JSON."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def _row(trial: FrozenTrial, pareto_numbers: set[int], bits_columns: Sequence[str]) -> dict:
+    attrs = trial.user_attrs
+    complete = trial.state == TrialState.COMPLETE and trial.values is not None
+    accuracy = trial.values[0] if complete else None
+    size = trial.values[1] if complete else attrs.get("size_bytes")
+    config_list = attrs.get("config_list")
+    duration = trial.duration
+    row: dict[str, Any] = {
+        "number": trial.number,
+        "state": trial.state.name,
+        "accuracy": _float_or_nan(accuracy),
+        "size_bytes": _float_or_nan(size),
+        "feasible": complete and _is_feasible(trial),
+        "pareto": trial.number in pareto_numbers,
+        "constraints": json.dumps(list(trial.constraints.values())) if trial.constraints else None,
+        "datetime_start": trial.datetime_start,
+        "datetime_complete": trial.datetime_complete,
+        "duration_seconds": duration.total_seconds() if duration is not None else math.nan,
+        "config_list": json.dumps(config_list) if config_list is not None else None,
+    }
+    for key in _KNOWN_USER_ATTRS:
+        value = attrs.get(key)
+        if key in ("algorithm", "baseline", "fail_reason", "checkpoint"):
+            row[key] = None if value is None else str(value)
+        else:
+            row[key] = _float_or_nan(value)
+    layer_bits = attrs.get("layer_bits") or {}
+    for column in bits_columns:
+        layer, qtype = column[len(BITS_PREFIX) :].rsplit(".", 1)
+        bits = (layer_bits.get(layer) or {}).get(qtype)
+        row[column] = _float_or_nan(bits)
+    for name, value in trial.params.items():
+        row[f"{PARAMS_PREFIX}{name}"] = _cell(value)
+    for key, value in attrs.items():
+        if key not in _SPECIAL_USER_ATTRS:
+            row[f"{ATTR_PREFIX}{key}"] = _cell(value)
+    return row
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """Return one row per trial of ``study``, in trial-number order.
+
+    Columns: ``number``, ``state`` (``COMPLETE``, ``FAIL``, ...), ``accuracy`` (the validation
+    accuracy, the first objective; NaN unless complete), ``size_bytes`` (the second objective;
+    for an unfinished trial its ``size_bytes`` attribute, if recorded), the trial's metrics
+    (``test_accuracy``, ``compression_ratio``, ``train_seconds``, ...), ``algorithm``,
+    ``baseline``, ``feasible`` (complete and every constraint <= 0), ``pareto`` (on the study's
+    front, which only holds feasible complete trials), ``fail_reason``, ``config_list`` (JSON),
+    one ``bits.<layer>.<type>`` column per quantized tensor (NaN where the layer stays float),
+    ``params.<name>`` per sampled parameter and ``attr.<key>`` for any other user attribute.
+    """
+    trials = study.get_trials(deepcopy=False)
+    pareto_numbers = {t.number for t in study.best_trials} if trials else set()
+    layers = _layer_order(study.user_attrs.get("layers"), trials)
+    bits_cols = _bits_column_names(layers, trials)
+    rows = [_row(trial, pareto_numbers, bits_cols) for trial in trials]
+    frame = pd.DataFrame(rows)
+    leading = [*_BASE_COLUMNS, *bits_cols]
+    if frame.empty:
+        return pd.DataFrame(columns=leading)
+    rest = sorted(c for c in frame.columns if c not in leading)
+    frame = frame[[*leading, *rest]].sort_values("number", kind="stable").reset_index(drop=True)
+    frame["number"] = frame["number"].astype(int)
+    frame["feasible"] = frame["feasible"].astype(bool)
+    frame["pareto"] = frame["pareto"].astype(bool)
+    return frame
+
+
+def bits_columns(frame: pd.DataFrame) -> list[str]:
+    """The ``bits.<layer>.<type>`` columns of a trials frame, in model order."""
+    return [c for c in frame.columns if c.startswith(BITS_PREFIX)]
+
+
+def pareto_frame(study_or_frame: optuna.Study | pd.DataFrame) -> pd.DataFrame:
+    """Return the front's rows (feasible complete trials no other trial dominates) by size."""
+    frame = (
+        study_or_frame if isinstance(study_or_frame, pd.DataFrame) else trials_frame(study_or_frame)
+    )
+    front = frame[frame["pareto"]]
+    return front.sort_values(["size_bytes", "number"], kind="stable").reset_index(drop=True)
+
+
+def check_reportable(
+    study_name: str,
+    frame: pd.DataFrame,
+    *,
+    rerun_hint: str | None = None,
+) -> None:
+    """Raise :class:`ReportError` unless ``frame`` has at least one complete trial."""
+    hint = rerun_hint or "quantsearch study --space <space.yaml>"
+    if frame.empty:
+        raise ReportError(f"study {study_name!r} has no trial yet: run `{hint}` first")
+    if not (frame["state"] == TrialState.COMPLETE.name).any():
+        counts = _state_counts(frame["state"])
+        reasons = frame["fail_reason"].dropna().astype(str)
+        first_reason = f"; first failure: {reasons.iloc[0]}" if not reasons.empty else ""
+        raise ReportError(
+            f"study {study_name!r} has no completed trial yet ({counts}){first_reason}: "
+            f"fix the failure or run `{hint}` first"
+        )
+
+
+def _state_counts(states: Mapping[Any, str] | pd.Series) -> str:
+    counts = pd.Series(states).value_counts()
+    return ", ".join(f"{n} {state.lower()}" for state, n in counts.items())

@@ -1,0 +1,674 @@
+"""Search spaces: the YAML file, its validation, and the parsed SearchSpec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantsearch.quantization import QUANT_TYPES, QUANTIZERS
+from quantsearch.search._errors import SpaceError
+from quantsearch.search._nni_syntax import NniParam, is_nni_param, parse_nni_param
+from quantsearch.tasks import LR_SCHEDULES, OPTIMIZERS
+
+__all__ = [
+    "BITS_PARAMS",
+    "QUANT_TYPES",
+    "Baselines",
+    "Constraints",
+    "HopelessRule",
+    "LayerSelector",
+    "Param",
+    "PerLayer",
+    "SamplerSpec",
+    "SearchSpec",
+    "TaskSpec",
+    "changed_keys",
+    "load_space",
+    "parse_space",
+]
+
+BITS_PARAMS: tuple[str, ...] = ("quant_bits", "weight_bits", "input_bits", "output_bits")
+ALGORITHMS: tuple[str, ...] = tuple(QUANTIZERS)
+SAMPLERS: tuple[str, ...] = ("nsga2", "tpe", "random")
+DEVICES: tuple[str, ...] = ("cpu", "cuda", "cuda:N", "auto")
+QUANT_SCHEMES: tuple[str, ...] = (
+    "per_tensor_affine",
+    "per_tensor_symmetric",
+    "per_channel_affine",
+    "per_channel_symmetric",
+)
+OBJECTIVES: tuple[str, ...] = ("accuracy", "size")
+# Keys whose change does not change what a trial means: a study may grow or move.
+_UNHASHED_KEYS = ("study_name", "n_trials", "storage")
+
+# A parameter is either a fixed value or a distribution in NNI's syntax.
+Param = NniParam | int | float | str
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str = "digits"
+    data_dir: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "data_dir": self.data_dir, "options": dict(self.options)}
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str = "nsga2"
+    population_size: int | None = None
+    n_startup_trials: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.population_size is not None:
+            out["population_size"] = self.population_size
+        if self.n_startup_trials is not None:
+            out["n_startup_trials"] = self.n_startup_trials
+        return out
+
+
+@dataclass(frozen=True)
+class Baselines:
+    float: bool = True
+    uniform_bits: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"float": self.float, "uniform_bits": list(self.uniform_bits)}
+
+    @property
+    def labels(self) -> list[str]:
+        return (["float"] if self.float else []) + [f"uniform-{b}" for b in self.uniform_bits]
+
+
+@dataclass(frozen=True)
+class Constraints:
+    min_accuracy: float | None = None
+    max_size_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min_accuracy": self.min_accuracy, "max_size_bytes": self.max_size_bytes}
+
+    def __bool__(self) -> bool:
+        return self.min_accuracy is not None or self.max_size_bytes is not None
+
+
+@dataclass(frozen=True)
+class HopelessRule:
+    """Stop a trial whose validation accuracy after ``after_epoch`` epochs is below
+    chance (1 / classes) plus ``margin``."""
+
+    after_epoch: int = 1
+    margin: float = 0.05
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"after_epoch": self.after_epoch, "margin": self.margin}
+
+
+@dataclass(frozen=True)
+class LayerSelector:
+    """Modules selected by class name (``op_types``) and/or qualified name (``op_names``)."""
+
+    op_types: tuple[str, ...] | None = None
+    op_names: tuple[str, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.op_types is not None:
+            out["op_types"] = list(self.op_types)
+        if self.op_names is not None:
+            out["op_names"] = list(self.op_names)
+        return out
+
+
+@dataclass(frozen=True)
+class PerLayer:
+    """Each layer the selector matches gets its own copy of every parameter in ``params``."""
+
+    selector: LayerSelector
+    params: dict[str, Param]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.selector.to_dict(), **{k: _param_to_json(v) for k, v in self.params.items()}}
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A parsed, checked search space."""
+
+    source: str
+    study_name: str
+    task: TaskSpec
+    algorithm: str
+    seed: int
+    train: dict[str, Any]
+    objectives: tuple[str, ...]
+    sampler: SamplerSpec
+    n_trials: int
+    storage: str
+    baselines: Baselines
+    constraints: Constraints
+    hopeless: HopelessRule | None
+    quantize: dict[str, LayerSelector]
+    params: dict[str, Param]
+    per_layer: PerLayer | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The space with every default filled in, as plain JSON-able data."""
+        return {
+            "study_name": self.study_name,
+            "task": self.task.to_dict(),
+            "algorithm": self.algorithm,
+            "seed": self.seed,
+            "train": dict(self.train),
+            "objectives": list(self.objectives),
+            "sampler": self.sampler.to_dict(),
+            "n_trials": self.n_trials,
+            "storage": self.storage,
+            "baselines": self.baselines.to_dict(),
+            "constraints": self.constraints.to_dict(),
+            "hopeless": None if self.hopeless is None else self.hopeless.to_dict(),
+            "quantize": {t: s.to_dict() for t, s in self.quantize.items()},
+            "params": {k: _param_to_json(v) for k, v in self.params.items()},
+            "per_layer": None if self.per_layer is None else self.per_layer.to_dict(),
+        }
+
+    def search_dict(self) -> dict[str, Any]:
+        """The part of the space that decides what a trial means (hashed to guard a study)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_KEYS}
+
+    @property
+    def space_hash(self) -> str:
+        canonical = json.dumps(self.search_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def with_overrides(
+        self, *, storage: str | None = None, n_trials: int | None = None
+    ) -> SearchSpec:
+        """The same space with the storage and/or trial count given on the command line."""
+        changes: dict[str, Any] = {}
+        if storage is not None:
+            changes["storage"] = _storage_url(storage, key="--storage")
+        if n_trials is not None:
+            if n_trials < len(self.baselines.labels) or n_trials < 1:
+                raise SpaceError(
+                    f"{n_trials} is fewer than the {len(self.baselines.labels)} baseline "
+                    "trials (and at least 1 is needed)",
+                    key="--n-trials",
+                )
+            changes["n_trials"] = n_trials
+        return replace(self, **changes)
+
+
+def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two parsed spaces (for a refusal message)."""
+    keys: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys.extend(changed_keys(a, b, prefix=f"{path}."))
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def load_space(path: str | Path) -> SearchSpec:
+    """Read and check a search-space YAML file; SpaceError names the file and the key."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpaceError("no such file", source=source) from None
+    except IsADirectoryError:
+        raise SpaceError("is a folder, expected a YAML file", source=source) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpaceError(f"cannot be read ({error})", source=source) from None
+    try:
+        data = yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise SpaceError(f"not valid YAML: {where}{problem}", source=source) from None
+    return parse_space(data, source=source, default_name=path.stem)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.2) instead of a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_space(data: Any, *, source: str, default_name: str = "study") -> SearchSpec:
+    """Check the data of a search space; SpaceError names ``source`` and the key path."""
+    try:
+        return _Parser(source).parse(data, default_name=default_name)
+    except SpaceError as error:
+        raise error.with_source(source) from None
+
+
+_TOP_KEYS = (
+    "study_name",
+    "task",
+    "algorithm",
+    "seed",
+    "train",
+    "objectives",
+    "sampler",
+    "n_trials",
+    "storage",
+    "baselines",
+    "constraints",
+    "hopeless",
+    "quantize",
+    "params",
+    "per_layer",
+)
+_TRAIN_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "lr_schedule",
+    "device",
+)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What values a parameter takes: ``check`` for one value, ``integral`` for ranges."""
+
+    allowed: str
+    check: Callable[[Any], bool]
+    integral: bool = False
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_BITS_RULE = _Rule(
+    "an integer 1..32 or 'float'",
+    lambda v: v == "float" or (_is_int(v) and 1 <= v <= 32),
+    integral=True,
+)
+_PARAM_RULES: dict[str, _Rule] = {
+    **dict.fromkeys(BITS_PARAMS, _BITS_RULE),
+    "quant_start_step": _Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0, integral=True),
+    "quant_scheme": _Rule(f"one of {', '.join(QUANT_SCHEMES)}", lambda v: v in QUANT_SCHEMES),
+    "quant_dtype": _Rule("'int' or 'uint'", lambda v: v in ("int", "uint")),
+    "lr": _Rule("a number > 0", lambda v: _is_real(v) and v > 0),
+    "weight_decay": _Rule("a number >= 0", lambda v: _is_real(v) and v >= 0),
+    "momentum": _Rule("a number in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
+    "batch_size": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1, integral=True),
+}
+TRAIN_PARAMS: tuple[str, ...] = ("lr", "weight_decay", "momentum", "batch_size")
+_TRAIN_RULES: dict[str, _Rule] = {
+    "epochs": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "optimizer": _Rule(f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS),
+    "lr_schedule": _Rule(f"one of {', '.join(LR_SCHEDULES)}", lambda v: v in LR_SCHEDULES),
+    "device": _Rule(
+        f"one of {', '.join(DEVICES)}",
+        lambda v: v in DEVICES or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v)),
+    ),
+    **{k: _PARAM_RULES[k] for k in TRAIN_PARAMS},
+}
+
+
+class _Parser:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def parse(self, data: Any, *, default_name: str) -> SearchSpec:
+        if data is None:
+            raise SpaceError("the file is empty; a space needs at least algorithm and params")
+        top = _mapping(data, key="(top level)", allowed=_TOP_KEYS)
+        algorithm = self.algorithm(top.get("algorithm"))
+        quantize = self.quantize(top.get("quantize"))
+        params = self.params(top.get("params", {}), algorithm)
+        per_layer = self.per_layer(top.get("per_layer"))
+        self.check_bits_given(quantize, params, per_layer)
+        baselines = self.baselines(top.get("baselines"), params, per_layer)
+        n_trials = top.get("n_trials", 16)
+        if not _is_int(n_trials) or n_trials < 1:
+            raise SpaceError(f"{n_trials!r} is not an integer >= 1", key="n_trials")
+        if n_trials < len(baselines.labels):
+            raise SpaceError(
+                f"{n_trials} is fewer than the {len(baselines.labels)} baseline trials "
+                f"({', '.join(baselines.labels)})",
+                key="n_trials",
+            )
+        study_name = top.get("study_name", default_name)
+        if not isinstance(study_name, str) or not study_name.strip():
+            raise SpaceError(f"{study_name!r} is not a non-empty string", key="study_name")
+        seed = top.get("seed", 0)
+        if not _is_int(seed) or seed < 0:
+            raise SpaceError(f"{seed!r} is not an integer >= 0", key="seed")
+        storage = _storage_url(top.get("storage", f"studies/{study_name}.db"), key="storage")
+        return SearchSpec(
+            source=self.source,
+            study_name=study_name,
+            task=self.task(top.get("task", "digits")),
+            algorithm=algorithm,
+            seed=seed,
+            train=self.train(top.get("train")),
+            objectives=self.objectives(top.get("objectives")),
+            sampler=self.sampler(top.get("sampler")),
+            n_trials=n_trials,
+            storage=storage,
+            baselines=baselines,
+            constraints=self.constraints(top.get("constraints")),
+            hopeless=self.hopeless(top.get("hopeless")),
+            quantize=quantize,
+            params=params,
+            per_layer=per_layer,
+        )
+
+    def algorithm(self, value: Any) -> str:
+        if value is None:
+            raise SpaceError(f"missing; allowed: {', '.join(ALGORITHMS)}", key="algorithm")
+        if value not in ALGORITHMS:
+            raise SpaceError(
+                f"{value!r} is not an algorithm; allowed: {', '.join(ALGORITHMS)}",
+                key="algorithm",
+            )
+        return str(value)
+
+    def task(self, value: Any) -> TaskSpec:
+        if isinstance(value, str):
+            if not value.strip():
+                raise SpaceError("is empty; give a task name such as digits", key="task")
+            return TaskSpec(name=value)
+        task = _mapping(value, key="task", allowed=("name", "data_dir", "options"))
+        name = task.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise SpaceError(f"{name!r} is not a task name such as digits", key="task.name")
+        data_dir = task.get("data_dir")
+        if data_dir is not None and not isinstance(data_dir, str):
+            raise SpaceError(f"{data_dir!r} is not a folder path", key="task.data_dir")
+        options = task.get("options", {})
+        if not isinstance(options, dict):
+            raise SpaceError(f"{options!r} is not a mapping", key="task.options")
+        return TaskSpec(name=name, data_dir=data_dir, options=dict(options))
+
+    def train(self, value: Any) -> dict[str, Any]:
+        train = _mapping(value or {}, key="train", allowed=_TRAIN_KEYS)
+        out: dict[str, Any] = {}
+        for key, item in train.items():
+            rule = _TRAIN_RULES[key]
+            if not rule.check(item):
+                raise SpaceError(f"{item!r} is not {rule.allowed}", key=f"train.{key}")
+            out[key] = float(item) if key in ("lr", "weight_decay", "momentum") else item
+        return out
+
+    def objectives(self, value: Any) -> tuple[str, ...]:
+        if value is None:
+            return OBJECTIVES
+        if not isinstance(value, list) or value != list(OBJECTIVES):
+            raise SpaceError(
+                f"{value!r} is not supported; the objectives are [accuracy, size] "
+                "(validation accuracy maximised, model size in bytes minimised)",
+                key="objectives",
+            )
+        return OBJECTIVES
+
+    def sampler(self, value: Any) -> SamplerSpec:
+        if isinstance(value, str):
+            value = {"name": value}
+        sampler = _mapping(
+            value or {}, key="sampler", allowed=("name", "population_size", "n_startup_trials")
+        )
+        name = sampler.get("name", "nsga2")
+        if name not in SAMPLERS:
+            raise SpaceError(
+                f"{name!r} is not a sampler; allowed: {', '.join(SAMPLERS)}", key="sampler.name"
+            )
+        population = sampler.get("population_size")
+        if population is not None and (
+            name != "nsga2" or not _is_int(population) or population < 2
+        ):
+            raise SpaceError(
+                f"{population!r}: population_size is an integer >= 2, for the nsga2 sampler only",
+                key="sampler.population_size",
+            )
+        startup = sampler.get("n_startup_trials")
+        if startup is not None and (name != "tpe" or not _is_int(startup) or startup < 0):
+            raise SpaceError(
+                f"{startup!r}: n_startup_trials is an integer >= 0, for the tpe sampler only",
+                key="sampler.n_startup_trials",
+            )
+        return SamplerSpec(name=name, population_size=population, n_startup_trials=startup)
+
+    def constraints(self, value: Any) -> Constraints:
+        constraints = _mapping(
+            value or {}, key="constraints", allowed=("min_accuracy", "max_size_bytes")
+        )
+        min_accuracy = constraints.get("min_accuracy")
+        if min_accuracy is not None and not (_is_real(min_accuracy) and 0 <= min_accuracy <= 1):
+            raise SpaceError(
+                f"{min_accuracy!r} is not an accuracy in [0, 1]", key="constraints.min_accuracy"
+            )
+        max_size = constraints.get("max_size_bytes")
+        if max_size is not None and not (_is_int(max_size) and max_size > 0):
+            raise SpaceError(
+                f"{max_size!r} is not a size in bytes (an integer > 0)",
+                key="constraints.max_size_bytes",
+            )
+        return Constraints(
+            min_accuracy=None if min_accuracy is None else float(min_accuracy),
+            max_size_bytes=max_size,
+        )
+
+    def hopeless(self, value: Any) -> HopelessRule | None:
+        if value is None or value is False:
+            return None
+        rule = _mapping(value, key="hopeless", allowed=("after_epoch", "margin"))
+        after = rule.get("after_epoch", 1)
+        if not _is_int(after) or after < 1:
+            raise SpaceError(f"{after!r} is not an integer >= 1", key="hopeless.after_epoch")
+        margin = rule.get("margin", 0.05)
+        if not _is_real(margin) or not 0 <= margin < 1:
+            raise SpaceError(f"{margin!r} is not a number in [0, 1)", key="hopeless.margin")
+        return HopelessRule(after_epoch=after, margin=float(margin))
+
+    def selector(self, value: Mapping[str, Any], *, key: str) -> LayerSelector:
+        names: dict[str, tuple[str, ...] | None] = {}
+        for list_key in ("op_types", "op_names"):
+            items = value.get(list_key)
+            if items is None:
+                names[list_key] = None
+                continue
+            if not isinstance(items, list) or not items or not all(
+                isinstance(i, str) and i for i in items
+            ):
+                raise SpaceError(
+                    f"{items!r} is not a non-empty list of names", key=f"{key}.{list_key}"
+                )
+            names[list_key] = tuple(items)
+        if names["op_types"] is None and names["op_names"] is None:
+            raise SpaceError("needs op_types and/or op_names to select layers", key=key)
+        return LayerSelector(op_types=names["op_types"], op_names=names["op_names"])
+
+    def quantize(self, value: Any) -> dict[str, LayerSelector]:
+        if value is None:
+            # Weights of the weighted layers, the one quant type every algorithm supports.
+            return {"weight": LayerSelector(op_types=("default",))}
+        quantize = _mapping(value, key="quantize", allowed=QUANT_TYPES)
+        if not quantize:
+            raise SpaceError(
+                "is empty; name at least one of weight, input, output", key="quantize"
+            )
+        out: dict[str, LayerSelector] = {}
+        for quant_type in QUANT_TYPES:
+            if quant_type in quantize:
+                key = f"quantize.{quant_type}"
+                selector = _mapping(quantize[quant_type], key=key, allowed=("op_types", "op_names"))
+                out[quant_type] = self.selector(selector, key=key)
+        return out
+
+    def param(self, name: str, value: Any, *, key: str) -> Param:
+        rule = _PARAM_RULES[name]
+        if not is_nni_param(value):
+            if isinstance(value, Mapping) or not rule.check(value):
+                raise SpaceError(
+                    f"{value!r} is not {rule.allowed}, nor a search space "
+                    "{_type: ..., _value: [...]}",
+                    key=key,
+                )
+            return value
+        param = parse_nni_param(value, key=key)
+        if param.nni_type == "choice":
+            for index, choice in enumerate(param.value):
+                if not rule.check(choice):
+                    raise SpaceError(
+                        f"{choice!r} is not {rule.allowed}", key=f"{key}._value[{index}]"
+                    )
+            return param
+        if rule.integral and not all(_is_int(v) or float(v).is_integer() for v in param.value):
+            raise SpaceError(
+                f"{param.describe()} gives non-integer values; {name} is {rule.allowed}",
+                key=f"{key}._value",
+            )
+        for end in param.candidates():
+            if not rule.check(end):
+                raise SpaceError(
+                    f"{param.describe()} reaches {end!r}, but {name} is {rule.allowed}",
+                    key=f"{key}._value",
+                )
+        return param
+
+    def params(self, value: Any, algorithm: str) -> dict[str, Param]:
+        params = _mapping(value, key="params", allowed=tuple(_PARAM_RULES))
+        out: dict[str, Param] = {}
+        for name, item in params.items():
+            if name == "quant_start_step" and algorithm != "qat":
+                raise SpaceError(
+                    f"only the qat algorithm has quant_start_step, not {algorithm}",
+                    key=f"params.{name}",
+                )
+            out[name] = self.param(name, item, key=f"params.{name}")
+        return out
+
+    def per_layer(self, value: Any) -> PerLayer | None:
+        if value is None:
+            return None
+        per_layer = _mapping(
+            value, key="per_layer", allowed=("op_types", "op_names", *BITS_PARAMS)
+        )
+        selector = self.selector(per_layer, key="per_layer")
+        params = {
+            name: self.param(name, per_layer[name], key=f"per_layer.{name}")
+            for name in BITS_PARAMS
+            if name in per_layer
+        }
+        if not params:
+            raise SpaceError(
+                f"names no parameter; give one of {', '.join(BITS_PARAMS)}", key="per_layer"
+            )
+        return PerLayer(selector=selector, params=params)
+
+    def check_bits_given(
+        self,
+        quantize: Mapping[str, LayerSelector],
+        params: Mapping[str, Param],
+        per_layer: PerLayer | None,
+    ) -> None:
+        layer_params = per_layer.params if per_layer else {}
+        for quant_type in quantize:
+            bits_key = f"{quant_type}_bits"
+            if not {bits_key, "quant_bits"} & (set(params) | set(layer_params)):
+                raise SpaceError(
+                    f"{quant_type} is quantized but no bit width is given; add "
+                    f"params.quant_bits or params.{bits_key}",
+                    key=f"quantize.{quant_type}",
+                )
+
+    def baselines(
+        self, value: Any, params: Mapping[str, Param], per_layer: PerLayer | None
+    ) -> Baselines:
+        if value is None:
+            return Baselines()
+        baselines = _mapping(value, key="baselines", allowed=("float", "uniform_bits"))
+        use_float = baselines.get("float", True)
+        if not isinstance(use_float, bool):
+            raise SpaceError(f"{use_float!r} is not true or false", key="baselines.float")
+        bits = baselines.get("uniform_bits", [])
+        if not isinstance(bits, list) or not all(_is_int(b) and 1 <= b <= 32 for b in bits):
+            raise SpaceError(
+                f"{bits!r} is not a list of bit widths (integers 1..32)",
+                key="baselines.uniform_bits",
+            )
+        if len(set(bits)) != len(bits):
+            raise SpaceError(f"{bits!r} lists a bit width twice", key="baselines.uniform_bits")
+        searched = [(f"params.{k}", p) for k, p in params.items() if k in BITS_PARAMS]
+        if per_layer is not None:
+            searched += [(f"per_layer.{k}", p) for k, p in per_layer.params.items()]
+        for b in bits:
+            for key, param in searched:
+                try:
+                    _encode(param, b)
+                except ValueError:
+                    shown = param.describe() if isinstance(param, NniParam) else repr(param)
+                    raise SpaceError(
+                        f"{b} is not a value of {key} ({shown}), so a uniform-{b} "
+                        "trial is not in the space",
+                        key="baselines.uniform_bits",
+                    ) from None
+        return Baselines(float=use_float, uniform_bits=tuple(bits))
+
+
+def _encode(param: Param, value: Any) -> Any:
+    if isinstance(param, NniParam):
+        return param.encode(value)
+    if param != value:
+        raise ValueError(f"{value!r} differs from the fixed value {param!r}")
+    return value
+
+
+def _mapping(value: Any, *, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SpaceError(f"expected a mapping, got {value!r}", key=key)
+    for item in value:
+        if item not in allowed:
+            where = key if key != "(top level)" else None
+            raise SpaceError(
+                f"unknown key {item!r}; allowed: {', '.join(allowed)}",
+                key=f"{where}.{item}" if where else str(item),
+            )
+    return dict(value)
+
+
+def _storage_url(value: Any, *, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SpaceError(
+            f"{value!r} is not a storage: give a SQLite file path or a database URL "
+            "(sqlite:///path.db, postgresql://...)",
+            key=key,
+        )
+    return value if "://" in value else f"sqlite:///{Path(value).expanduser()}"
+
+
+def _param_to_json(param: Param) -> Any:
+    return param.to_dict() if isinstance(param, NniParam) else param

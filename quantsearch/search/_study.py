@@ -1,0 +1,641 @@
+"""The study: creation and resume, baselines, the space guard, and the trial loop."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy.engine import make_url
+
+from quantsearch.quantization import ConfigError, get_quantizer, model_size_bytes
+from quantsearch.search._config_builder import ModelLayers, SpacePlan, config_key
+from quantsearch.search._errors import SpaceError
+from quantsearch.search._objective import (
+    TrialJob,
+    TrialOutcome,
+    build_task,
+    train_config,
+    trial_seed,
+)
+from quantsearch.search._space import SearchSpec, changed_keys
+from quantsearch.search._workers import (
+    Heartbeat,
+    InlinePool,
+    ProcessPool,
+    threads_per_worker,
+)
+from quantsearch.tasks import Task, seed_everything
+
+__all__ = [
+    "DIRECTIONS",
+    "METRIC_NAMES",
+    "StudyBusyError",
+    "StudyContext",
+    "StudyNotFoundError",
+    "TrialReport",
+    "artifacts_dir",
+    "load_study",
+    "open_study",
+    "prepare",
+    "run_study",
+    "sqlite_path",
+]
+
+DIRECTIONS = ("maximize", "minimize")
+METRIC_NAMES = ["accuracy", "size_bytes"]
+# Seconds between heartbeats of running trials on a shared (non-SQLite) database, and how
+# long a trial may go without one before another machine fails and re-queues it.
+HEARTBEAT_SECONDS = 20
+GRACE_SECONDS = 90
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class StudyNotFoundError(ValueError):
+    """A command that reads a study found no such study (or no such database file)."""
+
+
+class StudyBusyError(ValueError):
+    """Another process is already running this study on this SQLite file."""
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL, or None for other databases."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite"):
+        return None
+    if not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def artifacts_dir(spec: SearchSpec) -> tuple[Path, Path]:
+    """(root, study folder) for checkpoints; stored paths are relative to ``root``.
+
+    Beside a SQLite file: ``<db stem>_artifacts/<study name>/``, relative to the file's folder.
+    With a shared database: ``./studies/<study name>_artifacts/`` on each machine, stored as
+    absolute paths.
+    """
+    path = sqlite_path(spec.storage)
+    if path is not None:
+        root = path.parent
+        return root, root / f"{path.stem}_artifacts" / spec.study_name
+    folder = (Path("studies") / f"{spec.study_name}_artifacts").resolve()
+    return folder, folder
+
+
+@dataclass
+class StudyContext:
+    """A space laid onto its task: what the study needs before it touches the storage."""
+
+    spec: SearchSpec
+    task: Task
+    plan: SpacePlan
+    float_size_bytes: int
+
+    @property
+    def layers(self) -> list[str]:
+        return self.plan.layers.weighted
+
+
+def prepare(spec: SearchSpec) -> StudyContext:
+    """Build the task and check the space against its model, writing nothing.
+
+    Every searched value is tried once (a config_list is built and given to the quantizer), so
+    a value the algorithm refuses is reported now with its key, not as failed trials later.
+    Raises SpaceError, or TaskError for a task that cannot be built.
+    """
+    task = build_task(spec.task, spec.seed)
+    try:
+        train_config(task, spec.train)
+    except ValueError as error:
+        raise SpaceError(str(error), key="train", source=spec.source) from None
+    seed_everything(spec.seed)
+    model = task.build_model()
+    float_size = model_size_bytes(model)
+    try:
+        plan = SpacePlan(spec, ModelLayers.of(model))
+    except SpaceError as error:
+        raise error.with_source(spec.source) from None
+    quantizer_class = get_quantizer(spec.algorithm)
+    for key, value, values in plan.candidate_points():
+        config_list = plan.config_list(values)
+        if not config_list:
+            continue
+        try:
+            quantizer_class(
+                task.build_model(), config_list, optimizer=None, dummy_input=task.dummy_input
+            ).compress()
+        except ConfigError as error:
+            what = "the first value of every parameter" if value is None else f"{value!r}"
+            raise SpaceError(
+                f"{what} gives a config_list the {spec.algorithm} quantizer refuses: {error}",
+                key=key,
+                source=spec.source,
+            ) from None
+    return StudyContext(spec=spec, task=task, plan=plan, float_size_bytes=float_size)
+
+
+def _storage(spec: SearchSpec) -> RDBStorage:
+    if sqlite_path(spec.storage) is not None:
+        # Readers (quantsearch trials, report) may open the file while a study writes it.
+        return RDBStorage(spec.storage, engine_kwargs={"connect_args": {"timeout": 60}})
+    return RDBStorage(
+        spec.storage,
+        heartbeat_interval=HEARTBEAT_SECONDS,
+        grace_period=GRACE_SECONDS,
+        heartbeat_stale_trial_callback=_requeue_stale,
+    )
+
+
+def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Called on a trial failed for its missing heartbeat: queue its parameters again."""
+    study.enqueue_trial(trial.params, user_attrs=_retry_attrs(trial))
+
+
+def _retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"retry_of": trial.number}
+    if "baseline" in trial.user_attrs:
+        attrs["baseline"] = trial.user_attrs["baseline"]
+    return attrs
+
+
+def _sampler(spec: SearchSpec, resume_index: int) -> optuna.samplers.BaseSampler:
+    """The space's sampler, seeded from the study seed and the number of trials so far.
+
+    A resumed study continues with fresh random draws instead of replaying the first run's.
+    """
+    state = np.random.SeedSequence([spec.seed, resume_index, 1]).generate_state(1)
+    seed = int(state[0])
+    # A quarter of the trials per generation / at random, within 4..50.
+    default_size = min(50, max(4, spec.n_trials // 4))
+    if spec.sampler.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            population_size=spec.sampler.population_size or default_size, seed=seed
+        )
+    if spec.sampler.name == "tpe":
+        startup = spec.sampler.n_startup_trials
+        return optuna.samplers.TPESampler(
+            multivariate=True,
+            n_startup_trials=default_size if startup is None else startup,
+            seed=seed,
+        )
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _existing_study_id(storage: RDBStorage, name: str) -> int | None:
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+
+
+def _check_space(study: optuna.Study, spec: SearchSpec) -> None:
+    stored_hash = study.user_attrs.get("space_hash")
+    if stored_hash is None or stored_hash == spec.space_hash:
+        return
+    stored = study.user_attrs.get("space") or {}
+    old = {k: v for k, v in stored.items() if k in spec.search_dict()}
+    changed = changed_keys(old, spec.search_dict()) or ["(unknown)"]
+    raise SpaceError(
+        f"the study {spec.study_name!r} in {spec.storage} was created from a different "
+        f"space (changed: {', '.join(changed)}); a study never mixes two spaces: give the "
+        "space a new study_name, or use another --storage",
+        source=spec.source,
+    )
+
+
+def open_study(context: StudyContext) -> optuna.Study:
+    """Create the study (with its attributes and baselines) or load it to resume.
+
+    Refuses (SpaceError) a study of the same name created from a different space. Creates
+    the SQLite file and its folder only when every check has passed.
+    """
+    spec = context.spec
+    path = sqlite_path(spec.storage)
+    if path is not None and path.exists():
+        storage = _storage(spec)
+        if _existing_study_id(storage, spec.study_name) is not None:
+            study = optuna.load_study(study_name=spec.study_name, storage=storage)
+            _check_space(study, spec)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    storage = _storage(spec)
+    existing = _existing_study_id(storage, spec.study_name)
+    resume_index = 0 if existing is None else len(storage.get_all_trials(existing, deepcopy=False))
+    sampler = _sampler(spec, resume_index)
+    if existing is None:
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=spec.study_name,
+                directions=list(DIRECTIONS),
+                sampler=sampler,
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            # Another machine created it a moment ago: join it.
+            existing = _existing_study_id(storage, spec.study_name)
+        else:
+            _initialise(study, context)
+            return study
+    study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler)
+    _check_space(study, spec)
+    if "space_hash" not in study.user_attrs:
+        _set_study_attrs(study, context)
+    return study
+
+
+def _set_study_attrs(study: optuna.Study, context: StudyContext) -> None:
+    spec = context.spec
+    study.set_metric_names(METRIC_NAMES)
+    study.set_user_attr("space", spec.to_dict())
+    study.set_user_attr("space_hash", spec.space_hash)
+    study.set_user_attr("task", {**spec.task.to_dict(), "seed": spec.seed})
+    study.set_user_attr("algorithm", spec.algorithm)
+    study.set_user_attr("float_size_bytes", context.float_size_bytes)
+    study.set_user_attr("layers", context.layers)
+
+
+def _initialise(study: optuna.Study, context: StudyContext) -> None:
+    _set_study_attrs(study, context)
+    for label in context.spec.baselines.labels:
+        study.enqueue_trial(context.plan.baseline_params(label), user_attrs={"baseline": label})
+
+
+def load_study(spec: SearchSpec) -> optuna.Study:
+    """An existing study, for reading (trials, report, export); never creates anything."""
+    path = sqlite_path(spec.storage)
+    if path is not None and not path.exists():
+        raise StudyNotFoundError(
+            f"{spec.source}: no study database at {path}; run "
+            f"`quantsearch study --space {spec.source}` first"
+        )
+    storage = _storage(spec)
+    if _existing_study_id(storage, spec.study_name) is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise StudyNotFoundError(
+            f"{spec.source}: {spec.storage} holds no study {spec.study_name!r}"
+            + (f" (it holds: {', '.join(names)})" if names else " (it holds none)")
+        )
+    study = optuna.load_study(study_name=spec.study_name, storage=storage)
+    _check_space(study, spec)
+    return study
+
+
+@contextlib.contextmanager
+def _study_lock(folder: Path) -> Iterator[None]:
+    """Hold the study's lock file: one process runs a study on a SQLite file at a time.
+
+    The lock dies with its process (even under SIGKILL), which is what makes every RUNNING
+    trial found by the next holder a trial left behind by a dead process.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "study.lock"
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise StudyBusyError(
+                f"the study is already running in process {owner} (lock {path}); wait for "
+                "it, or stop it and run the command again to resume; use --jobs N for "
+                "more workers"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """One finished trial, as shown in the progress output."""
+
+    number: int
+    state: str
+    val_accuracy: float = math.nan
+    test_accuracy: float = math.nan
+    size_bytes: int = 0
+    compression_ratio: float = math.nan
+    train_seconds: float = 0.0
+    baseline: str | None = None
+    duplicate_of: int | None = None
+    reason: str | None = None
+
+
+class Progress(Protocol):
+    def start(self, *, total: int, done: int, front: int) -> None: ...
+
+    def trial(self, report: TrialReport, *, done: int, front: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Silent:
+    def start(self, *, total: int, done: int, front: int) -> None:
+        pass
+
+    def trial(self, report: TrialReport, *, done: int, front: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def counted_trials(trials: Sequence[FrozenTrial]) -> int:
+    """Trials that count towards n_trials: all but WAITING ones and failures run again."""
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    return sum(
+        1
+        for t in trials
+        if t.state in (*_FINISHED, TrialState.RUNNING)
+        or (t.state == TrialState.FAIL and t.number not in retried)
+    )
+
+
+@dataclass
+class _Ticket:
+    trial: Trial
+    config_list: list[dict[str, Any]]
+    train: dict[str, Any]
+    key: str
+    baseline: str | None
+    seed: int
+
+
+@dataclass
+class _Loop:
+    study: optuna.Study
+    context: StudyContext
+    jobs: int
+    progress: Progress
+    heartbeat: Heartbeat | None = None
+    in_flight: dict[int, _Ticket] = field(default_factory=dict)
+    # Trials waiting for a running twin (same config_list) instead of training it again.
+    parked: dict[str, list[_Ticket]] = field(default_factory=dict)
+    # Parked trials whose twin failed: they train after all.
+    unparked: list[_Ticket] = field(default_factory=list)
+
+    @property
+    def spec(self) -> SearchSpec:
+        return self.context.spec
+
+    def run(self, pool: InlinePool | ProcessPool) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        self.progress.start(
+            total=self.spec.n_trials, done=self._done(trials), front=self._front_size()
+        )
+        try:
+            while True:
+                self._fill(pool)
+                if not self.in_flight:
+                    break
+                number, outcome = pool.next_result()
+                self._finish(self.in_flight.pop(number), outcome)
+        except BaseException:
+            pool.terminate()
+            self._abandon("interrupted: the study process stopped before the trial finished")
+            raise
+
+    def _done(self, trials: Sequence[FrozenTrial]) -> int:
+        return counted_trials(trials) - sum(t.state == TrialState.RUNNING for t in trials)
+
+    def _front_size(self) -> int:
+        return len(self.study.best_trials)
+
+    def _fill(self, pool: InlinePool | ProcessPool) -> None:
+        while self.unparked and pool.has_capacity:
+            self._submit(pool, self.unparked.pop(0))
+        while pool.has_capacity:
+            if self.heartbeat is not None:
+                optuna.storages.fail_stale_trials(self.study)
+            trials = self.study.get_trials(deepcopy=False)
+            if counted_trials(trials) >= self.spec.n_trials:
+                return
+            ticket = self._ask()
+            original = self._finished_twin(ticket.key, trials)
+            if original is not None:
+                self._tell_duplicate(ticket, original)
+            elif any(t.key == ticket.key for t in self.in_flight.values()):
+                # The same config_list is training right now: take its result when it lands.
+                self.parked.setdefault(ticket.key, []).append(ticket)
+            else:
+                self._submit(pool, ticket)
+
+    def _ask(self) -> _Ticket:
+        plan = self.context.plan
+        trial = self.study.ask(plan.distributions)
+        if self.heartbeat is not None:
+            self.heartbeat.add(_trial_id(trial))
+        values = plan.values(trial.params)
+        baseline = trial.user_attrs.get("baseline")
+        config_list = [] if baseline == "float" else plan.config_list(values)
+        train = plan.train_overrides(values)
+        return _Ticket(
+            trial=trial,
+            config_list=config_list,
+            train=train,
+            key=config_key(config_list, train),
+            baseline=baseline,
+            seed=trial_seed(self.spec.seed, trial.number),
+        )
+
+    def _finished_twin(self, key: str, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
+        for trial in trials:
+            if trial.state in _FINISHED and "config_list" in trial.user_attrs:
+                train = trial.user_attrs.get("train", {})
+                if config_key(trial.user_attrs["config_list"], train) == key:
+                    return trial
+        return None
+
+    def _submit(self, pool: InlinePool | ProcessPool, ticket: _Ticket) -> None:
+        spec = self.spec
+        _, folder = artifacts_dir(spec)
+        number = ticket.trial.number
+        job = TrialJob(
+            number=number,
+            seed=ticket.seed,
+            task=spec.task,
+            task_seed=spec.seed,
+            algorithm=spec.algorithm,
+            train={**spec.train, **ticket.train},
+            config_list=ticket.config_list,
+            checkpoint=str(folder / f"trial_{number}.pt"),
+            hopeless=spec.hopeless,
+            num_threads=threads_per_worker(self.jobs) if self.jobs > 1 else None,
+        )
+        self.in_flight[number] = ticket
+        pool.submit(job)
+
+    def _common_attrs(self, ticket: _Ticket) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "config_list": ticket.config_list,
+            "algorithm": self.spec.algorithm,
+            "seed": ticket.seed,
+        }
+        if ticket.train:
+            attrs["train"] = ticket.train
+        return attrs
+
+    def _finish(self, ticket: _Ticket, outcome: TrialOutcome) -> None:
+        trial = ticket.trial
+        attrs = self._common_attrs(ticket)
+        attrs["train_seconds"] = outcome.train_seconds
+        if outcome.state == "COMPLETE":
+            root, folder = artifacts_dir(self.spec)
+            checkpoint = folder / f"trial_{trial.number}.pt"
+            attrs.update(
+                val_accuracy=outcome.val_accuracy,
+                test_accuracy=outcome.test_accuracy,
+                size_bytes=outcome.size_bytes,
+                float_size_bytes=self.context.float_size_bytes,
+                compression_ratio=self.context.float_size_bytes / outcome.size_bytes,
+                layer_bits=outcome.layer_bits,
+                checkpoint=str(
+                    checkpoint.relative_to(root) if sqlite_path(self.spec.storage) else checkpoint
+                ),
+            )
+        else:
+            attrs["fail_reason"] = outcome.reason
+            if outcome.detail:
+                attrs["fail_detail"] = outcome.detail
+        self._tell(ticket, outcome.state, attrs)
+        for twin in self.parked.pop(ticket.key, []):
+            finished = self.study.get_trials(deepcopy=False)[trial.number]
+            if finished.state in _FINISHED:
+                self._tell_duplicate(twin, finished)
+            else:
+                self.unparked.append(twin)
+
+    def _tell_duplicate(self, ticket: _Ticket, original: FrozenTrial) -> None:
+        attrs = {
+            k: v
+            for k, v in original.user_attrs.items()
+            if k not in ("baseline", "retry_of", "seed", "duplicate_of")
+        }
+        attrs.update(self._common_attrs(ticket), duplicate_of=original.number, train_seconds=0.0)
+        if original.state == TrialState.PRUNED:
+            attrs["fail_reason"] = (
+                f"same config_list as trial {original.number}, which was stopped: "
+                f"{original.user_attrs.get('fail_reason')}"
+            )
+        self._tell(ticket, original.state.name, attrs)
+
+    def _tell(self, ticket: _Ticket, state: str, attrs: dict[str, Any]) -> None:
+        trial = ticket.trial
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if state == "COMPLETE":
+            values = [attrs["val_accuracy"], attrs["size_bytes"]]
+            constraints = self.spec.constraints
+            if constraints.min_accuracy is not None:
+                trial.set_constraint("min_accuracy", constraints.min_accuracy - values[0])
+            if constraints.max_size_bytes is not None:
+                trial.set_constraint("max_size_bytes", values[1] - constraints.max_size_bytes)
+            self.study.tell(trial, values)
+        else:
+            self.study.tell(trial, state=TrialState[state])
+        if self.heartbeat is not None:
+            self.heartbeat.discard(_trial_id(trial))
+        trials = self.study.get_trials(deepcopy=False)
+        report = TrialReport(
+            number=trial.number,
+            state=state,
+            val_accuracy=attrs.get("val_accuracy", math.nan),
+            test_accuracy=attrs.get("test_accuracy", math.nan),
+            size_bytes=attrs.get("size_bytes", 0),
+            compression_ratio=attrs.get("compression_ratio", math.nan),
+            train_seconds=attrs.get("train_seconds", 0.0),
+            baseline=ticket.baseline,
+            duplicate_of=attrs.get("duplicate_of"),
+            reason=attrs.get("fail_reason"),
+        )
+        self.progress.trial(report, done=self._done(trials), front=self._front_size())
+
+    def _abandon(self, reason: str) -> None:
+        """Fail every trial this process holds and queue its parameters to run again."""
+        tickets = [*self.in_flight.values(), *(t for ts in self.parked.values() for t in ts)]
+        self.in_flight.clear()
+        self.parked.clear()
+        for ticket in tickets:
+            with contextlib.suppress(Exception):
+                _fail_and_requeue(self.study, ticket.trial, reason)
+
+
+def _trial_id(trial: Trial | FrozenTrial) -> int:
+    # Optuna keys its storage by this id; it has no public accessor.
+    return trial._trial_id
+
+
+def _fail_and_requeue(study: optuna.Study, trial: Trial | FrozenTrial, reason: str) -> None:
+    """Fail a RUNNING trial (of this or a dead process) with a reason; queue it again."""
+    frozen = study.get_trials(deepcopy=False)[trial.number]
+    # A trial of a dead process has no Trial object here; write through the storage.
+    study._storage.set_trial_user_attr(_trial_id(frozen), "fail_reason", reason)
+    study.tell(frozen.number, state=TrialState.FAIL)
+    study.enqueue_trial(frozen.params, user_attrs=_retry_attrs(frozen))
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials of a dead process and queue their parameters again.
+
+    Call only while holding the study's lock (so no live process owns those trials).
+    """
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        _fail_and_requeue(
+            study, trial, "interrupted: its process stopped (killed or crashed) mid-trial"
+        )
+    return [t.number for t in stale]
+
+
+def run_study(
+    context: StudyContext, *, jobs: int = 1, progress: Progress | None = None
+) -> optuna.Study:
+    """Run (or resume) the study until it holds ``n_trials`` trials, and return it."""
+    spec = context.spec
+    progress = progress or _Silent()
+    study = open_study(context)
+    _, folder = artifacts_dir(spec)
+    local = sqlite_path(spec.storage) is not None
+    heartbeat: Heartbeat | None = None
+    with _study_lock(folder) if local else contextlib.nullcontext():
+        if local:
+            requeue_interrupted(study)
+        else:
+            optuna.storages.fail_stale_trials(study)
+            heartbeat = Heartbeat(_beat(study), HEARTBEAT_SECONDS)
+        loop = _Loop(study, context, jobs, progress, heartbeat)
+        pool: InlinePool | ProcessPool = (
+            InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=threads_per_worker(jobs))
+        )
+        try:
+            with pool, heartbeat or contextlib.nullcontext():
+                loop.run(pool)
+        finally:
+            progress.close()
+    return study
+
+
+def _beat(study: optuna.Study) -> Callable[[Iterable[int]], None]:
+    storage = study._storage
+
+    def beat(trial_ids: Iterable[int]) -> None:
+        for trial_id in trial_ids:
+            storage.record_heartbeat(trial_id)
+
+    return beat

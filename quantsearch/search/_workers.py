@@ -1,0 +1,203 @@
+"""Where trials train: in the study's own process, or in worker processes it feeds.
+
+The study's process alone talks to the Optuna storage (so SQLite never sees two writers); a
+worker receives a :class:`TrialJob`, trains it and sends back a :class:`TrialOutcome`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial
+
+__all__ = ["Heartbeat", "InlinePool", "ProcessPool", "available_cores", "threads_per_worker"]
+
+# How often a waiting study checks that its workers are still alive, in seconds.
+_POLL_SECONDS = 1.0
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def threads_per_worker(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` workers, so that together they fill the cores."""
+    return max(1, available_cores() // jobs)
+
+
+class InlinePool:
+    """One trial at a time, trained in this process when its result is asked for."""
+
+    def __init__(self) -> None:
+        self._job: TrialJob | None = None
+
+    def __enter__(self) -> InlinePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._job = None
+
+    @property
+    def has_capacity(self) -> bool:
+        return self._job is None
+
+    def submit(self, job: TrialJob) -> None:
+        assert self._job is None, "InlinePool takes one job at a time"
+        self._job = job
+
+    def next_result(self) -> tuple[int, TrialOutcome]:
+        job, self._job = self._job, None
+        assert job is not None, "no job was submitted"
+        return job.number, run_trial(job)
+
+    def terminate(self) -> None:
+        self._job = None
+
+
+def _worker_main(inbox: Any, outbox: Any, index: int, num_threads: int) -> None:
+    # Ctrl-C reaches the whole process group: the study's process decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(num_threads)
+    while True:
+        job = inbox.get()
+        if job is None:
+            return
+        outbox.put((index, job.number, run_trial(job)))
+
+
+@dataclass
+class _Worker:
+    process: Any
+    inbox: Any
+    job: int | None = None
+
+
+class ProcessPool:
+    """``jobs`` spawned worker processes, each training one trial at a time.
+
+    A worker that dies (killed, out of memory) fails its trial with the exit code and is
+    replaced; the study goes on.
+    """
+
+    def __init__(self, jobs: int, *, num_threads: int) -> None:
+        self._context = multiprocessing.get_context("spawn")
+        self._outbox = self._context.Queue()
+        self._num_threads = num_threads
+        self._workers = [self._start(index) for index in range(jobs)]
+
+    def _start(self, index: int) -> _Worker:
+        inbox = self._context.Queue()
+        process = self._context.Process(
+            target=_worker_main,
+            args=(inbox, self._outbox, index, self._num_threads),
+            name=f"quantsearch-worker-{index}",
+            daemon=True,
+        )
+        process.start()
+        return _Worker(process=process, inbox=inbox)
+
+    def __enter__(self) -> ProcessPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def has_capacity(self) -> bool:
+        return any(worker.job is None for worker in self._workers)
+
+    def submit(self, job: TrialJob) -> None:
+        worker = next(w for w in self._workers if w.job is None)
+        worker.job = job.number
+        worker.inbox.put(job)
+
+    def next_result(self) -> tuple[int, TrialOutcome]:
+        while True:
+            try:
+                index, number, outcome = self._outbox.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                dead = self._replace_dead()
+                if dead is not None:
+                    return dead
+                continue
+            self._workers[index].job = None
+            return number, outcome
+
+    def _replace_dead(self) -> tuple[int, TrialOutcome] | None:
+        for index, worker in enumerate(self._workers):
+            if worker.process.is_alive():
+                continue
+            number, code = worker.job, worker.process.exitcode
+            self._workers[index] = self._start(index)
+            if number is not None:
+                reason = f"worker process died (exit code {code}) while training"
+                return number, TrialOutcome(state="FAIL", reason=reason)
+        return None
+
+    def close(self) -> None:
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.inbox.put(None)
+        for worker in self._workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join()
+
+    def terminate(self) -> None:
+        for worker in self._workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in self._workers:
+            worker.process.join()
+
+
+class Heartbeat:
+    """Records a heartbeat for the running trials every ``interval`` seconds, in a thread.
+
+    Only storages with heartbeats (RDB with ``heartbeat_interval``) need it: it is how other
+    machines tell a live trial from one whose process died.
+    """
+
+    def __init__(self, beat: Callable[[Iterable[int]], None], interval: float) -> None:
+        self._beat = beat
+        self._interval = interval
+        self._trial_ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="quantsearch-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def add(self, trial_id: int) -> None:
+        with self._lock:
+            self._trial_ids.add(trial_id)
+        self._beat([trial_id])
+
+    def discard(self, trial_id: int) -> None:
+        with self._lock:
+            self._trial_ids.discard(trial_id)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                ids = list(self._trial_ids)
+            self._beat(ids)

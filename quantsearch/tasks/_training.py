@@ -1,0 +1,425 @@
+"""The training loop every trial runs: optimizer factory, fit, evaluate."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+if TYPE_CHECKING:
+    from quantsearch.tasks._task import Task
+
+__all__ = [
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "DivergedError",
+    "FitResult",
+    "TrainConfig",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "resolve_device",
+    "seed_everything",
+]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("none", "cosine", "step")
+DEVICES = ("cpu", "cuda", "auto")
+
+# Fractions of the run after which the "step" schedule divides the learning rate by 10.
+_STEP_MILESTONES = (0.5, 0.75)
+# On a GPU the finiteness check forces a sync, so it looks at several losses at once.
+_GPU_CHECK_EVERY = 16
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite; ``epoch`` and ``step`` count from 1."""
+
+    def __init__(self, value: float, epoch: int, step: int) -> None:
+        self.value = value
+        self.epoch = epoch
+        self.step = step
+        super().__init__(f"loss became {value} at epoch {epoch}, step {step}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.value, self.epoch, self.step))
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` reports.
+
+    ``final_loss`` is the mean training loss of the last epoch (NaN when no epoch ran);
+    ``val_accuracy`` is measured on the task's validation set after the last epoch.
+    """
+
+    epochs_run: int
+    train_seconds: float
+    final_loss: float
+    val_accuracy: float
+    epoch_losses: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a model is trained.
+
+    Attributes:
+        epochs: passes over the training set (0 trains nothing, only validates).
+        batch_size: examples per optimizer step.
+        optimizer: "sgd" (with ``momentum``), "adam" or "adamw".
+        lr: learning rate at the start of training.
+        momentum: SGD momentum (ignored by adam/adamw).
+        weight_decay: L2 penalty (decoupled for adamw).
+        lr_schedule: "none"; "cosine" (per step, from ``lr`` down to 0); "step" (lr/10 after
+            half of the steps, lr/100 after three quarters).
+        device: "cpu", "cuda" (or "cuda:N"), or "auto" (CUDA when available).
+        num_threads: if given, ``torch.set_num_threads`` for this process before training.
+    """
+
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    device: str = "cpu"
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, minimum=0)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        object.__setattr__(self, "lr", _check_float("lr", self.lr, positive=True))
+        momentum = _check_float("momentum", self.momentum)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum!r}")
+        object.__setattr__(self, "momentum", momentum)
+        decay = _check_float("weight_decay", self.weight_decay)
+        if decay < 0.0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        object.__setattr__(self, "weight_decay", decay)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not isinstance(self.device, str) or not (
+            self.device in DEVICES or self.device.startswith("cuda:")
+        ):
+            raise ValueError(
+                f"TrainConfig.device must be one of {', '.join(DEVICES)} (or 'cuda:N'), "
+                f"got {self.device!r}"
+            )
+        if self.num_threads is not None:
+            _check_int("num_threads", self.num_threads, minimum=1)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a mapping (e.g. parsed YAML); unknown keys raise ValueError.
+
+        Float fields also accept numeric strings, because YAML reads ``1e-3`` as a string.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown training option(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        converted = dict(values)
+        for key in ("lr", "momentum", "weight_decay"):
+            value = converted.get(key)
+            if isinstance(value, str):
+                try:
+                    converted[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"TrainConfig.{key} must be a number, got {value!r}") from None
+        return cls(**converted)
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"TrainConfig.{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Turn "auto" into "cuda" when CUDA is available (else "cpu"); check CUDA exists."""
+    if isinstance(device, torch.device):
+        resolved = device
+    elif device == "auto":
+        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available")
+    return resolved
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (call before ``build_model``)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(
+    params: Iterable[Tensor] | Iterable[dict[str, Any]], config: TrainConfig
+) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over ``params`` (tensors or parameter groups)."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class _Batches:
+    """Mini-batches of a dataset on a device, in a seeded order when shuffled.
+
+    A two-tensor TensorDataset is indexed directly (moved to the device once): no per-example
+    collation. Any other dataset goes through a DataLoader. Both take their order from the same
+    ``torch.randperm`` draw of ``generator``, so they visit the examples identically.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        device: torch.device,
+        *,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        skip_single_tail: bool = False,
+    ) -> None:
+        self.length = len(dataset)  # type: ignore[arg-type]
+        if self.length == 0:
+            raise ValueError("the dataset is empty")
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.generator = generator
+        # BatchNorm cannot train on one example, so a trailing batch of one is dropped.
+        self.drop_tail = skip_single_tail and self.length > 1 and self.length % batch_size == 1
+        self.dataset = dataset
+        self.tensors: tuple[Tensor, Tensor] | None = None
+        if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+            inputs, targets = dataset.tensors
+            self.tensors = (inputs.to(device), targets.to(device, torch.long))
+
+    def __len__(self) -> int:
+        return math.ceil(self.length / self.batch_size) - int(self.drop_tail)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        starts = range(0, len(self) * self.batch_size, self.batch_size)
+        order = None
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=self.generator)
+        if self.tensors is not None:
+            inputs, targets = self.tensors
+            if order is None:
+                for start in starts:
+                    end = start + self.batch_size
+                    yield inputs[start:end], targets[start:end]
+            else:
+                order = order.to(self.device)
+                for start in starts:
+                    index = order[start : start + self.batch_size]
+                    yield inputs[index], targets[index]
+            return
+        indices = order.tolist() if order is not None else list(range(self.length))
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=[indices[start : start + self.batch_size] for start in starts],
+            pin_memory=self.device.type == "cuda",
+            # A private generator: the loader's own seed draw must not consume torch's global one.
+            generator=torch.Generator(),
+        )
+        non_blocking = self.device.type == "cuda"
+        for inputs, targets in loader:
+            yield (
+                inputs.to(self.device, non_blocking=non_blocking),
+                targets.to(self.device, torch.long, non_blocking=non_blocking),
+            )
+
+
+def _lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    passed = sum(step >= milestone * total_steps for milestone in _STEP_MILESTONES)
+    return 0.1**passed
+
+
+def _first_non_finite(losses: list[Tensor]) -> tuple[int, float] | None:
+    """Index and value of the first non-finite loss in ``losses``, or None."""
+    stacked = torch.stack(losses)
+    finite = torch.isfinite(stacked)
+    if bool(finite.all()):
+        return None
+    index = int((~finite).nonzero()[0, 0])
+    return index, float(stacked[index])
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    *,
+    seed: int,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``task.train_set`` with ``optimizer``, in place.
+
+    The loss is ``F.cross_entropy(model(x), y)``: a model may return logits or log-probabilities
+    (log_softmax of log-probabilities is the identity, so cross entropy then equals NLL).
+    ``seed`` seeds torch's global generator (dropout and the like) and the generator that
+    shuffles the training set, so the same model, data and seed give the same weights on CPU.
+    The model is moved to ``config.device``. ``on_epoch(epoch_index, val_accuracy)`` runs after
+    each epoch (index from 0) and may raise to stop training; without it the validation set is
+    evaluated only once, at the end. A NaN or infinite loss raises :class:`DivergedError`.
+    """
+    started = time.perf_counter()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    batches = _Batches(
+        task.train_set,
+        config.batch_size,
+        device,
+        shuffle=True,
+        generator=generator,
+        skip_single_tail=True,
+    )
+    steps_per_epoch = len(batches)
+    total_steps = config.epochs * steps_per_epoch
+    scheduled = config.lr_schedule != "none"
+    base_lrs: list[float] = []
+    if scheduled:
+        base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
+    check_every = _check_interval(device)
+    eval_batch = max(256, config.batch_size)
+
+    epoch_losses: list[float] = []
+    val_accuracy = float("nan")
+    global_step = 0
+    for epoch in range(config.epochs):
+        model.train()
+        pending: list[Tensor] = []
+        first_pending_step = 1
+        loss_sum = 0.0
+        for step, (inputs, targets) in enumerate(batches, start=1):
+            if scheduled:
+                factor = _lr_factor(config.lr_schedule, global_step, total_steps)
+                for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
+                    group["lr"] = base_lr * factor
+            loss = F.cross_entropy(model(inputs), targets)
+            pending.append(loss.detach())
+            # On CPU the check comes before the update, so a NaN never reaches the weights.
+            if len(pending) >= check_every:
+                loss_sum += _flush(pending, epoch + 1, first_pending_step)
+                first_pending_step = step + 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            global_step += 1
+        if pending:
+            loss_sum += _flush(pending, epoch + 1, first_pending_step)
+        epoch_losses.append(loss_sum / steps_per_epoch)
+        if on_epoch is not None or epoch == config.epochs - 1:
+            val_accuracy = evaluate(model, task.val_set, batch_size=eval_batch, device=device)
+        if on_epoch is not None:
+            on_epoch(epoch, val_accuracy)
+    if config.epochs == 0:
+        val_accuracy = evaluate(model, task.val_set, batch_size=eval_batch, device=device)
+    if scheduled:
+        for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
+            group["lr"] = base_lr
+    return FitResult(
+        epochs_run=config.epochs,
+        train_seconds=time.perf_counter() - started,
+        final_loss=epoch_losses[-1] if epoch_losses else float("nan"),
+        val_accuracy=val_accuracy,
+        epoch_losses=tuple(epoch_losses),
+    )
+
+
+def _check_interval(device: torch.device) -> int:
+    """Steps between finiteness checks of the loss: every step on a CPU, where it costs nothing."""
+    return 1 if device.type == "cpu" else _GPU_CHECK_EVERY
+
+
+def _flush(pending: list[Tensor], epoch: int, first_step: int) -> float:
+    """Sum of the pending losses (then cleared); DivergedError at the first non-finite one."""
+    if len(pending) == 1:
+        value = float(pending[0])
+        if not math.isfinite(value):
+            raise DivergedError(value, epoch, first_step)
+        pending.clear()
+        return value
+    bad = _first_non_finite(pending)
+    if bad is not None:
+        raise DivergedError(bad[1], epoch, first_step + bad[0])
+    total = float(torch.stack(pending).sum())
+    pending.clear()
+    return total
+
+
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = "cpu",
+) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset``, in [0, 1].
+
+    Runs in eval mode under ``torch.no_grad`` and restores every submodule's training flag.
+    The model is moved to ``device`` ("auto" picks CUDA when available; None keeps the device
+    of the model's first parameter or buffer).
+    """
+    if device is None:
+        tensor = next(iter(model.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(model.buffers()), None)
+        resolved = tensor.device if tensor is not None else torch.device("cpu")
+    else:
+        resolved = resolve_device(device)
+    modes = [(module, module.training) for module in model.modules()]
+    model.to(resolved)
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=resolved)
+    total = 0
+    try:
+        with torch.no_grad():
+            for inputs, targets in _Batches(dataset, batch_size, resolved, shuffle=False):
+                correct += (model(inputs).argmax(dim=1) == targets).sum()
+                total += targets.shape[0]
+    finally:
+        for module, training in modes:
+            module.training = training
+    return int(correct) / total
