@@ -18,7 +18,13 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
+from matplotlib.ticker import (
+    FuncFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+    PercentFormatter,
+)
 
 from quantsearch.report._table import BITS_PREFIX, bits_columns, pareto_frame
 
@@ -29,7 +35,6 @@ __all__ = [
     "history_figure",
     "hypervolume_2d",
     "hypervolume_history",
-    "nondominated_mask",
     "pareto_figure",
     "save_figure",
 ]
@@ -69,6 +74,20 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
+_TICK_SUBS: tuple[tuple[float, ...], ...] = (
+    (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0),
+    (1.0, 2.0, 3.0, 5.0, 7.0),
+    (1.0, 2.0, 5.0),
+    (1.0, 3.0),
+    (1.0,),
+)
+
+
+def _ticks_in_range(subs: tuple[float, ...], low: float, high: float) -> int:
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    return sum(low <= sub * 10.0**d <= high for d in decades for sub in subs)
+
+
 def _size_axis(ax: matplotlib.axes.Axes, sizes: np.ndarray) -> None:
     """Log-scaled x axis of model sizes with KB/MB tick labels."""
     ax.set_xscale("log")
@@ -77,13 +96,12 @@ def _size_axis(ax: matplotlib.axes.Axes, sizes: np.ndarray) -> None:
         return
     low, high = float(finite.min()) / 1.35, float(finite.max()) * 1.35
     ax.set_xlim(low, high)
-    decades = math.log10(high / low)
-    if decades <= 1.3:
-        subs: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)
-    elif decades <= 3.5:
-        subs = (1.0, 2.0, 5.0)
-    else:
-        subs = (1.0,)
+    # The densest of these tick sets that puts at most six labels in range.
+    subs: tuple[float, ...] = (1.0,)
+    for candidate in _TICK_SUBS:
+        if _ticks_in_range(candidate, low, high) <= 6:
+            subs = candidate
+            break
     ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(format_size))
     ax.xaxis.set_minor_locator(LogLocator(base=10.0, subs=np.arange(1.0, 10.0)))
@@ -99,11 +117,12 @@ def _baseline_style(label: str) -> tuple[str, str, float]:
 def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
     """Validation accuracy against model size (log axis), one point per trial.
 
-    Artists, by label: ``trials`` (feasible complete trials, dots), ``infeasible`` (hollow grey
-    circles), ``failed (n)`` / ``pruned (n)`` ('x' / '+' markers on the bottom edge, at the
-    trial's size when it was recorded: their y offsets are in axes units), ``Pareto front`` (a
-    post-step line through the front sorted by size), one scatter per baseline labelled with its
-    name (``float`` drawn as a large star), and ``float accuracy`` (a dotted horizontal line).
+    Artists, by label: ``trials`` (feasible complete trials, dots; absent if none),
+    ``infeasible (n)`` (hollow grey circles), ``failed (n)`` / ``pruned (n)`` ('x' / '+' markers
+    on the bottom edge, at the trial's size when it was recorded: their y offsets are in axes
+    units), ``Pareto front`` (a post-step line through the front sorted by size), one scatter per
+    baseline with gid ``baseline:<label>`` and a text label (``float`` drawn as a large star),
+    and ``float accuracy`` (a dotted horizontal line).
     """
     fig = _new_figure(8.0, 5.2)
     ax = fig.add_subplot()
@@ -112,16 +131,17 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
     feasible = complete[complete["feasible"] & ~is_baseline]
     infeasible = complete[~complete["feasible"] & ~is_baseline]
 
-    ax.scatter(
-        feasible["size_bytes"],
-        feasible["accuracy"],
-        s=28,
-        color=_TRIAL_COLOR,
-        alpha=0.65,
-        linewidths=0,
-        label="trials",
-        zorder=3,
-    )
+    if not feasible.empty:
+        ax.scatter(
+            feasible["size_bytes"],
+            feasible["accuracy"],
+            s=28,
+            color=_TRIAL_COLOR,
+            alpha=0.65,
+            linewidths=0,
+            label="trials",
+            zorder=3,
+        )
     if not infeasible.empty:
         ax.scatter(
             infeasible["size_bytes"],
@@ -253,7 +273,11 @@ def bits_heatmap_figure(frame: pd.DataFrame, *, layers: Sequence[str] | None = N
         fig = _new_figure(6.0, 2.0)
         ax = fig.add_subplot()
         ax.axis("off")
-        message = "no front trial" if front.empty else "no per-layer bit widths were recorded"
+        message = (
+            "no trial on the Pareto front (no complete trial meets the constraints)"
+            if front.empty
+            else "no per-layer bit widths were recorded"
+        )
         ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=11)
         return fig
 
@@ -306,18 +330,6 @@ def bits_heatmap_figure(frame: pd.DataFrame, *, layers: Sequence[str] | None = N
     return fig
 
 
-def nondominated_mask(accuracy: np.ndarray, size: np.ndarray) -> np.ndarray:
-    """True for points no other point dominates (accuracy maximized, size minimized)."""
-    accuracy = np.asarray(accuracy, dtype=float)
-    size = np.asarray(size, dtype=float)
-    keep = np.ones(len(accuracy), dtype=bool)
-    for i in range(len(accuracy)):
-        no_worse = (accuracy >= accuracy[i]) & (size <= size[i])
-        better = (accuracy > accuracy[i]) | (size < size[i])
-        keep[i] = not np.any(no_worse & better)
-    return keep
-
-
 def hypervolume_2d(accuracy: Sequence[float], size_ratio: Sequence[float]) -> float:
     """Area of the unit square (size/float size, accuracy) dominated by the points.
 
@@ -357,22 +369,25 @@ def hypervolume_history(frame: pd.DataFrame, *, float_size_bytes: float) -> pd.D
     Only feasible complete trials count; sizes are divided by ``float_size_bytes``.
     """
     ordered = frame.sort_values("number")
-    accuracy: list[float] = []
-    ratio: list[float] = []
+    # The front so far as (accuracy, size ratio) pairs, updated as each trial arrives.
+    front: list[tuple[float, float]] = []
+    hypervolume = 0.0
     records = []
     for row in ordered.itertuples():
         if row.state == "COMPLETE" and row.feasible:
-            accuracy.append(float(row.accuracy))
-            ratio.append(float(row.size_bytes) / float_size_bytes)
-        front_size = int(nondominated_mask(np.array(accuracy), np.array(ratio)).sum())
+            point = (float(row.accuracy), float(row.size_bytes) / float_size_bytes)
+            if not any(_dominates(kept, point) for kept in front):
+                front = [kept for kept in front if not _dominates(point, kept)] + [point]
+                hypervolume = hypervolume_2d([a for a, _ in front], [r for _, r in front])
         records.append(
-            {
-                "number": int(row.number),
-                "hypervolume": hypervolume_2d(accuracy, ratio),
-                "front_size": front_size,
-            }
+            {"number": int(row.number), "hypervolume": hypervolume, "front_size": len(front)}
         )
     return pd.DataFrame(records, columns=["number", "hypervolume", "front_size"])
+
+
+def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """(accuracy, size) ``a`` is no worse than ``b`` in both and better in one."""
+    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
 
 
 def history_figure(frame: pd.DataFrame, *, float_size_bytes: float | None = None) -> Figure:
@@ -427,5 +442,6 @@ def history_figure(frame: pd.DataFrame, *, float_size_bytes: float | None = None
     below.yaxis.get_major_locator().set_params(integer=True)
     below.set_ylabel("front size")
     below.set_xlabel("trial number")
+    below.xaxis.set_major_locator(MaxNLocator(integer=True))
     below.grid(True, alpha=0.3)
     return fig

@@ -1,0 +1,62 @@
+"""The search: YAML search spaces in NNI's syntax, and a resumable multi-objective Optuna study.
+
+    spec = load_space("search_spaces/qat.yaml")      # SpaceError names file, key and fix
+    context = prepare(spec)                            # builds the task, checks the space
+    study = run_study(context, jobs=2)                 # until the study holds spec.n_trials
+"""
+
+from __future__ import annotations
+
+from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan, config_key
+from quantsearch.search._display import ConsoleProgress, front_table, trials_table
+from quantsearch.search._errors import SpaceError
+from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
+from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
+from quantsearch.search._space import SearchSpec, load_space, parse_space
+from quantsearch.search._study import (
+    DIRECTIONS,
+    METRIC_NAMES,
+    StudyBusyError,
+    StudyContext,
+    StudyNotFoundError,
+    TrialReport,
+    counted_trials,
+    load_study,
+    load_study_from,
+    open_study,
+    prepare,
+    run_study,
+)
+
+__all__ = [
+    "DIRECTIONS",
+    "FLOAT",
+    "METRIC_NAMES",
+    "NNI_TYPES",
+    "ConsoleProgress",
+    "ModelLayers",
+    "NniParam",
+    "SearchSpec",
+    "SpaceError",
+    "SpacePlan",
+    "StudyBusyError",
+    "StudyContext",
+    "StudyNotFoundError",
+    "TrialJob",
+    "TrialOutcome",
+    "TrialReport",
+    "config_key",
+    "counted_trials",
+    "front_table",
+    "load_space",
+    "load_study",
+    "load_study_from",
+    "open_study",
+    "parse_nni_param",
+    "parse_space",
+    "prepare",
+    "run_study",
+    "run_trial",
+    "trial_seed",
+    "trials_table",
+]

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from quantsearch.quantization import QUANT_TYPES, QUANTIZERS
 from quantsearch.search._errors import SpaceError
@@ -667,7 +669,15 @@ def _storage_url(value: Any, *, key: str) -> str:
             "(sqlite:///path.db, postgresql://...)",
             key=key,
         )
-    return value if "://" in value else f"sqlite:///{Path(value).expanduser()}"
+    url = value if "://" in value else f"sqlite:///{Path(value).expanduser()}"
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise SpaceError(
+            f"{value!r} is not a database URL (sqlite:///path.db, postgresql://user@host/db)",
+            key=key,
+        ) from None
+    return url
 
 
 def _param_to_json(param: Param) -> Any:

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +45,12 @@ __all__ = [
     "StudyNotFoundError",
     "TrialReport",
     "artifacts_dir",
+    "counted_trials",
     "load_study",
+    "load_study_from",
     "open_study",
     "prepare",
+    "requeue_interrupted",
     "run_study",
     "sqlite_path",
 ]
@@ -256,7 +260,10 @@ def open_study(context: StudyContext) -> optuna.Study:
 
 def _set_study_attrs(study: optuna.Study, context: StudyContext) -> None:
     spec = context.spec
-    study.set_metric_names(METRIC_NAMES)
+    with warnings.catch_warnings():
+        # Metric names have been "experimental" since optuna 3.2; the API is stable in use.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(METRIC_NAMES)
     study.set_user_attr("space", spec.to_dict())
     study.set_user_attr("space_hash", spec.space_hash)
     study.set_user_attr("task", {**spec.task.to_dict(), "seed": spec.seed})
@@ -272,23 +279,25 @@ def _initialise(study: optuna.Study, context: StudyContext) -> None:
 
 
 def load_study(spec: SearchSpec) -> optuna.Study:
-    """An existing study, for reading (trials, report, export); never creates anything."""
-    path = sqlite_path(spec.storage)
-    if path is not None and not path.exists():
-        raise StudyNotFoundError(
-            f"{spec.source}: no study database at {path}; run "
-            f"`quantsearch study --space {spec.source}` first"
-        )
-    storage = _storage(spec)
-    if _existing_study_id(storage, spec.study_name) is None:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise StudyNotFoundError(
-            f"{spec.source}: {spec.storage} holds no study {spec.study_name!r}"
-            + (f" (it holds: {', '.join(names)})" if names else " (it holds none)")
-        )
-    study = optuna.load_study(study_name=spec.study_name, storage=storage)
+    """The study of a space, for reading (trials, report, export); never creates anything."""
+    study = load_study_from(
+        spec.storage, spec.study_name, hint=f"run `quantsearch study --space {spec.source}` first"
+    )
     _check_space(study, spec)
     return study
+
+
+def load_study_from(url: str, study_name: str, *, hint: str = "") -> optuna.Study:
+    """An existing study by storage URL and name; StudyNotFoundError names what exists."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise StudyNotFoundError(f"no study database at {path}" + (f"; {hint}" if hint else ""))
+    storage = RDBStorage(url)
+    if _existing_study_id(storage, study_name) is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        held = f"it holds: {', '.join(names)}" if names else "it holds none"
+        raise StudyNotFoundError(f"{url} holds no study {study_name!r} ({held})")
+    return optuna.load_study(study_name=study_name, storage=storage)
 
 
 @contextlib.contextmanager

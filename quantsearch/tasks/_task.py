@@ -31,7 +31,7 @@ __all__ = ["USER_TASK_FUNCTION", "Task", "available_tasks", "get_task"]
 USER_TASK_FUNCTION = "make_task"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Task:
     """A classification problem: a model factory, three datasets and a tracing input.
 
@@ -45,6 +45,8 @@ class Task:
         num_classes: the number of classes; the model returns ``(batch, num_classes)`` scores.
         default_train_config: training settings that suit this task, for when none are given.
         description: one line about the data and the model.
+
+    Tasks compare by identity: two tasks are equal only when they are the same object.
     """
 
     name: str

@@ -39,6 +39,8 @@ DEVICES = ("cpu", "cuda", "auto")
 _STEP_MILESTONES = (0.5, 0.75)
 # On a GPU the finiteness check forces a sync, so it looks at several losses at once.
 _GPU_CHECK_EVERY = 16
+# TensorDatasets up to this size are copied to the accelerator whole, once per fit/evaluate.
+_DEVICE_COPY_LIMIT = 2 * 1024**3
 
 
 class DivergedError(RuntimeError):
@@ -198,9 +200,10 @@ def make_optimizer(
 class _Batches:
     """Mini-batches of a dataset on a device, in a seeded order when shuffled.
 
-    A two-tensor TensorDataset is indexed directly (moved to the device once): no per-example
-    collation. Any other dataset goes through a DataLoader. Both take their order from the same
-    ``torch.randperm`` draw of ``generator``, so they visit the examples identically.
+    A two-tensor TensorDataset is indexed directly, without per-example collation (copied to
+    an accelerator whole when it is at most 2 GiB). Any other dataset goes through a
+    DataLoader. Both take their order from the same ``torch.randperm`` draw of ``generator``,
+    so they visit the examples identically.
     """
 
     def __init__(
@@ -224,9 +227,14 @@ class _Batches:
         self.drop_tail = skip_single_tail and self.length > 1 and self.length % batch_size == 1
         self.dataset = dataset
         self.tensors: tuple[Tensor, Tensor] | None = None
+        self.move_batches = False
         if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
             inputs, targets = dataset.tensors
-            self.tensors = (inputs.to(device), targets.to(device, torch.long))
+            nbytes = inputs.nelement() * inputs.element_size()
+            # Small datasets move to the accelerator once; larger ones batch by batch.
+            self.move_batches = device != inputs.device and nbytes > _DEVICE_COPY_LIMIT
+            target_device = inputs.device if self.move_batches else device
+            self.tensors = (inputs.to(target_device), targets.to(target_device, torch.long))
 
     def __len__(self) -> int:
         return math.ceil(self.length / self.batch_size) - int(self.drop_tail)
@@ -238,15 +246,19 @@ class _Batches:
             order = torch.randperm(self.length, generator=self.generator)
         if self.tensors is not None:
             inputs, targets = self.tensors
-            if order is None:
-                for start in starts:
-                    end = start + self.batch_size
-                    yield inputs[start:end], targets[start:end]
-            else:
-                order = order.to(self.device)
-                for start in starts:
+            if order is not None:
+                order = order.to(inputs.device)
+            for start in starts:
+                if order is None:
+                    batch = inputs[start : start + self.batch_size]
+                    labels = targets[start : start + self.batch_size]
+                else:
                     index = order[start : start + self.batch_size]
-                    yield inputs[index], targets[index]
+                    batch, labels = inputs[index], targets[index]
+                if self.move_batches:
+                    batch = batch.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                yield batch, labels
             return
         indices = order.tolist() if order is not None else list(range(self.length))
         loader = DataLoader(

@@ -155,6 +155,15 @@ def test_history_ends_at_the_studys_front(make_study) -> None:
     assert history["number"].tolist() == frame["number"].tolist()
     assert (np.diff(history["hypervolume"]) >= -1e-12).all()
     assert history["front_size"].iloc[-1] == len(study.best_trials)
+    # Brute force: after each trial, count the feasible points no other point dominates.
+    points: list[tuple[float, float]] = []
+    for row, front_size in zip(frame.itertuples(), history["front_size"], strict=True):
+        if row.state == "COMPLETE" and row.feasible:
+            points.append((row.accuracy, row.size_bytes))
+        nondominated = [
+            p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q != p for q in points)
+        ]
+        assert front_size == len(nondominated)
     front = pareto_frame(frame)
     assert history["hypervolume"].iloc[-1] == pytest.approx(
         hypervolume_2d(front["accuracy"], front["size_bytes"] / FLOAT_SIZE)
