@@ -20,7 +20,7 @@ from ._algorithms import (
 )
 from ._base import Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
-from ._pack import load_packed, model_size_bytes
+from ._pack import load_packed, model_size_bytes, save_packed
 from ._wrapper import QuantWrapper
 
 __all__ = [
@@ -40,4 +40,5 @@ __all__ = [
     "load_packed",
     "model_size_bytes",
     "real_state_dict",
+    "save_packed",
 ]

@@ -53,6 +53,11 @@ class ExportResult:
     test_samples: int
 
     @property
+    def packed_accuracy(self) -> float | None:
+        """Test accuracy of model.qpk reloaded; None for a float trial (nothing packed)."""
+        return self.reloaded_accuracy if self.packed_path is not None else None
+
+    @property
     def matches(self) -> bool:
         """True when the reloaded export classifies exactly as many test samples right."""
         return _same_count(self.reloaded_accuracy, self.stored_test_accuracy, self.test_samples)

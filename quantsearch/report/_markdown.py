@@ -63,6 +63,19 @@ def _config_code(config_json: Any) -> str:
     return f"`{_cell(compact)}`"
 
 
+def _task_text(task: Any) -> str:
+    """``digits`` (seed 0, data_dir ...): the task attribute, a name or a get_task mapping."""
+    if not isinstance(task, Mapping):
+        return f"`{_cell(str(task))}`"
+    details = [
+        f"{key} `{_cell(json.dumps(task[key]) if key == 'options' else str(task[key]))}`"
+        for key in ("seed", "data_dir", "options")
+        if task.get(key) not in (None, {}, "")
+    ]
+    name = f"`{_cell(str(task.get('name')))}`"
+    return f"{name} ({', '.join(details)})" if details else name
+
+
 def _trial_table(rows: pd.DataFrame, *, with_config: bool) -> list[str]:
     header = (
         "| trial | val. accuracy | test accuracy | size | bytes | compression "
@@ -123,7 +136,7 @@ def render_markdown(frame: pd.DataFrame, front: pd.DataFrame, context: ReportCon
     ]
     summary: list[tuple[str, str]] = []
     if attrs.get("task") is not None:
-        summary.append(("task", f"`{_cell(_text(attrs.get('task')))}`"))
+        summary.append(("task", _task_text(attrs["task"])))
     if attrs.get("algorithm") is not None:
         summary.append(("algorithm", f"`{_cell(_text(attrs.get('algorithm')))}`"))
     if context.metric_names:

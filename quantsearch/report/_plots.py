@@ -237,7 +237,7 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
     _size_axis(ax, sizes)
     # Room above the highest point for the baselines' labels.
     ax.margins(y=0.1)
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
     ax.set_xlabel("model size (log scale)")
     ax.set_ylabel("validation accuracy")
     ax.grid(True, which="major", alpha=0.3)
@@ -287,7 +287,7 @@ def bits_heatmap_figure(frame: pd.DataFrame, *, layers: Sequence[str] | None = N
         if column in front.columns:
             values[i] = front[column].to_numpy(dtype=float)
 
-    width = min(24.0, 2.8 + 0.62 * len(front))
+    width = min(24.0, max(7.0, 2.8 + 0.62 * len(front)))
     height = min(24.0, 1.9 + 0.32 * len(rows))
     fig = _new_figure(width, height)
     ax = fig.add_subplot()

@@ -548,7 +548,10 @@ class _Parser:
                         f"{choice!r} is not {rule.allowed}", key=f"{key}._value[{index}]"
                     )
             return param
-        if rule.integral and not all(_is_int(v) or float(v).is_integer() for v in param.value):
+        continuous = param.nni_type in ("uniform", "loguniform") or not all(
+            _is_int(v) or float(v).is_integer() for v in param.value
+        )
+        if rule.integral and continuous:
             raise SpaceError(
                 f"{param.describe()} gives non-integer values; {name} is {rule.allowed}",
                 key=f"{key}._value",

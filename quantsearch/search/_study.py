@@ -140,9 +140,15 @@ def prepare(spec: SearchSpec) -> StudyContext:
                 task.build_model(), config_list, optimizer=None, dummy_input=task.dummy_input
             ).compress()
         except ConfigError as error:
-            what = "the first value of every parameter" if value is None else f"{value!r}"
+            if value is None:
+                # The first value of every parameter: the fault may lie in any of them.
+                shown = ", ".join(f"{k}={v!r}" for k, v in values.items()) or "the fixed values"
+                raise SpaceError(
+                    f"the {spec.algorithm} quantizer refuses the config_list of {shown}: {error}",
+                    source=spec.source,
+                ) from None
             raise SpaceError(
-                f"{what} gives a config_list the {spec.algorithm} quantizer refuses: {error}",
+                f"{value!r} gives a config_list the {spec.algorithm} quantizer refuses: {error}",
                 key=key,
                 source=spec.source,
             ) from None

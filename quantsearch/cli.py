@@ -1,0 +1,287 @@
+"""The ``quantsearch`` command: study, trials, validate, report, export.
+
+A user error (a bad space file, an unknown task, missing data, a study that does not exist)
+prints ``quantsearch: error: <message>`` and exits with code 2, writing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import optuna
+
+__all__ = ["main"]
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _UserError(Exception):
+    """A message for the user, without traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from quantsearch.quantization import ConfigError
+    from quantsearch.search import SpaceError, StudyBusyError, StudyNotFoundError
+    from quantsearch.tasks import TaskError
+
+    errors: list[type[BaseException]] = [
+        _UserError,
+        SpaceError,
+        ConfigError,
+        TaskError,
+        StudyBusyError,
+        StudyNotFoundError,
+    ]
+    try:
+        from quantsearch.report import ExportError, ReportError
+    except ImportError:
+        pass
+    else:
+        errors += [ReportError, ExportError]
+    return tuple(errors)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not an integer >= 1")
+    return value
+
+
+def _add_study_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--space", type=Path, help="the search-space YAML file of the study")
+    parser.add_argument(
+        "--storage",
+        help="the study's database: a SQLite file path or an RDB URL "
+        "(default: the space's storage)",
+    )
+    parser.add_argument(
+        "--study", dest="study_name", help="the study's name, with --storage and without --space"
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantsearch",
+        description="Quantize PyTorch models with NNI-style quantizers and search their "
+        "settings for the best accuracy/size trade-off.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    study = commands.add_parser(
+        "study",
+        help="run or resume a search study",
+        description="Run the study of a search space until it holds the space's n_trials "
+        "trials; running the same command again resumes it.",
+    )
+    study.add_argument("--space", type=Path, required=True, help="the search-space YAML file")
+    study.add_argument("--storage", help="override the space's storage (file path or RDB URL)")
+    study.add_argument("--n-trials", type=_positive_int, help="override the space's n_trials")
+    study.add_argument(
+        "--jobs", type=_positive_int, default=1, help="trials trained at once (processes)"
+    )
+    study.add_argument(
+        "--quiet", action="store_true", help="no progress bar: one log line per trial"
+    )
+    study.add_argument(
+        "--report-dir", type=Path, help="where the report goes (default: reports/<study name>)"
+    )
+    study.add_argument("--no-report", action="store_true", help="do not write the report")
+
+    trials = commands.add_parser("trials", help="a study's trials as a table")
+    _add_study_source(trials)
+
+    validate = commands.add_parser("validate", help="check a search-space file without running")
+    validate.add_argument("--space", type=Path, required=True, help="the search-space YAML file")
+
+    report = commands.add_parser("report", help="write a study's report (plots, tables)")
+    _add_study_source(report)
+    report.add_argument("--out", type=Path, help="folder (default: reports/<study name>)")
+
+    export = commands.add_parser("export", help="export a trial's quantized model")
+    _add_study_source(export)
+    export.add_argument("--trial", type=int, required=True, help="the trial number")
+    export.add_argument("--out", type=Path, required=True, help="the folder to write")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _build_parser().parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {
+        "study": _cmd_study,
+        "trials": _cmd_trials,
+        "validate": _cmd_validate,
+        "report": _cmd_report,
+        "export": _cmd_export,
+    }
+    try:
+        return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print(
+            "quantsearch: interrupted; unfinished trials were queued again: run the same "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except _user_errors() as error:
+        print(f"quantsearch: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _load_spec(args: argparse.Namespace) -> Any:
+    from quantsearch.search import load_space
+
+    spec = load_space(args.space)
+    return spec.with_overrides(
+        storage=getattr(args, "storage", None), n_trials=getattr(args, "n_trials", None)
+    )
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantsearch.search import ConsoleProgress, front_table, prepare, run_study
+
+    spec = _load_spec(args)
+    if args.jobs > 1:
+        # The study's own process only samples and records: the workers get the cores.
+        torch.set_num_threads(1)
+    context = prepare(spec)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    progress = ConsoleProgress(quiet=args.quiet)
+    print(
+        f"study {spec.study_name!r}: {spec.algorithm} on {spec.task.name}, "
+        f"{spec.n_trials} trials, {args.jobs} job(s), storage {spec.storage}",
+        flush=True,
+    )
+    study = run_study(context, jobs=args.jobs, progress=progress)
+    front = front_table(study)
+    if front.empty:
+        print("no trial finished: the study has no Pareto front yet")
+    else:
+        print(f"\nPareto front ({len(front)} trials):")
+        print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if not args.no_report:
+        _write_report(study, args.report_dir or Path("reports") / spec.study_name, args)
+    return 0
+
+
+def _write_report(study: optuna.Study, out_dir: Path, args: argparse.Namespace) -> None:
+    try:
+        from quantsearch.report import ReportError, write_report
+    except ImportError:
+        print("(no report: the quantsearch.report package is not available)", file=sys.stderr)
+        return
+    command = "quantsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        path = write_report(study, out_dir, command=command, study_args=_study_args(args))
+    except ReportError as error:
+        print(f"quantsearch: no report: {error}", file=sys.stderr)
+        return
+    print(f"report: {path}")
+
+
+def _study_args(args: argparse.Namespace) -> str:
+    if args.space is None:
+        return f"--storage {args.storage} --study {args.study_name}"
+    extra = f" --storage {args.storage}" if getattr(args, "storage", None) else ""
+    return f"--space {args.space}{extra}"
+
+
+def _open_study(args: argparse.Namespace) -> tuple[optuna.Study, str]:
+    """The study named by --space (and --storage), or by --storage and --study."""
+    from quantsearch.search import load_study, load_study_from
+
+    if args.space is not None:
+        if args.study_name is not None:
+            raise _UserError("give --space, or --storage with --study, not both")
+        spec = _load_spec(args)
+        return load_study(spec), spec.study_name
+    if args.storage is None or args.study_name is None:
+        raise _UserError("name the study with --space FILE, or with --storage URL --study NAME")
+    url = args.storage if "://" in args.storage else f"sqlite:///{args.storage}"
+    return load_study_from(url, args.study_name), args.study_name
+
+
+def _cmd_trials(args: argparse.Namespace) -> int:
+    from quantsearch.search import trials_table
+
+    study, _ = _open_study(args)
+    table = trials_table(study)
+    if table.empty:
+        print(f"study {study.study_name!r} has no trials")
+        return 0
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from quantsearch.search import prepare
+
+    spec = _load_spec(args)
+    context = prepare(spec)
+    plan = context.plan
+    searched = plan.distributions
+    print(f"{args.space}: valid")
+    print(f"  study      {spec.study_name} ({spec.n_trials} trials, storage {spec.storage})")
+    print(f"  task       {spec.task.name}: {context.task.description or context.task.name}")
+    print(f"  layers     {', '.join(context.layers)}")
+    print(f"  algorithm  {spec.algorithm}")
+    print(f"  sampler    {spec.sampler.name} (seed {spec.seed})")
+    for name, param in spec.params.items():
+        shown = param.describe() if hasattr(param, "describe") else f"fixed {param!r}"
+        print(f"  param      {name}: {shown}")
+    if spec.per_layer is not None:
+        for name, param in spec.per_layer.params.items():
+            shown = param.describe() if hasattr(param, "describe") else f"fixed {param!r}"
+            print(f"  per layer  {name}: {shown} on {', '.join(plan.per_layer_names)}")
+    print(f"  searched   {len(searched)} parameter(s)")
+    print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from quantsearch.report import write_report
+    except ImportError:
+        raise _UserError("the quantsearch.report package is not available") from None
+    study, name = _open_study(args)
+    out = args.out or Path("reports") / name
+    command = "quantsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = write_report(study, out, command=command, study_args=_study_args(args))
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from quantsearch.report import export_trial
+    except ImportError:
+        raise _UserError("the quantsearch.report package is not available") from None
+    study, _ = _open_study(args)
+    result = export_trial(study, args.trial, args.out)
+    print(
+        f"trial {result.trial_number} exported to {result.out_dir}: "
+        f"{result.model_path.name}, {result.calibration_path.name}, {result.packed_path.name} "
+        f"({result.packed_file_bytes} bytes packed); test accuracy "
+        f"{result.packed_accuracy:.4f} reloaded, {result.stored_test_accuracy:.4f} stored"
+    )
+    return 0

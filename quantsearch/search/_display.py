@@ -1,0 +1,178 @@
+"""What a person sees: the progress of a running study and its trials as tables."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from quantsearch.search._study import TrialReport
+
+__all__ = ["ConsoleProgress", "format_size", "front_table", "trial_line", "trials_table"]
+
+_QUANT_TYPES = ("weight", "input", "output")
+
+
+def format_size(size_bytes: float) -> str:
+    """Bytes as a short human figure: 812 B, 19.2 KiB, 3.4 MiB."""
+    if not size_bytes or math.isnan(size_bytes):
+        return "-"
+    size = float(size_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def trial_line(report: TrialReport) -> str:
+    """One line per finished trial: number, state, accuracies, size, ratio, seconds."""
+    head = f"trial {report.number:>3} {report.state:<8}"
+    if report.state == "COMPLETE":
+        body = (
+            f"val {report.val_accuracy:.4f}  test {report.test_accuracy:.4f}  "
+            f"size {format_size(report.size_bytes):>9}  ratio {report.compression_ratio:5.2f}x  "
+            f"{report.train_seconds:6.1f} s"
+        )
+    else:
+        body = report.reason or ""
+    notes = []
+    if report.baseline:
+        notes.append(f"baseline {report.baseline}")
+    if report.duplicate_of is not None:
+        notes.append(f"same config_list as trial {report.duplicate_of}, not trained again")
+    tail = f"  [{'; '.join(notes)}]" if notes else ""
+    return f"{head} {body}{tail}"
+
+
+class ConsoleProgress:
+    """A progress bar on stderr (done/total, elapsed, ETA, front size) and a line per trial
+    on stdout; ``quiet`` keeps only the lines (for logs)."""
+
+    def __init__(self, *, quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stdout
+        self.bar: tqdm | None = None
+        self.started = time.perf_counter()
+
+    def start(self, *, total: int, done: int, front: int) -> None:
+        self.started = time.perf_counter()
+        if done:
+            self._print(f"resuming: {done} of {total} trials done, front of {front}")
+        if self.quiet:
+            return
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            unit="trial",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0,
+            leave=False,
+        )
+        self.bar.set_postfix_str(f"front {front}")
+
+    def trial(self, report: TrialReport, *, done: int, front: int) -> None:
+        line = trial_line(report)
+        if self.bar is None:
+            elapsed = time.perf_counter() - self.started
+            self._print(f"[{elapsed:7.1f} s] {line}  (done {done}, front {front})")
+            return
+        self.bar.write(line, file=self.stream)
+        self.bar.set_postfix_str(f"front {front}", refresh=False)
+        self.bar.update(max(0, done - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+
+def _bits_cell(per_type: dict[str, int] | None) -> str:
+    if not per_type:
+        return "-"
+    if len(per_type) == 1:
+        return str(next(iter(per_type.values())))
+    return "/".join(f"{t[0]}{per_type[t]}" for t in _QUANT_TYPES if t in per_type)
+
+
+def _layer_order(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[str]:
+    order = list(study.user_attrs.get("layers") or [])
+    for trial in trials:
+        for layer in trial.user_attrs.get("layer_bits") or {}:
+            if layer not in order:
+                order.append(layer)
+    return order
+
+
+def _common_row(trial: FrozenTrial) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    return {
+        "trial": trial.number,
+        "val_acc": attrs.get("val_accuracy", math.nan),
+        "test_acc": attrs.get("test_accuracy", math.nan),
+        "size": format_size(attrs.get("size_bytes", math.nan)),
+        "ratio": attrs.get("compression_ratio", math.nan),
+    }
+
+
+def front_table(study: optuna.Study) -> pd.DataFrame:
+    """The Pareto front by size: accuracies, size, ratio and bits per layer ("-": float).
+
+    A trial that reused another's result (same config_list) is shown once, as the original.
+    """
+    front = sorted(
+        (t for t in study.best_trials if "duplicate_of" not in t.user_attrs),
+        key=lambda t: (t.values[1], t.number),
+    )
+    layers = _layer_order(study, front)
+    rows = []
+    for trial in front:
+        row = _common_row(trial)
+        row["baseline"] = trial.user_attrs.get("baseline", "")
+        bits = trial.user_attrs.get("layer_bits") or {}
+        row.update({layer: _bits_cell(bits.get(layer)) for layer in layers})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Every trial: state, accuracies, size, ratio, seconds, a note, and its parameters."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        row = _common_row(trial)
+        row["state"] = trial.state.name
+        row["seconds"] = attrs.get("train_seconds", math.nan)
+        row["note"] = _note(trial)
+        row.update(trial.params)
+        rows.append(row)
+    columns = ["trial", "state", "val_acc", "test_acc", "size", "ratio", "seconds", "note"]
+    frame = pd.DataFrame(rows)
+    return frame[[*columns, *[c for c in frame.columns if c not in columns]]] if rows else frame
+
+
+def _note(trial: FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    notes = []
+    if "baseline" in attrs:
+        notes.append(f"baseline {attrs['baseline']}")
+    if "duplicate_of" in attrs:
+        notes.append(f"same as {attrs['duplicate_of']}")
+    if "retry_of" in attrs:
+        notes.append(f"rerun of {attrs['retry_of']}")
+    if trial.state == TrialState.COMPLETE and any(v > 0 for v in trial.constraints.values()):
+        notes.append("infeasible")
+    if trial.state in (TrialState.FAIL, TrialState.PRUNED):
+        notes.append(attrs.get("fail_reason") or "failed: no heartbeat from its process")
+    return "; ".join(notes)

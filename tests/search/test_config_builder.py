@@ -1,0 +1,199 @@
+"""From sampled values and a model's layers to an NNI config_list."""
+
+from __future__ import annotations
+
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from torch import nn
+
+from quantsearch.search import ModelLayers, SpaceError, SpacePlan, config_key, parse_space
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3)
+        self.relu1 = nn.ReLU6()
+        self.conv2 = nn.Conv2d(4, 4, 3)
+        self.relu2 = nn.ReLU6()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+
+
+LAYERS = ModelLayers.of(_Net())
+
+
+def _plan(**space: object) -> SpacePlan:
+    spec = parse_space({"algorithm": "qat", **space}, source="s.yaml")
+    return SpacePlan(spec, LAYERS)
+
+
+PER_LAYER = {
+    "quantize": {"weight": {"op_types": ["default"]}, "output": {"op_types": ["ReLU6"]}},
+    "params": {
+        "output_bits": {"_type": "choice", "_value": [4, 8]},
+        "quant_start_step": {"_type": "randint", "_value": [0, 10]},
+    },
+    "per_layer": {
+        "op_types": ["default"],
+        "weight_bits": {"_type": "choice", "_value": [2, 4, 8, "float"]},
+    },
+}
+
+
+def test_model_layers_in_order_with_qualified_names() -> None:
+    assert LAYERS.weighted == ["conv1", "conv2", "head.1"]
+    assert ("head.0", "Flatten") in LAYERS.modules
+
+
+def test_per_layer_parameters_are_named_after_their_layer() -> None:
+    plan = _plan(**PER_LAYER)
+    assert plan.distributions == {
+        "output_bits": CategoricalDistribution([4, 8]),
+        "quant_start_step": IntDistribution(0, 9),
+        "conv1.weight_bits": CategoricalDistribution([2, 4, 8, "float"]),
+        "conv2.weight_bits": CategoricalDistribution([2, 4, 8, "float"]),
+        "head.1.weight_bits": CategoricalDistribution([2, 4, 8, "float"]),
+    }
+
+
+def test_config_list_groups_equal_settings_in_model_order() -> None:
+    plan = _plan(**PER_LAYER)
+    values = plan.values(
+        {
+            "output_bits": 8,
+            "quant_start_step": 3,
+            "conv1.weight_bits": 4,
+            "conv2.weight_bits": "float",
+            "head.1.weight_bits": 4,
+        }
+    )
+    assert plan.config_list(values) == [
+        {
+            "quant_types": ["weight"],
+            "quant_bits": {"weight": 4},
+            "op_names": ["conv1", "head.1"],
+            "quant_start_step": 3,
+        },
+        {
+            "quant_types": ["output"],
+            "quant_bits": {"output": 8},
+            "op_names": ["relu1", "relu2"],
+            "quant_start_step": 3,
+        },
+    ]
+
+
+def test_a_layer_with_weight_and_output_gets_one_entry_for_both() -> None:
+    plan = _plan(
+        quantize={"weight": {"op_types": ["Conv2d"]}, "output": {"op_types": ["Conv2d"]}},
+        params={"weight_bits": 4, "output_bits": {"_type": "choice", "_value": [8, "float"]}},
+    )
+    assert plan.config_list(plan.values({"output_bits": 8})) == [
+        {
+            "quant_types": ["weight", "output"],
+            "quant_bits": {"weight": 4, "output": 8},
+            "op_names": ["conv1", "conv2"],
+        }
+    ]
+    assert plan.config_list(plan.values({"output_bits": "float"})) == [
+        {"quant_types": ["weight"], "quant_bits": {"weight": 4}, "op_names": ["conv1", "conv2"]}
+    ]
+
+
+def test_all_float_is_an_empty_config_list() -> None:
+    plan = _plan(per_layer=PER_LAYER["per_layer"])
+    raw = dict.fromkeys(plan.distributions, "float")
+    assert plan.config_list(plan.values(raw)) == []
+
+
+def test_global_quant_bits_when_no_per_layer_value() -> None:
+    plan = _plan(
+        params={"quant_bits": {"_type": "choice", "_value": [2, 8]}},
+        per_layer={"op_names": ["conv1"], "weight_bits": {"_type": "choice", "_value": [4]}},
+    )
+    config = plan.config_list(plan.values({"quant_bits": 2, "conv1.weight_bits": 4}))
+    assert config == [
+        {"quant_types": ["weight"], "quant_bits": {"weight": 4}, "op_names": ["conv1"]},
+        {"quant_types": ["weight"], "quant_bits": {"weight": 2}, "op_names": ["conv2", "head.1"]},
+    ]
+
+
+def test_searched_training_values_are_overrides() -> None:
+    plan = _plan(params={"quant_bits": 8, "lr": {"_type": "loguniform", "_value": [1e-4, 1e-2]}})
+    assert plan.train_overrides(plan.values({"lr": 0.003})) == {"lr": 0.003}
+
+
+def test_baseline_params() -> None:
+    plan = _plan(**PER_LAYER)
+    assert plan.baseline_params("uniform-8") == {
+        "output_bits": 8,
+        "conv1.weight_bits": 8,
+        "conv2.weight_bits": 8,
+        "head.1.weight_bits": 8,
+    }
+    # float: "float" where offered, else the largest bit width (its config_list is empty).
+    assert plan.baseline_params("float") == {
+        "output_bits": 8,
+        "conv1.weight_bits": "float",
+        "conv2.weight_bits": "float",
+        "head.1.weight_bits": "float",
+    }
+
+
+def test_candidate_points_try_every_value_once() -> None:
+    plan = _plan(**PER_LAYER)
+    points = list(plan.candidate_points())
+    assert points[0][0] == "params"
+    tried = [(key, value) for key, value, _ in points[1:]]
+    assert tried == [
+        ("params.output_bits", 4),
+        ("params.output_bits", 8),
+        ("params.quant_start_step", 0),
+        ("params.quant_start_step", 9),
+        ("per_layer.weight_bits", 2),
+        ("per_layer.weight_bits", 4),
+        ("per_layer.weight_bits", 8),
+        ("per_layer.weight_bits", "float"),
+    ]
+    last = points[-1][2]
+    assert {last[f"{n}.weight_bits"] for n in ("conv1", "conv2", "head.1")} == {"float"}
+
+
+def test_config_key_tells_experiments_apart() -> None:
+    config = [{"quant_types": ["weight"], "quant_bits": {"weight": 4}, "op_names": ["a"]}]
+    assert config_key(config, {}) == config_key([dict(config[0])], {})
+    assert config_key(config, {}) != config_key(config, {"lr": 0.1})
+    assert config_key(config, {}) != config_key([], {})
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        (
+            {"params": {"quant_bits": 8}, "quantize": {"weight": {"op_names": ["conv3"]}}},
+            "quantize.weight.op_names: 'conv3' is not a module of the model; nearest: conv2, conv1",
+        ),
+        (
+            {"params": {"quant_bits": 8}, "quantize": {"weight": {"op_types": ["Conv1d"]}}},
+            "quantize.weight.op_types: 'Conv1d' matches no module; the model has Conv2d",
+        ),
+        (
+            {
+                "params": {"quant_bits": 8},
+                "quantize": {"weight": {"op_types": ["Linear"], "op_names": ["conv1"]}},
+            },
+            "quantize.weight: selects no module of the model",
+        ),
+        (
+            {
+                "quantize": {"output": {"op_types": ["ReLU6"]}},
+                "per_layer": {"op_types": ["Conv2d"], "output_bits": 8},
+            },
+            "quantize.output: layer 'relu1' is selected for output quantization, but no param",
+        ),
+    ],
+)
+def test_layer_errors_name_the_key(space: dict, message: str) -> None:
+    with pytest.raises(SpaceError) as caught:
+        _plan(**space)
+    assert message in str(caught.value)

@@ -1,0 +1,227 @@
+"""The study: database contents, resume, the space guard, re-queued and duplicate trials."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from quantsearch.search import (
+    SpaceError,
+    StudyBusyError,
+    _workers,
+    counted_trials,
+    load_space,
+    load_study,
+    open_study,
+    prepare,
+    run_study,
+    trial_seed,
+)
+from quantsearch.search._study import _study_lock, artifacts_dir
+
+from .test_objective import NAN_TASK
+
+SpaceFile = Callable[..., Path]
+
+
+def _run(path: Path, **overrides: object) -> optuna.Study:
+    spec = load_space(path).with_overrides(**overrides)
+    return run_study(prepare(spec))
+
+
+def _states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.get_trials(deepcopy=False)]
+
+
+def test_a_small_study_fills_the_database(space_file: SpaceFile, tmp_path: Path) -> None:
+    path = space_file()
+    study = _run(path)
+    spec = load_space(path)
+    trials = study.get_trials()
+    assert _states(study) == ["COMPLETE"] * 4
+    assert study.directions == [
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+    ]
+    assert study.metric_names == ["accuracy", "size_bytes"]
+
+    attrs = study.user_attrs
+    assert attrs["space_hash"] == spec.space_hash
+    assert attrs["space"] == spec.to_dict()
+    assert attrs["task"] == {
+        "name": "digits",
+        "data_dir": None,
+        "options": {"limit": 300},
+        "seed": 0,
+    }
+    assert attrs["algorithm"] == "qat"
+    assert attrs["layers"] == ["conv1", "conv2", "fc1", "fc2"]
+    float_size = attrs["float_size_bytes"]
+    assert float_size == 4 * sum(
+        t.numel() for t in prepare(spec).task.build_model().state_dict().values()
+        if t.dtype == torch.float32
+    )
+
+    # The baselines come first: float (empty config_list), then uniform 8 bits.
+    assert [t.user_attrs.get("baseline") for t in trials] == ["float", "uniform-8", None, None]
+    assert trials[0].user_attrs["config_list"] == []
+    assert trials[0].values[1] == float_size
+    assert trials[0].user_attrs["compression_ratio"] == 1.0
+    assert trials[1].user_attrs["config_list"][0]["quant_bits"] == {"weight": 8}
+    assert trials[1].user_attrs["config_list"][0]["op_names"] == ["conv1", "conv2", "fc1", "fc2"]
+    assert set(trials[1].user_attrs["layer_bits"]["conv1"]) == {"weight"}
+
+    root, folder = artifacts_dir(spec)
+    for trial in trials:
+        user = trial.user_attrs
+        assert set(user) >= {
+            "config_list", "val_accuracy", "test_accuracy", "size_bytes", "float_size_bytes",
+            "compression_ratio", "train_seconds", "algorithm", "layer_bits", "checkpoint", "seed",
+        }
+        assert trial.values == [user["val_accuracy"], user["size_bytes"]]
+        assert user["compression_ratio"] == pytest.approx(float_size / user["size_bytes"])
+        assert user["seed"] == trial_seed(0, trial.number)
+        assert user["checkpoint"] == f"small_artifacts/small/trial_{trial.number}.pt"
+        assert (root / user["checkpoint"]).is_file()
+        # Per-layer choices: "float" layers are absent from the config_list and layer_bits.
+        float_layers = [k.split(".")[0] for k, v in trial.params.items() if v == "float"]
+        quantized = {n for e in user["config_list"] for n in e["op_names"]}
+        assert not set(float_layers) & quantized
+    assert folder == tmp_path / "studies" / "small_artifacts" / "small"
+
+
+def test_running_again_resumes_up_to_n_trials_in_total(space_file: SpaceFile) -> None:
+    path = space_file(n_trials=3)
+    assert len(_run(path).trials) == 3
+    assert len(_run(path).trials) == 3  # already complete: nothing new
+    study = _run(path, n_trials=5)
+    assert _states(study) == ["COMPLETE"] * 5
+    # A resumed sampler draws anew instead of replaying the first run's values.
+    params = [tuple(sorted(t.params.items())) for t in study.trials[2:]]
+    assert len(set(params)) == len(params)
+
+
+def test_a_changed_space_is_refused_and_the_study_left_alone(space_file: SpaceFile) -> None:
+    path = space_file(n_trials=2)
+    _run(path)
+    changed = space_file(
+        name="changed.yaml", n_trials=2, train={"epochs": 2, "batch_size": 64, "lr": 0.003}
+    )
+    with pytest.raises(SpaceError) as caught:
+        _run(changed)
+    message = str(caught.value)
+    assert message.startswith(f"{changed}: the study 'small' in sqlite:///")
+    assert "created from a different space (changed: train.epochs)" in message
+    assert "give the space a new study_name, or use another --storage" in message
+    assert len(load_study(load_space(path)).trials) == 2
+
+
+def test_trials_left_running_by_a_dead_process_run_again(space_file: SpaceFile) -> None:
+    path = space_file(n_trials=4)
+    context = prepare(load_space(path))
+    study = open_study(context)
+    # What a killed process leaves behind: a trial asked, never told.
+    abandoned = study.ask(context.plan.distributions)
+    assert abandoned.user_attrs["baseline"] == "float"
+
+    study = run_study(context)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["fail_reason"].startswith("interrupted: its process stopped")
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retries) == 1
+    assert retries[0].params == trials[0].params
+    assert retries[0].user_attrs["baseline"] == "float"
+    assert retries[0].state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 4
+    assert counted_trials(trials) == 4
+
+
+def test_an_interrupted_run_requeues_its_trial(
+    space_file: SpaceFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = space_file(n_trials=3)
+    real_run_trial = _workers.run_trial
+
+    def interrupted_second(job):  # type: ignore[no-untyped-def]
+        if job.number == 1:
+            raise KeyboardInterrupt
+        return real_run_trial(job)
+
+    monkeypatch.setattr(_workers, "run_trial", interrupted_second)
+    with pytest.raises(KeyboardInterrupt):
+        _run(path)
+    study = load_study(load_space(path))
+    assert _states(study) == ["COMPLETE", "FAIL", "WAITING"]
+    assert study.trials[1].user_attrs["fail_reason"].startswith("interrupted")
+    assert study.trials[2].user_attrs == {"retry_of": 1, "baseline": "uniform-8"}
+
+    monkeypatch.setattr(_workers, "run_trial", real_run_trial)
+    study = _run(path)
+    assert _states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert study.trials[2].params == study.trials[1].params
+
+
+def test_a_repeated_config_list_takes_the_stored_result(space_file: SpaceFile) -> None:
+    path = space_file(
+        n_trials=3,
+        baselines={"float": False},
+        per_layer=None,
+        params={"quant_bits": {"_type": "choice", "_value": [4]}},
+    )
+    study = _run(path)
+    first, *repeats = study.get_trials()
+    assert _states(study) == ["COMPLETE"] * 3
+    for trial in repeats:
+        assert trial.user_attrs["duplicate_of"] == 0
+        assert trial.values == first.values
+        assert trial.user_attrs["train_seconds"] == 0.0
+        assert trial.user_attrs["checkpoint"] == first.user_attrs["checkpoint"]
+        assert trial.user_attrs["seed"] == trial_seed(0, trial.number)
+
+
+def test_constraints_are_optuna_constraints(space_file: SpaceFile) -> None:
+    path = space_file(n_trials=2, constraints={"min_accuracy": 0.999, "max_size_bytes": 30000})
+    study = _run(path)
+    for trial in study.trials:
+        assert trial.constraints == {
+            "min_accuracy": pytest.approx(0.999 - trial.values[0]),
+            "max_size_bytes": trial.values[1] - 30000,
+        }
+    assert study.best_trials == []  # nothing is feasible
+
+
+def test_hopeless_trials_are_pruned_and_the_study_goes_on(space_file: SpaceFile) -> None:
+    study = _run(space_file(n_trials=3, hopeless={"after_epoch": 1, "margin": 0.95}))
+    assert _states(study) == ["PRUNED"] * 3
+    assert all(t.user_attrs["fail_reason"].startswith("hopeless:") for t in study.trials)
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(
+    space_file: SpaceFile, tmp_path: Path
+) -> None:
+    task_file = tmp_path / "nan_task.py"
+    task_file.write_text(NAN_TASK)
+    path = space_file(
+        n_trials=2,
+        task=f"{task_file}:make_task",
+        quantize={"weight": {"op_types": ["Linear"]}},
+        per_layer=None,
+        params={"quant_bits": {"_type": "choice", "_value": [4, 8]}},
+    )
+    study = _run(path)
+    assert _states(study) == ["FAIL", "FAIL"]
+    reason = study.trials[0].user_attrs["fail_reason"]
+    assert reason == "diverged: loss became nan at epoch 1, step 1"
+
+
+def test_a_second_process_on_the_same_study_is_refused(space_file: SpaceFile) -> None:
+    spec = load_space(space_file(n_trials=2))
+    _, folder = artifacts_dir(spec)
+    with _study_lock(folder), pytest.raises(StudyBusyError, match="already running in process"):
+        run_study(prepare(spec))

@@ -1,0 +1,79 @@
+"""Trials trained in worker processes while the study's process alone writes the storage."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from quantsearch.search import load_space, prepare, run_study
+from quantsearch.search._study import artifacts_dir
+from quantsearch.search._workers import threads_per_worker
+
+SpaceFile = Callable[..., Path]
+
+# A task whose model kills the process that builds it, unless that is the study's process.
+DYING_TASK = """
+import os
+from dataclasses import replace
+
+from quantsearch.tasks import get_task
+
+
+def _build():
+    if str(os.getpid()) != os.environ["QS_STUDY_PID"]:
+        os._exit(3)
+    return get_task("digits").build_model()
+
+
+def make_task(data_dir=None, options=None, seed=0):
+    return replace(get_task("digits", options={"limit": 100}, seed=seed), build_model=_build)
+"""
+
+
+def test_threads_are_split_between_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("quantsearch.search._workers.available_cores", lambda: 8)
+    assert threads_per_worker(1) == 8
+    assert threads_per_worker(2) == 4
+    assert threads_per_worker(3) == 2
+    assert threads_per_worker(16) == 1
+
+
+@pytest.mark.slow
+def test_two_workers_run_a_study(space_file: SpaceFile) -> None:
+    spec = load_space(space_file(n_trials=6))
+    study = run_study(prepare(spec), jobs=2)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["float", "uniform-8"]
+    root, _ = artifacts_dir(spec)
+    assert all((root / t.user_attrs["checkpoint"]).is_file() for t in trials)
+    # Workers trained with their own seeds, as in one process.
+    assert len({t.user_attrs["seed"] for t in trials}) == 6
+
+
+@pytest.mark.slow
+def test_a_dying_worker_fails_its_trial_and_is_replaced(
+    space_file: SpaceFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task_file = tmp_path / "dying_task.py"
+    task_file.write_text(DYING_TASK)
+    monkeypatch.setenv("QS_STUDY_PID", str(os.getpid()))
+    spec = load_space(
+        space_file(
+            n_trials=3,
+            task=f"{task_file}:make_task",
+            baselines={"float": False},
+            per_layer=None,
+            params={"quant_bits": {"_type": "choice", "_value": [4, 8]}},
+            quantize={"weight": {"op_types": ["Linear"]}},
+        )
+    )
+    study = run_study(prepare(spec), jobs=2)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    assert {t.user_attrs["fail_reason"] for t in trials} == {
+        "worker process died (exit code 3) while training"
+    }
