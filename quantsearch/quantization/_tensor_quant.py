@@ -18,6 +18,7 @@ from ._math import (
     affine_qparams_float,
     binarize,
     dorefa_levels_to_weight,
+    fake_quantize,
     quant_range,
     round_ste,
 )
@@ -139,23 +140,19 @@ class AffineWeightQuant(TensorQuant):
             scale, zero_point = affine_qparams(rmin, rmax, self.qmin, self.qmax, self.symmetric)
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
-            return torch.fake_quantize_per_channel_affine(
-                x, scale, zero_point, 0, self.qmin, self.qmax
-            )
+            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis=0)
         rmin, rmax = torch.aminmax(detached)
         if x.is_cuda:  # stay on the device: no host synchronisation
             scale, zero_point = affine_qparams(rmin, rmax, self.qmin, self.qmax, self.symmetric)
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
-            return torch.fake_quantize_per_tensor_affine(
-                x, scale, zero_point, self.qmin, self.qmax
-            )
+            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
         s, z = affine_qparams_float(
             rmin.item(), rmax.item(), self.qmin, self.qmax, self.symmetric
         )
         self.scale.fill_(s)
         self.zero_point.fill_(z)
-        return torch.fake_quantize_per_tensor_affine(x, s, z, self.qmin, self.qmax)
+        return fake_quantize(x, s, z, self.qmin, self.qmax)
 
     def param_bytes(self) -> int:
         return 8 * self.scale.numel()  # float32 scale + int32 zero point per tensor/channel
@@ -238,11 +235,9 @@ class EmaActivationQuant(TensorQuant):
             return x
         if self.per_channel:
             scale, zero_point = self.qparams()
-            return torch.fake_quantize_per_channel_affine(
-                x, scale.to(x.device), zero_point.to(x.device), 1, self.qmin, self.qmax
-            )
+            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis=1)
         s, z = affine_qparams_float(self._min, self._max, self.qmin, self.qmax, self.symmetric)
-        return torch.fake_quantize_per_tensor_affine(x, s, z, self.qmin, self.qmax)
+        return fake_quantize(x, s, z, self.qmin, self.qmax)
 
     def param_bytes(self) -> int:
         return 8 * self.tracked_min.numel()
@@ -348,11 +343,11 @@ class LsqQuant(TensorQuant):
             self._init_scale(x)
         if not active:
             return x
+        # Scale the step size's gradient by 1/sqrt(numel * Qp) without changing its value.
         grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
-        return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self.scale.clamp(min=SCALE_FLOOR), self.zero_point, self.qmin, self.qmax,
-            grad_factor,
-        )
+        step = self.scale.clamp(min=SCALE_FLOOR)
+        step = (step - step * grad_factor).detach() + step * grad_factor
+        return round_ste(torch.clamp(x / step, self.qmin, self.qmax)) * step
 
     def param_bytes(self) -> int:
         return 4  # the learned float32 step size; the zero point is always 0
