@@ -130,20 +130,23 @@ class QuantWrapper(nn.Module):
     def _folded_training_forward(self, x: Tensor, active: bool) -> Tensor:
         """Training with BatchNorm folded in, in one convolution.
 
-        The conv runs with the quantized folded weight q(w * gamma / sigma_running); dividing its
-        output by gamma / sigma_running gives back the float conv's scale, and BatchNorm then
-        normalises with the batch statistics and updates its running averages, as in training
-        without quantization. Eval mode uses the folded weight and bias directly.
+        The conv runs with the quantized folded weight q(w * f), f = gamma / sigma_running;
+        dividing its output by f gives back the float conv's scale, and BatchNorm then normalises
+        with the batch statistics and updates its running averages, as in float training. f is a
+        constant here: BatchNorm normalises it away, so gamma learns through BatchNorm alone.
+        Eval mode uses the folded weight and bias directly.
         """
         bn = self.bn
         assert bn is not None
-        factor = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            factor = bn.weight * factor
-        shape = (-1,) + (1,) * (self.module.weight.dim() - 1)
-        weight = self.weight_quant(self.module.weight * factor.reshape(shape), active)
-        channel_shape = (1, -1) + (1,) * (self.module.weight.dim() - 2)
-        out = self.module._conv_forward(x, weight, None) / factor.reshape(channel_shape)
+        with torch.no_grad():
+            factor = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                factor.mul_(bn.weight)
+        weight = self.module.weight
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        quantized = self.weight_quant(weight * factor.reshape(shape), active)
+        channel_shape = (1, -1) + (1,) * (weight.dim() - 2)
+        out = self.module._conv_forward(x, quantized, None) / factor.reshape(channel_shape)
         bias = self.module.bias
         if bias is not None:
             out = out + bias.reshape(channel_shape)
