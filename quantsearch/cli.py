@@ -29,7 +29,7 @@ class _UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from quantsearch.quantization import ConfigError
-    from quantsearch.search import SpaceError, StudyBusyError, StudyNotFoundError
+    from quantsearch.search import SpaceError, StorageError, StudyBusyError, StudyNotFoundError
     from quantsearch.tasks import TaskError
 
     errors: list[type[BaseException]] = [
@@ -37,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         SpaceError,
         ConfigError,
         TaskError,
+        StorageError,
         StudyBusyError,
         StudyNotFoundError,
     ]
@@ -247,15 +248,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"  algorithm  {spec.algorithm}")
     print(f"  sampler    {spec.sampler.name} (seed {spec.seed})")
     for name, param in spec.params.items():
-        shown = param.describe() if hasattr(param, "describe") else f"fixed {param!r}"
-        print(f"  param      {name}: {shown}")
+        print(f"  param      {name}: {_describe(param)}")
     if spec.per_layer is not None:
         for name, param in spec.per_layer.params.items():
-            shown = param.describe() if hasattr(param, "describe") else f"fixed {param!r}"
-            print(f"  per layer  {name}: {shown} on {', '.join(plan.per_layer_names)}")
+            layers = ", ".join(plan.per_layer_names)
+            print(f"  per layer  {name}: {_describe(param)} on {layers}")
     print(f"  searched   {len(searched)} parameter(s)")
     print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
     return 0
+
+
+def _describe(param: Any) -> str:
+    from quantsearch.search import NniParam
+
+    return param.describe() if isinstance(param, NniParam) else f"fixed {param!r}"
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -273,15 +279,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
-        from quantsearch.report import export_trial
+        from quantsearch.report import describe_export, export_trial
     except ImportError:
         raise _UserError("the quantsearch.report package is not available") from None
     study, _ = _open_study(args)
-    result = export_trial(study, args.trial, args.out)
-    print(
-        f"trial {result.trial_number} exported to {result.out_dir}: "
-        f"{result.model_path.name}, {result.calibration_path.name}, {result.packed_path.name} "
-        f"({result.packed_file_bytes} bytes packed); test accuracy "
-        f"{result.packed_accuracy:.4f} reloaded, {result.stored_test_accuracy:.4f} stored"
-    )
+    print(describe_export(export_trial(study, args.trial, args.out)))
     return 0

@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 
@@ -18,6 +20,15 @@ from quantsearch.cli import main
 from tests.search._spaces import SMALL_SPACE
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # The trials here are tiny: more threads only contend for shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -62,7 +73,14 @@ def test_study_then_trials_then_report(workdir: Path, capsys: pytest.CaptureFixt
     assert code == 0, err
     header, *rows = out.splitlines()
     assert header.split()[:8] == [
-        "trial", "state", "val_acc", "test_acc", "size", "ratio", "seconds", "note"
+        "trial",
+        "state",
+        "val_acc",
+        "test_acc",
+        "size",
+        "ratio",
+        "seconds",
+        "note",
     ]
     assert len(rows) == 3
     assert "baseline float" in rows[0]
@@ -72,11 +90,32 @@ def test_study_then_trials_then_report(workdir: Path, capsys: pytest.CaptureFixt
     assert code == 0
     assert len(out.splitlines()) == 4
 
+    code, out, err = _run(["report", "--space", str(space), "--out", "rep"], capsys)
+    assert code == 0, err
+    assert out.strip() == "report: rep/report.md"
+    code, out, err = _run(["export", "--space", str(space), "--trial", "1", "--out", "m"], capsys)
+    assert code == 0, err
+    assert out.startswith("exported trial 1 to m\n  model.pt ")
+    assert "test accuracy of the reloaded packed model:" in out and out.rstrip().endswith("equal")
+    assert (workdir / "m" / "model.qpk").is_file()
+    code, out, err = _run(["export", "--space", str(space), "--trial", "0", "--out", "f"], capsys)
+    assert code == 0, err  # the float baseline exports too
+    assert (workdir / "f" / "model.qpk").is_file()
+
     # Running the finished study again trains nothing and prints its front.
     code, out, _ = _run(["study", "--space", str(space), "--quiet", "--no-report"], capsys)
     assert code == 0
     assert "resuming: 3 of 3 trials done" in out
     assert "] trial " not in out
+
+
+def test_progress_bar_goes_to_stderr(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    space = _space(workdir, n_trials=2)
+    code, out, err = _run(["study", "--space", str(space), "--no-report"], capsys)
+    assert code == 0
+    assert "2/2" in err
+    assert "front" in err
+    assert out.count(" COMPLETE ") == 2
 
 
 def test_validate_prints_the_space(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -241,6 +280,10 @@ def _command(*args: str) -> list[str]:
     return [sys.executable, "-m", "quantsearch", *args]
 
 
+# One torch thread per process: the trials are tiny and the cores may be shared.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     if not Path(storage.removeprefix("sqlite:///")).is_file():
         return []  # not created yet (loading would create it)
@@ -261,6 +304,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
         process = subprocess.Popen(
             _command("study", "--space", str(space), "--quiet", "--no-report"),
             cwd=tmp_path,
+            env=ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -284,6 +328,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     result = subprocess.run(
         _command("study", "--space", str(space), "--quiet", "--no-report"),
         cwd=tmp_path,
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=300,
@@ -312,6 +357,7 @@ def test_two_jobs_from_the_command_line(tmp_path: Path) -> None:
     result = subprocess.run(
         _command("study", "--space", str(space), "--jobs", "2", "--quiet"),
         cwd=tmp_path,
+        env=ENV,
         capture_output=True,
         text=True,
         timeout=300,
@@ -322,3 +368,16 @@ def test_two_jobs_from_the_command_line(tmp_path: Path) -> None:
     assert result.stdout.count(" COMPLETE ") == 6
     trials = _trials(f"sqlite:///{tmp_path / 'studies' / 'small.db'}")
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
+
+
+def test_an_unreachable_database_is_a_user_error(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space = _space(workdir)
+    url = "postgresql://nobody@127.0.0.1:1/none"
+    code, _, err = _run(["study", "--space", str(space), "--storage", url], capsys)
+    assert code == 2
+    assert err.startswith(f"quantsearch: error: {url}: ")
+    # Without the driver: how to get it; with it: why the server did not answer.
+    assert "pip install 'quantsearch[postgres]'" in err or "cannot open the database" in err
+    assert _files(workdir) == {"space.yaml"}

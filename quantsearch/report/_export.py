@@ -164,14 +164,14 @@ def export_trial(
 
     Files: ``model.pt`` (the real, unwrapped state dict), ``calibration.json`` (per-layer scales,
     zero points and bits under NNI's keys), ``model.qpk`` (integers packed at their bit width;
-    not for a float trial) and ``export.json`` (the accuracies below). The packed file is loaded
-    into a fresh float model and evaluated on the test split; an :class:`ExportError` is raised
-    unless it gets the trial's stored test accuracy exactly (the files stay written, for
+    all float32 for a float trial) and ``export.json`` (the accuracies below). The packed file is
+    loaded into a fresh float model and evaluated on the test split; an :class:`ExportError` is
+    raised unless it gets the trial's stored test accuracy exactly (the files stay written, for
     inspection).
     """
     import torch
 
-    from quantsearch.quantization import get_quantizer, load_packed
+    from quantsearch.quantization import get_quantizer, load_packed, save_packed
     from quantsearch.tasks import evaluate
 
     trial = _find_trial(study, trial_number)
@@ -215,14 +215,14 @@ def export_trial(
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     calibration_path = out / CALIBRATION_FILE
-    packed_path: Path | None = None
+    packed_path: Path | None = out / PACKED_FILE
     if quantizer is not None:
         quantizer.export_model(model_path, calibration_path)
-        packed_path = out / PACKED_FILE
         quantizer.export_packed(packed_path)
     else:
         torch.save(model.state_dict(), model_path)
         calibration_path.write_text("{}\n")
+        save_packed(model, packed_path)
 
     float_model = task.build_model()
     float_model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))

@@ -26,6 +26,7 @@ from matplotlib.ticker import (
     PercentFormatter,
 )
 
+from quantsearch._units import format_size
 from quantsearch.report._table import BITS_PREFIX, bits_columns, pareto_frame
 
 __all__ = [
@@ -45,16 +46,6 @@ _FLOAT_COLOR = "#e6ab02"
 _BASELINE_COLOR = "#7570b3"
 _FAILED_COLOR = "#d62728"
 _MUTED = "#9a9a9a"
-
-
-def format_size(num_bytes: float, _position: float | None = None) -> str:
-    """Bytes as a short label with decimal units: ``950 B``, ``12 KB``, ``1.5 MB``."""
-    if not math.isfinite(num_bytes):
-        return ""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(num_bytes) >= scale:
-            return f"{num_bytes / scale:.3g} {unit}"
-    return f"{num_bytes:.3g} B"
 
 
 def _new_figure(width: float, height: float) -> Figure:

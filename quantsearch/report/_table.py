@@ -159,12 +159,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for an unfinished trial its ``size_bytes`` attribute, if recorded), the trial's metrics
     (``test_accuracy``, ``compression_ratio``, ``train_seconds``, ...), ``algorithm``,
     ``baseline``, ``feasible`` (complete and every constraint <= 0), ``pareto`` (on the study's
-    front, which only holds feasible complete trials), ``fail_reason``, ``config_list`` (JSON),
+    front, which only holds feasible complete trials; a reused result is listed once),
+    ``fail_reason``, ``config_list`` (JSON),
     one ``bits.<layer>.<type>`` column per quantized tensor (NaN where the layer stays float),
     ``params.<name>`` per sampled parameter and ``attr.<key>`` for any other user attribute.
     """
     trials = study.get_trials(deepcopy=False)
-    pareto_numbers = {t.number for t in study.best_trials} if trials else set()
+    # A trial that reused a finished trial's result ("duplicate_of") is the same point.
+    front = study.best_trials if trials else []
+    pareto_numbers = {t.number for t in front if "duplicate_of" not in t.user_attrs}
     layers = _layer_order(study.user_attrs.get("layers"), trials)
     bits_cols = _bits_column_names(layers, trials)
     rows = [_row(trial, pareto_numbers, bits_cols) for trial in trials]

@@ -1,8 +1,8 @@
 """The search: YAML search spaces in NNI's syntax, and a resumable multi-objective Optuna study.
 
-    spec = load_space("search_spaces/qat.yaml")      # SpaceError names file, key and fix
-    context = prepare(spec)                            # builds the task, checks the space
-    study = run_study(context, jobs=2)                 # until the study holds spec.n_trials
+spec = load_space("search_spaces/qat.yaml")      # SpaceError names file, key and fix
+context = prepare(spec)                            # builds the task, checks the space
+study = run_study(context, jobs=2)                 # until the study holds spec.n_trials
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from quantsearch.search._space import SearchSpec, load_space, parse_space
 from quantsearch.search._study import (
     DIRECTIONS,
     METRIC_NAMES,
+    StorageError,
     StudyBusyError,
     StudyContext,
     StudyNotFoundError,
@@ -39,6 +40,7 @@ __all__ = [
     "SearchSpec",
     "SpaceError",
     "SpacePlan",
+    "StorageError",
     "StudyBusyError",
     "StudyContext",
     "StudyNotFoundError",

@@ -113,6 +113,7 @@ class SpacePlan:
         if spec.per_layer is not None:
             for name in self.per_layer_names:
                 for key, param in spec.per_layer.params.items():
+                    self._check_quantized(name, key)
                     self.params[f"{name}.{key}"] = param
         # (layer, quant type) -> the parameter giving its bits, resolved once.
         self.bits_source: dict[tuple[str, str], str] = {}
@@ -120,6 +121,16 @@ class SpacePlan:
             for quant_type in QUANT_TYPES:
                 if name in self.selected.get(quant_type, ()):
                     self.bits_source[(name, quant_type)] = self._bits_param(name, quant_type)
+
+    def _check_quantized(self, layer: str, key: str) -> None:
+        """A per-layer parameter must act on its layer: an idle one only slows the search."""
+        types = QUANT_TYPES if key == "quant_bits" else (key.removesuffix("_bits"),)
+        if not any(layer in self.selected.get(quant_type, ()) for quant_type in types):
+            raise SpaceError(
+                f"layer {layer!r} gets its own {key}, but quantize does not select it for "
+                f"{' or '.join(types)} quantization; narrow per_layer or widen quantize",
+                key=f"per_layer.{key}",
+            )
 
     def _bits_param(self, layer: str, quant_type: str) -> str:
         keys = (f"{quant_type}_bits", "quant_bits")
@@ -201,9 +212,7 @@ class SpacePlan:
             assert isinstance(param, NniParam)
             if label == "float":
                 candidates = param.candidates()
-                value = FLOAT if FLOAT in candidates else max(
-                    c for c in candidates if c != FLOAT
-                )
+                value = FLOAT if FLOAT in candidates else max(c for c in candidates if c != FLOAT)
             else:
                 value = int(label.removeprefix("uniform-"))
             params[name] = param.encode(value)

@@ -13,23 +13,11 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from quantsearch._units import format_size
+from quantsearch.quantization import QUANT_TYPES
 from quantsearch.search._study import TrialReport
 
 __all__ = ["ConsoleProgress", "format_size", "front_table", "trial_line", "trials_table"]
-
-_QUANT_TYPES = ("weight", "input", "output")
-
-
-def format_size(size_bytes: float) -> str:
-    """Bytes as a short human figure: 812 B, 19.2 KiB, 3.4 MiB."""
-    if not size_bytes or math.isnan(size_bytes):
-        return "-"
-    size = float(size_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def trial_line(report: TrialReport) -> str:
@@ -103,7 +91,7 @@ def _bits_cell(per_type: dict[str, int] | None) -> str:
         return "-"
     if len(per_type) == 1:
         return str(next(iter(per_type.values())))
-    return "/".join(f"{t[0]}{per_type[t]}" for t in _QUANT_TYPES if t in per_type)
+    return "/".join(f"{t[0]}{per_type[t]}" for t in QUANT_TYPES if t in per_type)
 
 
 def _layer_order(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[str]:
@@ -155,11 +143,20 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["state"] = trial.state.name
         row["seconds"] = attrs.get("train_seconds", math.nan)
         row["note"] = _note(trial)
-        row.update(trial.params)
+        # Parameters as sampled (4, not 4.0000), short for floats.
+        row.update({k: _param_cell(v) for k, v in trial.params.items()})
         rows.append(row)
     columns = ["trial", "state", "val_acc", "test_acc", "size", "ratio", "seconds", "note"]
     frame = pd.DataFrame(rows)
-    return frame[[*columns, *[c for c in frame.columns if c not in columns]]] if rows else frame
+    if frame.empty:
+        return frame
+    params = [c for c in frame.columns if c not in columns]
+    frame[params] = frame[params].fillna("")  # a trial still waiting has no parameters yet
+    return frame[[*columns, *params]]
+
+
+def _param_cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _note(trial: FrozenTrial) -> str:

@@ -130,9 +130,7 @@ class NniParam:
             raise ValueError(f"{value!r} is not a number")
         low, high = distribution.low, distribution.high
         step = distribution.step
-        inside = low <= value <= high and (
-            step is None or _on_grid(value - low, step)
-        )
+        inside = low <= value <= high and (step is None or _on_grid(value - low, step))
         if not inside or self.decode(value) != value:
             raise ValueError(f"{value!r} is not a value of {self.describe()}")
         return int(value) if isinstance(distribution, IntDistribution) else float(value)
@@ -151,9 +149,7 @@ class NniParam:
 def parse_nni_param(obj: Any, *, key: str) -> NniParam:
     """Check one ``{_type, _value}`` mapping; ``key`` is its path for error messages."""
     if not is_nni_param(obj):
-        raise SpaceError(
-            f"expected a mapping {{_type: ..., _value: [...]}}, got {obj!r}", key=key
-        )
+        raise SpaceError(f"expected a mapping {{_type: ..., _value: [...]}}, got {obj!r}", key=key)
     extra = sorted(set(obj) - {"_type", "_value"})
     if extra:
         raise SpaceError(

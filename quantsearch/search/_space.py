@@ -21,7 +21,6 @@ from quantsearch.tasks import LR_SCHEDULES, OPTIMIZERS
 
 __all__ = [
     "BITS_PARAMS",
-    "QUANT_TYPES",
     "Baselines",
     "Constraints",
     "HopelessRule",
@@ -502,8 +501,10 @@ class _Parser:
             if items is None:
                 names[list_key] = None
                 continue
-            if not isinstance(items, list) or not items or not all(
-                isinstance(i, str) and i for i in items
+            if (
+                not isinstance(items, list)
+                or not items
+                or not all(isinstance(i, str) and i for i in items)
             ):
                 raise SpaceError(
                     f"{items!r} is not a non-empty list of names", key=f"{key}.{list_key}"
@@ -519,9 +520,7 @@ class _Parser:
             return {"weight": LayerSelector(op_types=("default",))}
         quantize = _mapping(value, key="quantize", allowed=QUANT_TYPES)
         if not quantize:
-            raise SpaceError(
-                "is empty; name at least one of weight, input, output", key="quantize"
-            )
+            raise SpaceError("is empty; name at least one of weight, input, output", key="quantize")
         out: dict[str, LayerSelector] = {}
         for quant_type in QUANT_TYPES:
             if quant_type in quantize:
@@ -579,9 +578,7 @@ class _Parser:
     def per_layer(self, value: Any) -> PerLayer | None:
         if value is None:
             return None
-        per_layer = _mapping(
-            value, key="per_layer", allowed=("op_types", "op_names", *BITS_PARAMS)
-        )
+        per_layer = _mapping(value, key="per_layer", allowed=("op_types", "op_names", *BITS_PARAMS))
         selector = self.selector(per_layer, key="per_layer")
         params = {
             name: self.param(name, per_layer[name], key=f"per_layer.{name}")

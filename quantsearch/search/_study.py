@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import math
 import os
+import sqlite3
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import make_url
@@ -40,6 +42,7 @@ from quantsearch.tasks import Task, seed_everything
 __all__ = [
     "DIRECTIONS",
     "METRIC_NAMES",
+    "StorageError",
     "StudyBusyError",
     "StudyContext",
     "StudyNotFoundError",
@@ -66,6 +69,10 @@ _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 class StudyNotFoundError(ValueError):
     """A command that reads a study found no such study (or no such database file)."""
+
+
+class StorageError(ValueError):
+    """The study's database cannot be opened (no driver, server unreachable)."""
 
 
 class StudyBusyError(ValueError):
@@ -155,16 +162,43 @@ def prepare(spec: SearchSpec) -> StudyContext:
     return StudyContext(spec=spec, task=task, plan=plan, float_size_bytes=float_size)
 
 
-def _storage(spec: SearchSpec) -> RDBStorage:
-    if sqlite_path(spec.storage) is not None:
+def _sqlite_connector(path: Path) -> Callable[[], sqlite3.Connection]:
+    def connect() -> sqlite3.Connection:
         # Readers (quantsearch trials, report) may open the file while a study writes it.
-        return RDBStorage(spec.storage, engine_kwargs={"connect_args": {"timeout": 60}})
-    return RDBStorage(
+        connection = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        # Write-ahead log: readers never block the writer; commits skip the fsync, which
+        # costs more than the rest of the bookkeeping (a crash keeps the file consistent).
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    return connect
+
+
+def _storage(spec: SearchSpec) -> RDBStorage:
+    path = sqlite_path(spec.storage)
+    if path is not None:
+        return RDBStorage(spec.storage, engine_kwargs={"creator": _sqlite_connector(path)})
+    return _open_rdb(
         spec.storage,
         heartbeat_interval=HEARTBEAT_SECONDS,
         grace_period=GRACE_SECONDS,
         heartbeat_stale_trial_callback=_requeue_stale,
     )
+
+
+def _open_rdb(url: str, **options: Any) -> RDBStorage:
+    """Optuna's RDB storage; a missing driver or an unreachable server is a StorageError."""
+    try:
+        return RDBStorage(url, **options)
+    except ImportError:
+        raise StorageError(
+            f"{url}: no database driver for this URL is installed; for PostgreSQL: "
+            "pip install 'quantsearch[postgres]'"
+        ) from None
+    except sqlalchemy.exc.OperationalError as error:
+        reason = str(error.orig or error).strip().splitlines()[0]
+        raise StorageError(f"{url}: cannot open the database: {reason}") from None
 
 
 def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -227,39 +261,44 @@ def _check_space(study: optuna.Study, spec: SearchSpec) -> None:
 def open_study(context: StudyContext) -> optuna.Study:
     """Create the study (with its attributes and baselines) or load it to resume.
 
-    Refuses (SpaceError) a study of the same name created from a different space. Creates
-    the SQLite file and its folder only when every check has passed.
+    Refuses (SpaceError) a study of the same name created from a different space, before
+    anything is written to it.
     """
     spec = context.spec
     path = sqlite_path(spec.storage)
-    if path is not None and path.exists():
-        storage = _storage(spec)
-        if _existing_study_id(storage, spec.study_name) is not None:
-            study = optuna.load_study(study_name=spec.study_name, storage=storage)
-            _check_space(study, spec)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     storage = _storage(spec)
     existing = _existing_study_id(storage, spec.study_name)
-    resume_index = 0 if existing is None else len(storage.get_all_trials(existing, deepcopy=False))
-    sampler = _sampler(spec, resume_index)
     if existing is None:
         try:
             study = optuna.create_study(
                 storage=storage,
                 study_name=spec.study_name,
                 directions=list(DIRECTIONS),
-                sampler=sampler,
+                sampler=_sampler(spec, 0),
             )
         except optuna.exceptions.DuplicatedStudyError:
-            # Another machine created it a moment ago: join it.
-            existing = _existing_study_id(storage, spec.study_name)
+            existing = _existing_study_id(storage, spec.study_name)  # another machine won
         else:
             _initialise(study, context)
             return study
-    study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler)
+    resume_index = len(storage.get_all_trials(existing, deepcopy=False))
+    study = optuna.load_study(
+        study_name=spec.study_name, storage=storage, sampler=_sampler(spec, resume_index)
+    )
     _check_space(study, spec)
     if "space_hash" not in study.user_attrs:
+        # Created a moment ago by another machine, which is still writing its attributes.
+        if study.trials or study.directions != [
+            optuna.study.StudyDirection.MAXIMIZE,
+            optuna.study.StudyDirection.MINIMIZE,
+        ]:
+            raise SpaceError(
+                f"{spec.storage} already holds a study {spec.study_name!r} that quantsearch "
+                "did not create; give the space another study_name",
+                source=spec.source,
+            )
         _set_study_attrs(study, context)
     return study
 
@@ -298,7 +337,7 @@ def load_study_from(url: str, study_name: str, *, hint: str = "") -> optuna.Stud
     path = sqlite_path(url)
     if path is not None and not path.exists():
         raise StudyNotFoundError(f"no study database at {path}" + (f"; {hint}" if hint else ""))
-    storage = RDBStorage(url)
+    storage = _open_rdb(url)
     if _existing_study_id(storage, study_name) is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         held = f"it holds: {', '.join(names)}" if names else "it holds none"
@@ -382,6 +421,21 @@ def counted_trials(trials: Sequence[FrozenTrial]) -> int:
     )
 
 
+def front_size(trials: Sequence[FrozenTrial]) -> int:
+    """Trials on the Pareto front (as ``study.best_trials``), a reused result counted once."""
+    points = [
+        (t.values[0], t.values[1])
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and "duplicate_of" not in t.user_attrs
+        and all(c <= 0 for c in t.constraints.values())
+    ]
+    return sum(
+        not any(a >= acc and s <= size and (a, s) != (acc, size) for a, s in points)
+        for acc, size in points
+    )
+
+
 @dataclass
 class _Ticket:
     trial: Trial
@@ -412,7 +466,7 @@ class _Loop:
     def run(self, pool: InlinePool | ProcessPool) -> None:
         trials = self.study.get_trials(deepcopy=False)
         self.progress.start(
-            total=self.spec.n_trials, done=self._done(trials), front=self._front_size()
+            total=self.spec.n_trials, done=self._done(trials), front=front_size(trials)
         )
         try:
             while True:
@@ -428,9 +482,6 @@ class _Loop:
 
     def _done(self, trials: Sequence[FrozenTrial]) -> int:
         return counted_trials(trials) - sum(t.state == TrialState.RUNNING for t in trials)
-
-    def _front_size(self) -> int:
-        return len(self.study.best_trials)
 
     def _fill(self, pool: InlinePool | ProcessPool) -> None:
         while self.unparked and pool.has_capacity:
@@ -453,7 +504,10 @@ class _Loop:
 
     def _ask(self) -> _Ticket:
         plan = self.context.plan
-        trial = self.study.ask(plan.distributions)
+        with warnings.catch_warnings():
+            # Optuna expects heartbeats from Study.optimize; here the Heartbeat thread sends them.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = self.study.ask(plan.distributions)
         if self.heartbeat is not None:
             self.heartbeat.add(_trial_id(trial))
         values = plan.values(trial.params)
@@ -579,7 +633,7 @@ class _Loop:
             duplicate_of=attrs.get("duplicate_of"),
             reason=attrs.get("fail_reason"),
         )
-        self.progress.trial(report, done=self._done(trials), front=self._front_size())
+        self.progress.trial(report, done=self._done(trials), front=front_size(trials))
 
     def _abandon(self, reason: str) -> None:
         """Fail every trial this process holds and queue its parameters to run again."""

@@ -35,4 +35,3 @@ def write_space(folder: Path, name: str = "space.yaml", **changes: Any) -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
-

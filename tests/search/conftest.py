@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from ._spaces import write_space
 
@@ -17,3 +18,9 @@ def space_file(tmp_path: Path) -> Callable[..., Path]:
         return write_space(tmp_path, **changes)
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    # The trials of these tests are tiny: more threads only contend for shared cores.
+    torch.set_num_threads(1)

@@ -187,9 +187,17 @@ def test_config_key_tells_experiments_apart() -> None:
         (
             {
                 "quantize": {"output": {"op_types": ["ReLU6"]}},
-                "per_layer": {"op_types": ["Conv2d"], "output_bits": 8},
+                "per_layer": {"op_names": ["relu1"], "output_bits": 8},
             },
-            "quantize.output: layer 'relu1' is selected for output quantization, but no param",
+            "quantize.output: layer 'relu2' is selected for output quantization, but no param",
+        ),
+        (
+            {
+                "quantize": {"weight": {"op_types": ["Conv2d"]}},
+                "per_layer": {"op_types": ["default"], "weight_bits": 8},
+            },
+            "per_layer.weight_bits: layer 'head.1' gets its own weight_bits, but quantize does "
+            "not select it for weight quantization",
         ),
     ],
 )

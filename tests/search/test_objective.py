@@ -18,7 +18,7 @@ CONFIG = [
     {"quant_types": ["output"], "quant_bits": {"output": 8}, "op_names": ["relu1"]},
 ]
 
-NAN_TASK = '''
+NAN_TASK = """
 from dataclasses import replace
 
 from torch import nn
@@ -37,7 +37,7 @@ class NanNet(nn.Module):
 
 def make_task(data_dir=None, options=None, seed=0):
     return replace(get_task("digits", options={"limit": 100}, seed=seed), build_model=NanNet)
-'''
+"""
 
 
 def _job(**changes: object) -> TrialJob:

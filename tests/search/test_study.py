@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from optuna.trial import TrialState
 from quantsearch.search import (
     SpaceError,
     StudyBusyError,
+    _study,
     _workers,
     counted_trials,
     load_space,
@@ -63,7 +65,8 @@ def test_a_small_study_fills_the_database(space_file: SpaceFile, tmp_path: Path)
     assert attrs["layers"] == ["conv1", "conv2", "fc1", "fc2"]
     float_size = attrs["float_size_bytes"]
     assert float_size == 4 * sum(
-        t.numel() for t in prepare(spec).task.build_model().state_dict().values()
+        t.numel()
+        for t in prepare(spec).task.build_model().state_dict().values()
         if t.dtype == torch.float32
     )
 
@@ -80,8 +83,17 @@ def test_a_small_study_fills_the_database(space_file: SpaceFile, tmp_path: Path)
     for trial in trials:
         user = trial.user_attrs
         assert set(user) >= {
-            "config_list", "val_accuracy", "test_accuracy", "size_bytes", "float_size_bytes",
-            "compression_ratio", "train_seconds", "algorithm", "layer_bits", "checkpoint", "seed",
+            "config_list",
+            "val_accuracy",
+            "test_accuracy",
+            "size_bytes",
+            "float_size_bytes",
+            "compression_ratio",
+            "train_seconds",
+            "algorithm",
+            "layer_bits",
+            "checkpoint",
+            "seed",
         }
         assert trial.values == [user["val_accuracy"], user["size_bytes"]]
         assert user["compression_ratio"] == pytest.approx(float_size / user["size_bytes"])
@@ -225,3 +237,36 @@ def test_a_second_process_on_the_same_study_is_refused(space_file: SpaceFile) ->
     _, folder = artifacts_dir(spec)
     with _study_lock(folder), pytest.raises(StudyBusyError, match="already running in process"):
         run_study(prepare(spec))
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_shared_database_fails_stale_trials_by_heartbeat(
+    space_file: SpaceFile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PostgreSQL path, on SQLite: no lock file; a trial whose heartbeat stopped is failed
+    (by whichever machine looks next) and its parameters run again."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_study, "sqlite_path", lambda url: None)
+    monkeypatch.setattr(_study, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(_study, "GRACE_SECONDS", 1)
+    context = prepare(load_space(space_file(n_trials=3)))
+    (tmp_path / "studies").mkdir()  # a database server needs no folder; this file does
+    study = open_study(context)
+    # Another machine asked a trial, sent one heartbeat, and died.
+    abandoned = study.ask(context.plan.distributions)
+    study._storage.record_heartbeat(abandoned._trial_id)
+    time.sleep(2.5)
+
+    study = run_study(context)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(retry) == 1
+    assert retry[0].params == trials[0].params
+    assert retry[0].user_attrs["baseline"] == "float"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    # Checkpoints of a shared database live on each machine, stored as absolute paths.
+    checkpoint = Path(retry[0].user_attrs["checkpoint"])
+    assert checkpoint == tmp_path / "studies" / "small_artifacts" / f"trial_{retry[0].number}.pt"
+    assert checkpoint.is_file()
+    assert not list(tmp_path.rglob("study.lock"))
