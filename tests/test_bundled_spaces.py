@@ -1,0 +1,88 @@
+"""Every space in search_spaces/ is valid; the seed's workloads run on tiny files of their formats."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from quantsearch.cli import main
+from tests.tasks.conftest import cifar_batch, class_images, idx_bytes
+
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+NEEDS_DATA = {"bnn_cifar10.yaml", "qat_mnist.yaml"}
+
+
+@pytest.mark.parametrize(
+    "space", sorted(p.name for p in SPACES.glob("*.yaml") if p.name not in NEEDS_DATA)
+)
+def test_bundled_digits_spaces_validate(space: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "--space", str(SPACES / space)]) == 0
+    assert f"{space}: valid" in capsys.readouterr().out
+
+
+def _write_cifar(directory: Path) -> None:
+    directory.mkdir(parents=True)
+    names = [f"data_batch_{n}" for n in range(1, 6)] + ["test_batch"]
+    for offset, name in enumerate(names):
+        with (directory / name).open("wb") as handle:
+            pickle.dump(cifar_batch((np.arange(8) + offset) % 10), handle, protocol=2)
+
+
+def _write_mnist(directory: Path) -> None:
+    directory.mkdir(parents=True)
+    for stem, count in (("train", 60), ("t10k", 20)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        (directory / f"{stem}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(idx_bytes(class_images(labels, 28)))
+        )
+        (directory / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+
+
+def test_seed_bnn_space_validates_on_cifar_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "--space", str(SPACES / "bnn_cifar10.yaml")]) == 2
+    assert "data directory data/cifar10 does not exist" in capsys.readouterr().err
+    _write_cifar(tmp_path / "data" / "cifar10")
+    assert main(["validate", "--space", str(SPACES / "bnn_cifar10.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "classifier.0, classifier.3" in out and "baselines  float, uniform-1" in out
+    assert not (tmp_path / "studies").exists()  # validate writes nothing
+
+
+@pytest.mark.slow
+def test_seed_bnn_space_runs_its_uniform_baseline_as_the_seed_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write_cifar(tmp_path / "data" / "cifar10")
+    args = ["study", "--space", str(SPACES / "bnn_cifar10.yaml"), "--n-trials", "2", "--quiet",
+            "--no-report"]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="bnn-cifar10", storage="sqlite:///studies/bnn_cifar10.db")
+    seed_config = next(t for t in study.trials if t.user_attrs.get("baseline") == "uniform-1")
+    config_list = seed_config.user_attrs["config_list"]
+    names = {
+        role: sorted(n for e in config_list if e["quant_types"] == [role] for n in e["op_names"])
+        for role in ("weight", "output")
+    }
+    weights, outputs = names["weight"], names["output"]
+    assert weights == sorted(["features.0", "features.3", "features.7", "features.10",
+                              "features.14", "features.17", "classifier.0", "classifier.3"])
+    assert outputs == sorted(["features.6", "features.9", "features.13", "features.16",
+                              "features.20", "classifier.2", "classifier.5"])
+
+
+def test_seed_qat_mnist_space_validates_on_idx_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write_mnist(tmp_path / "data" / "mnist")
+    assert main(["validate", "--space", str(SPACES / "qat_mnist.yaml")]) == 0
+    assert "layers     conv1, conv2, fc1, fc2" in capsys.readouterr().out
