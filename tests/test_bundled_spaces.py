@@ -1,4 +1,4 @@
-"""Every space in search_spaces/ is valid; the seed's workloads run on tiny files of their formats."""
+"""Every bundled search space is valid; the seed's workloads run on tiny files of their formats."""
 
 from __future__ import annotations
 
