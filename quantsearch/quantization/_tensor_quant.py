@@ -78,6 +78,15 @@ class TensorQuant(nn.Module):
     def _after_load(self) -> None:
         """Refresh Python-side mirrors of buffers after a state_dict load."""
 
+    def _set_scheme(self, bits: int, scheme: str, dtype: str) -> None:
+        """Bits, integer range and scheme flags of an affine quantizer."""
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown quant_scheme {scheme!r}")
+        self.bits = bits
+        self.qmin, self.qmax = quant_range(bits, dtype)
+        self.per_channel = scheme.startswith("per_channel")
+        self.symmetric = scheme.endswith("symmetric")
+
 
 def _affine_codes(
     x_hat: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, axis: int | None
@@ -121,12 +130,7 @@ class AffineWeightQuant(TensorQuant):
 
     def __init__(self, bits: int, *, scheme: str, dtype: str, channels: int) -> None:
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown quant_scheme {scheme!r}")
-        self.bits = bits
-        self.qmin, self.qmax = quant_range(bits, dtype)
-        self.per_channel = scheme.startswith("per_channel")
-        self.symmetric = scheme.endswith("symmetric")
+        self._set_scheme(bits, scheme, dtype)
         shape = (channels,) if self.per_channel else ()
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
@@ -179,13 +183,8 @@ class EmaActivationQuant(TensorQuant):
 
     def __init__(self, bits: int, *, scheme: str, dtype: str, decay: float = 0.99) -> None:
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown quant_scheme {scheme!r}")
-        self.bits = bits
+        self._set_scheme(bits, scheme, dtype)
         self.decay = decay
-        self.qmin, self.qmax = quant_range(bits, dtype)
-        self.per_channel = scheme.startswith("per_channel")
-        self.symmetric = scheme.endswith("symmetric")
         self.register_buffer("tracked_min", torch.zeros(()))
         self.register_buffer("tracked_max", torch.zeros(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
