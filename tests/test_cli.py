@@ -148,7 +148,7 @@ USER_ERRORS = [
     (
         {"params": {"quant_bits": {"_type": "choice", "_value": [4, 64]}}},
         [],
-        "space.yaml: params.quant_bits._value[1]: 64 is not an integer 1..32 or 'float'",
+        "space.yaml: params.quant_bits._value[1]: 64 is not an integer 1..16 or 'float'",
     ),
     (
         {"params": {"output_bits": {"_type": "choice", "_value": [8, 1]}}},

@@ -311,8 +311,8 @@ def _is_real(value: Any) -> bool:
 
 
 _BITS_RULE = _Rule(
-    "an integer 1..32 or 'float'",
-    lambda v: v == "float" or (_is_int(v) and 1 <= v <= 32),
+    "an integer 1..16 or 'float'",
+    lambda v: v == "float" or (_is_int(v) and 1 <= v <= 16),
     integral=True,
 )
 _PARAM_RULES: dict[str, _Rule] = {
@@ -617,9 +617,9 @@ class _Parser:
         if not isinstance(use_float, bool):
             raise SpaceError(f"{use_float!r} is not true or false", key="baselines.float")
         bits = baselines.get("uniform_bits", [])
-        if not isinstance(bits, list) or not all(_is_int(b) and 1 <= b <= 32 for b in bits):
+        if not isinstance(bits, list) or not all(_is_int(b) and 1 <= b <= 16 for b in bits):
             raise SpaceError(
-                f"{bits!r} is not a list of bit widths (integers 1..32)",
+                f"{bits!r} is not a list of bit widths (integers 1..16)",
                 key="baselines.uniform_bits",
             )
         if len(set(bits)) != len(bits):

@@ -151,11 +151,11 @@ def test_overrides_from_the_command_line() -> None:
         ({**MINIMAL, "params": {"bits": 4}}, "params.bits: unknown key 'bits'; allowed:"),
         (
             {"algorithm": "qat", "params": {"quant_bits": 40}},
-            "params.quant_bits: 40 is not an integer 1..32 or 'float'",
+            "params.quant_bits: 40 is not an integer 1..16 or 'float'",
         ),
         (
             {"algorithm": "qat", "params": {"quant_bits": {"_type": "choice", "_value": [4, 0]}}},
-            "params.quant_bits._value[1]: 0 is not an integer 1..32 or 'float'",
+            "params.quant_bits._value[1]: 0 is not an integer 1..16 or 'float'",
         ),
         (
             {"algorithm": "qat", "params": {"quant_bits": {"_type": "uniform", "_value": [2, 8]}}},
