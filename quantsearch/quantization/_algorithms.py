@@ -48,10 +48,6 @@ def _channels(module: nn.Module) -> int:
     return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 1
 
 
-def _has_weight(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "weight", None), nn.Parameter)
-
-
 class NaiveQuantizer(Quantizer):
     """Weights only, symmetric int per tensor (scale = max|w| / (2^(b-1) - 1)), rounded to the
     nearest level (NNI truncates toward zero). NNI takes only 8 bits; 2..16 are accepted here.
@@ -108,10 +104,9 @@ class QAT_Quantizer(Quantizer):
         for quant_type in layer.quant_types:
             bits = layer.bits[quant_type]
             if quant_type == "weight":
-                if _has_weight(module):
-                    quants["weight"] = AffineWeightQuant(
-                        bits, scheme=scheme, dtype=dtype, channels=_channels(module)
-                    )
+                quants["weight"] = AffineWeightQuant(
+                    bits, scheme=scheme, dtype=dtype, channels=_channels(module)
+                )
             else:
                 quants[quant_type] = EmaActivationQuant(bits, scheme=scheme, dtype=dtype)
         return quants
@@ -142,7 +137,7 @@ class BNNQuantizer(Quantizer):
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
         quants: dict[str, TensorQuant] = {}
-        if "weight" in layer.quant_types and _has_weight(module):
+        if "weight" in layer.quant_types:
             quants["weight"] = SignQuant(window=False)
         if "output" in layer.quant_types:
             quants["output"] = SignQuant(window=True)
@@ -150,7 +145,7 @@ class BNNQuantizer(Quantizer):
 
     @torch.no_grad()
     def _after_step(self) -> None:
-        for wrapper in self._wrappers().values():
+        for wrapper in self._wrapper_list:
             if wrapper.weight_quant is not None:
                 wrapper.module.weight.clamp_(-1.0, 1.0)
 
@@ -176,8 +171,7 @@ class LsqQuantizer(Quantizer):
         for quant_type in layer.quant_types:
             bits = layer.bits[quant_type]
             if quant_type == "weight":
-                if _has_weight(module):
-                    quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=module.weight)
+                quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=module.weight)
             else:
                 quants[quant_type] = LsqQuant(bits, dtype=dtype)
         return quants

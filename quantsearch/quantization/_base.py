@@ -156,6 +156,7 @@ class Quantizer:
         entries = validate_config_list(self.config_list, self.rules)
         self.layers: dict[str, LayerConfig] = select_layers(model, entries, self.rules)
         self._compressed = False
+        self._wrapper_list: list[QuantWrapper] = []
         self._hook_handle: Any = None
 
     # -- construction -------------------------------------------------------------------
@@ -210,6 +211,7 @@ class Quantizer:
             self._hook_handle = self.optimizer.register_step_post_hook(
                 lambda *_args, **_kwargs: self.step()
             )
+        self._wrapper_list = list(wrappers_of(model).values())
         self._compressed = True
         return model
 
@@ -222,7 +224,9 @@ class Quantizer:
     def step(self) -> None:
         """Count one optimizer step (called for you after ``optimizer.step()`` when an
         optimizer was given to the constructor)."""
-        for wrapper in self._wrappers().values():
+        if not self._compressed:
+            raise RuntimeError("call compress() first")
+        for wrapper in self._wrapper_list:  # kept from compress(): this runs every step
             wrapper.advance()
         self._after_step()
 

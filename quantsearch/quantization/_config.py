@@ -247,22 +247,26 @@ def select_layers(
                 f"{entries[index].get('op_names')}); layer types present: {', '.join(present)}"
             )
     types = dict(modules)
+    module_of = dict(model.named_modules())
     layers: dict[str, LayerConfig] = {}
     for name in names:
         index = winners.get(name)
         if index is None or entries[index]["exclude"]:
             continue
         entry = entries[index]
+        quant_types = entry["quant_types"]
+        if not _has_weight(module_of[name]):  # NNI too skips the weight of a weightless layer
+            quant_types = tuple(t for t in quant_types if t != "weight")
         layers[name] = LayerConfig(
             name=name,
             op_type=types[name],
             entry_index=index,
-            quant_types=entry["quant_types"],
-            bits=entry["quant_bits"],
+            quant_types=quant_types,
+            bits={t: entry["quant_bits"][t] for t in quant_types},
             options={key: entry[key] for key in rules.options},
         )
     _check_weights(model, entries, layers)
-    return layers
+    return {name: layer for name, layer in layers.items() if layer.quant_types}
 
 
 def _check_weights(

@@ -9,6 +9,7 @@ from torch import nn
 
 from quantsearch.quantization import (
     BNNQuantizer,
+    DoReFaQuantizer,
     NaiveQuantizer,
     QAT_Quantizer,
     QuantWrapper,
@@ -176,3 +177,15 @@ def test_quantized_size_counts_bits_scales_and_folded_bias() -> None:
     relu2 = 8
     assert model_size_bytes(model) == conv1 + conv2 + fc + relu2
     assert isinstance(model.get_submodule("relu2"), QuantWrapper)
+
+
+def test_weightless_layers_in_a_weight_entry_are_left_alone() -> None:
+    for cls in (NaiveQuantizer, DoReFaQuantizer):
+        model = make_net()
+        quantizer = cls(model, [{"quant_types": ["weight"], "quant_bits": 4,
+                                 "op_names": ["conv1", "relu1"]}])
+        quantizer.compress()
+        assert quantizer.layer_bits() == {"conv1": {"weight": 4}}
+        assert isinstance(model.get_submodule("conv1"), QuantWrapper)
+        assert isinstance(model.get_submodule("relu1"), nn.ReLU6)
+        model(batch()[0])
