@@ -152,6 +152,13 @@ def _load_spec(args: argparse.Namespace) -> Any:
     )
 
 
+def _output_folder(path: Path, option: str) -> Path:
+    """A folder to write into: refused up front when a file stands in its place."""
+    if path.exists() and not path.is_dir():
+        raise _UserError(f"{option} {path}: is a file, not a folder")
+    return path
+
+
 def _raise_on_sigterm(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt
 
@@ -162,6 +169,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from quantsearch.search import ConsoleProgress, front_table, prepare, run_study
 
     spec = _load_spec(args)
+    default_dir = Path("reports") / spec.study_name
+    report_dir = _output_folder(args.report_dir or default_dir, "--report-dir")
     if args.jobs > 1:
         # The study's own process only samples and records: the workers get the cores.
         torch.set_num_threads(1)
@@ -181,7 +190,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         print(f"\nPareto front ({len(front)} trials):")
         print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if not args.no_report:
-        _write_report(study, args.report_dir or Path("reports") / spec.study_name, args)
+        _write_report(study, report_dir, args)
     return 0
 
 
@@ -209,7 +218,7 @@ def _study_args(args: argparse.Namespace) -> str:
 
 def _open_study(args: argparse.Namespace) -> tuple[optuna.Study, str]:
     """The study named by --space (and --storage), or by --storage and --study."""
-    from quantsearch.search import load_study, load_study_from
+    from quantsearch.search import load_study, load_study_from, storage_url
 
     if args.space is not None:
         if args.study_name is not None:
@@ -218,8 +227,7 @@ def _open_study(args: argparse.Namespace) -> tuple[optuna.Study, str]:
         return load_study(spec), spec.study_name
     if args.storage is None or args.study_name is None:
         raise _UserError("name the study with --space FILE, or with --storage URL --study NAME")
-    url = args.storage if "://" in args.storage else f"sqlite:///{args.storage}"
-    return load_study_from(url, args.study_name), args.study_name
+    return load_study_from(storage_url(args.storage), args.study_name), args.study_name
 
 
 def _cmd_trials(args: argparse.Namespace) -> int:
@@ -270,7 +278,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except ImportError:
         raise _UserError("the quantsearch.report package is not available") from None
     study, name = _open_study(args)
-    out = args.out or Path("reports") / name
+    out = _output_folder(args.out or Path("reports") / name, "--out")
     command = "quantsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = write_report(study, out, command=command, study_args=_study_args(args))
     print(f"report: {path}")
@@ -283,5 +291,5 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise _UserError("the quantsearch.report package is not available") from None
     study, _ = _open_study(args)
-    print(describe_export(export_trial(study, args.trial, args.out)))
+    print(describe_export(export_trial(study, args.trial, _output_folder(args.out, "--out"))))
     return 0

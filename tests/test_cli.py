@@ -381,3 +381,22 @@ def test_an_unreachable_database_is_a_user_error(
     # Without the driver: how to get it; with it: why the server did not answer.
     assert "pip install 'quantsearch[postgres]'" in err or "cannot open the database" in err
     assert _files(workdir) == {"space.yaml"}
+
+
+def test_unusable_outputs_and_storages_are_user_errors(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space = _space(workdir, n_trials=3)
+    (workdir / "taken").write_text("a file")
+    code, _, err = _run(["study", "--space", str(space), "--report-dir", "taken"], capsys)
+    assert code == 2
+    assert err.strip() == "quantsearch: error: --report-dir taken: is a file, not a folder"
+    assert not (workdir / "studies").exists()
+    code, _, err = _run(["trials", "--storage", "foo://x", "--study", "a"], capsys)
+    assert code == 2
+    assert err.startswith("quantsearch: error: foo://x: not a database URL sqlalchemy knows")
+    if not torch.cuda.is_available():
+        train = {**SMALL_SPACE.get("train", {}), "device": "cuda"}
+        code, _, err = _run(["validate", "--space", str(_space(workdir, train=train))], capsys)
+        assert code == 2
+        assert "train.device: device 'cuda' asked for, but CUDA is not available" in err

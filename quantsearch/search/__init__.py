@@ -12,7 +12,7 @@ from quantsearch.search._display import ConsoleProgress, front_table, trials_tab
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
-from quantsearch.search._space import SearchSpec, load_space, parse_space
+from quantsearch.search._space import SearchSpec, load_space, parse_space, storage_url
 from quantsearch.search._study import (
     DIRECTIONS,
     METRIC_NAMES,
@@ -59,6 +59,7 @@ __all__ = [
     "prepare",
     "run_study",
     "run_trial",
+    "storage_url",
     "trial_seed",
     "trials_table",
 ]

@@ -198,7 +198,7 @@ class SearchSpec:
         """The same space with the storage and/or trial count given on the command line."""
         changes: dict[str, Any] = {}
         if storage is not None:
-            changes["storage"] = _storage_url(storage, key="--storage")
+            changes["storage"] = storage_url(storage, key="--storage")
         if n_trials is not None:
             if n_trials < len(self.baselines.labels) or n_trials < 1:
                 raise SpaceError(
@@ -367,7 +367,7 @@ class _Parser:
         seed = top.get("seed", 0)
         if not _is_int(seed) or seed < 0:
             raise SpaceError(f"{seed!r} is not an integer >= 0", key="seed")
-        storage = _storage_url(top.get("storage", f"studies/{study_name}.db"), key="storage")
+        storage = storage_url(top.get("storage", f"studies/{study_name}.db"), key="storage")
         return SearchSpec(
             source=self.source,
             study_name=study_name,
@@ -662,7 +662,8 @@ def _mapping(value: Any, *, key: str, allowed: tuple[str, ...]) -> dict[str, Any
     return dict(value)
 
 
-def _storage_url(value: Any, *, key: str) -> str:
+def storage_url(value: Any, *, key: str = "--storage") -> str:
+    """A storage URL from a SQLite file path or a database URL (SpaceError naming ``key``)."""
     if not isinstance(value, str) or not value.strip():
         raise SpaceError(
             f"{value!r} is not a storage: give a SQLite file path or a database URL "

@@ -37,7 +37,7 @@ from quantsearch.search._workers import (
     ProcessPool,
     threads_per_worker,
 )
-from quantsearch.tasks import Task, seed_everything
+from quantsearch.tasks import Task, resolve_device, seed_everything
 
 __all__ = [
     "DIRECTIONS",
@@ -127,9 +127,13 @@ def prepare(spec: SearchSpec) -> StudyContext:
     """
     task = build_task(spec.task, spec.seed)
     try:
-        train_config(task, spec.train)
+        config = train_config(task, spec.train)
     except ValueError as error:
         raise SpaceError(str(error), key="train", source=spec.source) from None
+    try:
+        resolve_device(config.device)
+    except (ValueError, RuntimeError) as error:
+        raise SpaceError(str(error), key="train.device", source=spec.source) from None
     seed_everything(spec.seed)
     model = task.build_model()
     float_size = model_size_bytes(model)
@@ -199,6 +203,8 @@ def _open_rdb(url: str, **options: Any) -> RDBStorage:
     except sqlalchemy.exc.OperationalError as error:
         reason = str(error.orig or error).strip().splitlines()[0]
         raise StorageError(f"{url}: cannot open the database: {reason}") from None
+    except sqlalchemy.exc.ArgumentError as error:  # e.g. an unknown dialect such as foo://
+        raise StorageError(f"{url}: not a database URL sqlalchemy knows: {error}") from None
 
 
 def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
