@@ -39,23 +39,18 @@ class ExportResult:
     out_dir: Path
     model_path: Path
     calibration_path: Path
-    packed_path: Path | None
-    """None for a float trial (empty config_list): it has no integers to pack."""
+    packed_path: Path
+    """The deployed model (all float32 for a float trial)."""
     stored_test_accuracy: float
     checkpoint_accuracy: float
     """The trained model rebuilt from the stored checkpoint."""
     reloaded_accuracy: float
-    """The deployed export reloaded: model.qpk through ``load_packed`` (a float trial: model.pt)."""
+    """The deployed export reloaded: model.qpk through ``load_packed``."""
     state_dict_accuracy: float
     """model.pt alone in a fresh float model: the trained float weights, no quantization."""
     size_bytes: int
-    packed_file_bytes: int | None
+    packed_file_bytes: int
     test_samples: int
-
-    @property
-    def packed_accuracy(self) -> float | None:
-        """Test accuracy of model.qpk reloaded; None for a float trial (nothing packed)."""
-        return self.reloaded_accuracy if self.packed_path is not None else None
 
     @property
     def matches(self) -> bool:
@@ -215,7 +210,7 @@ def export_trial(
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     calibration_path = out / CALIBRATION_FILE
-    packed_path: Path | None = out / PACKED_FILE
+    packed_path = out / PACKED_FILE
     if quantizer is not None:
         quantizer.export_model(model_path, calibration_path)
         quantizer.export_packed(packed_path)
@@ -227,10 +222,7 @@ def export_trial(
     float_model = task.build_model()
     float_model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
     state_dict_accuracy = evaluate(float_model, task.test_set)
-    if packed_path is not None:
-        reloaded_accuracy = evaluate(load_packed(packed_path, task.build_model()), task.test_set)
-    else:
-        reloaded_accuracy = state_dict_accuracy
+    reloaded_accuracy = evaluate(load_packed(packed_path, task.build_model()), task.test_set)
 
     samples = len(task.test_set)  # type: ignore[arg-type]
     result = ExportResult(
@@ -244,7 +236,7 @@ def export_trial(
         reloaded_accuracy=reloaded_accuracy,
         state_dict_accuracy=state_dict_accuracy,
         size_bytes=int(attrs.get("size_bytes", trial.values[1])),
-        packed_file_bytes=packed_path.stat().st_size if packed_path is not None else None,
+        packed_file_bytes=packed_path.stat().st_size,
         test_samples=samples,
     )
     (out / SUMMARY_FILE).write_text(json.dumps(_summary(result), indent=2) + "\n")
@@ -255,9 +247,8 @@ def export_trial(
             "the checkpoint does not belong to this trial's model"
         )
     if not result.matches:
-        reloaded = packed_path if packed_path is not None else model_path
         raise ExportError(
-            f"the exported model {reloaded} reloaded gives test accuracy "
+            f"the exported model {packed_path} reloaded gives test accuracy "
             f"{reloaded_accuracy:.4%}, but trial {trial_number} stored "
             f"{result.stored_test_accuracy:.4%}"
         )
@@ -270,7 +261,7 @@ def _summary(result: ExportResult) -> dict[str, Any]:
         "files": {
             "state_dict": result.model_path.name,
             "calibration": result.calibration_path.name,
-            "packed": result.packed_path.name if result.packed_path is not None else None,
+            "packed": result.packed_path.name,
         },
         "stored_test_accuracy": result.stored_test_accuracy,
         "checkpoint_accuracy": result.checkpoint_accuracy,
@@ -291,17 +282,13 @@ def describe_export(result: ExportResult) -> str:
         f"  {result.model_path.name:<17} state dict of the original architecture",
         f"  {result.calibration_path.name:<17} calibration (scales, zero points, bits)",
     ]
-    if result.packed_path is not None:
-        lines.append(
-            f"  {result.packed_path.name:<17} packed integer model, "
-            f"{result.packed_file_bytes:,} bytes (model size {result.size_bytes:,} bytes)"
-        )
-    else:
-        lines.append("  (float trial: no integer weights to pack)")
-    reloaded = "packed model" if result.packed_path is not None else "state dict"
+    lines.append(
+        f"  {result.packed_path.name:<17} packed model, "
+        f"{result.packed_file_bytes:,} bytes (model size {result.size_bytes:,} bytes)"
+    )
     verdict = "equal" if result.matches else "DIFFERENT"
     lines.append(
-        f"test accuracy of the reloaded {reloaded}: {result.reloaded_accuracy:.4%} "
+        f"test accuracy of the reloaded packed model: {result.reloaded_accuracy:.4%} "
         f"({correct}/{result.test_samples}); stored: {result.stored_test_accuracy:.4%}: {verdict}"
     )
     return "\n".join(lines)

@@ -123,7 +123,7 @@ def test_export_reloads_to_the_stored_accuracy(tmp_path: Path, task: Task, algor
 def test_export_of_the_float_baseline(tmp_path: Path, task: Task) -> None:
     study = _study(tmp_path, task, ["float"])
     result = export_trial(study, 0, tmp_path / "export", task=task)
-    assert result.packed_path is not None
+    assert result.packed_path.is_file()
     # All float32: the payload is the float size, after a header of a few KB.
     assert 0 < result.packed_file_bytes - result.size_bytes < 4096
     assert result.reloaded_accuracy == study.trials[0].user_attrs["test_accuracy"]
