@@ -1,4 +1,4 @@
-"""Every bundled search space is valid; the seed's workloads run on tiny files of their formats."""
+"""Every bundled search space is valid; NNI's example workloads run on tiny files."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _write_mnist(directory: Path) -> None:
         (directory / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
 
 
-def test_seed_bnn_space_validates_on_cifar_files(
+def test_bnn_cifar10_space_validates_on_cifar_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -57,7 +57,7 @@ def test_seed_bnn_space_validates_on_cifar_files(
 
 
 @pytest.mark.slow
-def test_seed_bnn_space_runs_its_uniform_baseline_as_the_seed_config(
+def test_bnn_cifar10_uniform_baseline_is_the_nni_example_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
@@ -66,8 +66,8 @@ def test_seed_bnn_space_runs_its_uniform_baseline_as_the_seed_config(
             "--no-report"]
     assert main(args) == 0
     study = optuna.load_study(study_name="bnn-cifar10", storage="sqlite:///studies/bnn_cifar10.db")
-    seed_config = next(t for t in study.trials if t.user_attrs.get("baseline") == "uniform-1")
-    config_list = seed_config.user_attrs["config_list"]
+    example_trial = next(t for t in study.trials if t.user_attrs.get("baseline") == "uniform-1")
+    config_list = example_trial.user_attrs["config_list"]
     names = {
         role: sorted(n for e in config_list if e["quant_types"] == [role] for n in e["op_names"])
         for role in ("weight", "output")
@@ -79,7 +79,7 @@ def test_seed_bnn_space_runs_its_uniform_baseline_as_the_seed_config(
                               "features.20", "classifier.2", "classifier.5"])
 
 
-def test_seed_qat_mnist_space_validates_on_idx_files(
+def test_qat_mnist_space_validates_on_idx_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)

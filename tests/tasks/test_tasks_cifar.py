@@ -1,4 +1,4 @@
-"""CIFAR-10 from its python batches, the seed's VGG network and the small CNN."""
+"""CIFAR-10 from its python batches, NNI's BNN example VGG network and the small CNN."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_vgg_modules_at_the_seed_op_names_have_the_expected_types() -> None:
     modules = dict(VGG_Cifar10().named_modules())
     assert [type(modules[name]) for name in SEED_WEIGHT_OPS] == [nn.Conv2d] * 6 + [nn.Linear] * 2
     assert all(type(modules[name]) is nn.Hardtanh for name in SEED_OUTPUT_OPS)
-    # The first Hardtanh is left out of the seed's output list, and the last Linear stays float.
+    # The first Hardtanh is left out of that example's output list, and the last Linear stays float.
     assert type(modules["features.2"]) is nn.Hardtanh
     assert type(modules["classifier.6"]) is nn.Linear
     hardtanhs = [name for name, module in modules.items() if isinstance(module, nn.Hardtanh)]

@@ -77,7 +77,7 @@ class ListDataset(Dataset):
 # --- TrainConfig ------------------------------------------------------------------------------
 
 
-def test_train_config_defaults_match_the_contract() -> None:
+def test_train_config_defaults_are_the_documented_ones() -> None:
     config = TrainConfig()
     assert (config.epochs, config.batch_size, config.optimizer, config.lr) == (3, 64, "adam", 1e-3)
     assert (config.momentum, config.weight_decay, config.lr_schedule) == (0.9, 0.0, "none")

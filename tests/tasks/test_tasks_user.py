@@ -145,7 +145,7 @@ def test_the_target_must_be_callable(tmp_path: Path) -> None:
         get_task(f"{path}:make_task")
 
 
-def test_the_function_must_take_the_contract_keywords(tmp_path: Path) -> None:
+def test_the_function_must_take_the_documented_keywords(tmp_path: Path) -> None:
     path = _write(tmp_path, "positional.py", "def make_task(seed):\n    return None\n")
     with pytest.raises(TaskError) as info:
         get_task(f"{path}:make_task")

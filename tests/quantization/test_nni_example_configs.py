@@ -1,4 +1,4 @@
-"""The seed document's config_lists apply unchanged to the seed's networks."""
+"""The config_lists of NNI's QAT and BNN examples apply unchanged to their networks."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ QAT_CONFIG = [{
 }]
 
 
-def test_seed_bnn_config_quantizes_exactly_the_seed_layers() -> None:
+def test_nni_bnn_example_config_quantizes_exactly_its_layers() -> None:
     torch.manual_seed(0)
     model = VGG_Cifar10()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -55,7 +55,7 @@ def test_seed_bnn_config_quantizes_exactly_the_seed_layers() -> None:
     assert set(torch.unique(model.features[0].quantized_weight()).tolist()) == {-1.0, 1.0}
 
 
-def test_seed_qat_config_on_the_mnist_network() -> None:
+def test_nni_qat_example_config_on_the_mnist_network() -> None:
     model = MnistCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     quantizer = QAT_Quantizer(model, QAT_CONFIG, optimizer)
