@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
-from sqlalchemy.engine import make_url
+
+from quantsearch._studydata import sqlite_path
 
 __all__ = ["sqlite_folder", "storage_url"]
 
@@ -21,11 +22,6 @@ def storage_url(study: optuna.Study) -> str | None:
 
 def sqlite_folder(url: str | None) -> Path | None:
     """The folder holding the SQLite file of ``url`` (``sqlite:///path/to.db``), else None."""
-    if not url:
-        return None
-    parsed = make_url(url)
-    if not parsed.drivername.startswith("sqlite") or not parsed.database:
-        return None
-    if parsed.database == ":memory:":
-        return None
-    return Path(parsed.database).parent
+    path = sqlite_path(url) if url else None
+    return path.parent if path is not None else None
+

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from quantsearch._studydata import layer_order
+from quantsearch.quantization import QUANT_TYPES
 from quantsearch.report._errors import ReportError
 
 __all__ = [
     "BITS_PREFIX",
     "PARAMS_PREFIX",
-    "QUANT_TYPE_ORDER",
     "bits_columns",
     "check_reportable",
     "pareto_frame",
@@ -26,7 +27,6 @@ __all__ = [
 BITS_PREFIX = "bits."
 PARAMS_PREFIX = "params."
 ATTR_PREFIX = "attr."
-QUANT_TYPE_ORDER = ("weight", "input", "output")
 
 # User attributes that get a column of their own (everything else lands in "attr.<key>").
 _KNOWN_USER_ATTRS = (
@@ -79,27 +79,15 @@ def _is_feasible(trial: FrozenTrial) -> bool:
     return all(c <= 0.0 for c in trial.constraints.values())
 
 
-def _layer_order(study_layers: Sequence[str] | None, trials: Iterable[FrozenTrial]) -> list[str]:
-    """Layers in model order (the study's "layers" attribute), then any others as first seen."""
-    order: list[str] = list(study_layers or [])
-    seen = set(order)
-    for trial in trials:
-        for layer in trial.user_attrs.get("layer_bits") or {}:
-            if layer not in seen:
-                seen.add(layer)
-                order.append(layer)
-    return order
-
-
 def _bits_column_names(layers: Sequence[str], trials: Sequence[FrozenTrial]) -> list[str]:
     present: set[tuple[str, str]] = set()
     for trial in trials:
         for layer, per_type in (trial.user_attrs.get("layer_bits") or {}).items():
             present.update((layer, qtype) for qtype in per_type)
-    extra_types = sorted({t for _, t in present} - set(QUANT_TYPE_ORDER))
+    extra_types = sorted({t for _, t in present} - set(QUANT_TYPES))
     columns = []
     for layer in layers:
-        for qtype in (*QUANT_TYPE_ORDER, *extra_types):
+        for qtype in (*QUANT_TYPES, *extra_types):
             if (layer, qtype) in present:
                 columns.append(f"{BITS_PREFIX}{layer}.{qtype}")
     return columns
@@ -168,7 +156,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     # A trial that reused a finished trial's result ("duplicate_of") is the same point.
     front = study.best_trials if trials else []
     pareto_numbers = {t.number for t in front if "duplicate_of" not in t.user_attrs}
-    layers = _layer_order(study.user_attrs.get("layers"), trials)
+    layers = layer_order(study.user_attrs.get("layers"), trials)
     bits_cols = _bits_column_names(layers, trials)
     rows = [_row(trial, pareto_numbers, bits_cols) for trial in trials]
     frame = pd.DataFrame(rows)

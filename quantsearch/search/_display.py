@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any, TextIO
 
 import optuna
@@ -13,6 +12,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from quantsearch._studydata import layer_order
 from quantsearch._units import format_size
 from quantsearch.quantization import QUANT_TYPES
 from quantsearch.search._study import TrialReport
@@ -94,15 +94,6 @@ def _bits_cell(per_type: dict[str, int] | None) -> str:
     return "/".join(f"{t[0]}{per_type[t]}" for t in QUANT_TYPES if t in per_type)
 
 
-def _layer_order(study: optuna.Study, trials: Sequence[FrozenTrial]) -> list[str]:
-    order = list(study.user_attrs.get("layers") or [])
-    for trial in trials:
-        for layer in trial.user_attrs.get("layer_bits") or {}:
-            if layer not in order:
-                order.append(layer)
-    return order
-
-
 def _common_row(trial: FrozenTrial) -> dict[str, Any]:
     attrs = trial.user_attrs
     return {
@@ -123,7 +114,7 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
         (t for t in study.best_trials if "duplicate_of" not in t.user_attrs),
         key=lambda t: (t.values[1], t.number),
     )
-    layers = _layer_order(study, front)
+    layers = layer_order(study.user_attrs.get("layers"), front)
     rows = []
     for trial in front:
         row = _common_row(trial)

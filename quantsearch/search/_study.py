@@ -18,8 +18,8 @@ import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
-from sqlalchemy.engine import make_url
 
+from quantsearch._studydata import sqlite_path
 from quantsearch.quantization import ConfigError, get_quantizer, model_size_bytes
 from quantsearch.search._config_builder import ModelLayers, SpacePlan, config_key
 from quantsearch.search._errors import SpaceError
@@ -55,7 +55,6 @@ __all__ = [
     "prepare",
     "requeue_interrupted",
     "run_study",
-    "sqlite_path",
 ]
 
 DIRECTIONS = ("maximize", "minimize")
@@ -77,16 +76,6 @@ class StorageError(ValueError):
 
 class StudyBusyError(ValueError):
     """Another process is already running this study on this SQLite file."""
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The file of a ``sqlite:///`` URL, or None for other databases."""
-    parsed = make_url(url)
-    if not parsed.drivername.startswith("sqlite"):
-        return None
-    if not parsed.database or parsed.database == ":memory:":
-        return None
-    return Path(parsed.database)
 
 
 def artifacts_dir(spec: SearchSpec) -> tuple[Path, Path]:
@@ -643,9 +632,14 @@ class _Loop:
 
     def _abandon(self, reason: str) -> None:
         """Fail every trial this process holds and queue its parameters to run again."""
-        tickets = [*self.in_flight.values(), *(t for ts in self.parked.values() for t in ts)]
+        tickets = [
+            *self.in_flight.values(),
+            *(t for ts in self.parked.values() for t in ts),
+            *self.unparked,
+        ]
         self.in_flight.clear()
         self.parked.clear()
+        self.unparked.clear()
         for ticket in tickets:
             with contextlib.suppress(Exception):
                 _fail_and_requeue(self.study, ticket.trial, reason)
