@@ -319,7 +319,6 @@ class LsqQuant(TensorQuant):
         else:
             self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
         self.scale = nn.Parameter(torch.ones(1))
-        self.register_buffer("zero_point", torch.zeros(1))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
         self._observed = False
         if init_from is not None:
