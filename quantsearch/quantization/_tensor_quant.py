@@ -78,6 +78,12 @@ class TensorQuant(nn.Module):
     def _after_load(self) -> None:
         """Refresh Python-side mirrors of buffers after a state_dict load."""
 
+    @staticmethod
+    def _host_math(x: Tensor) -> bool:
+        """Per-tensor statistics as Python numbers: fastest on the CPU; on an accelerator the
+        tensor path avoids a host synchronisation per tensor and step."""
+        return x.device.type == "cpu"
+
     def _set_scheme(self, bits: int, scheme: str, dtype: str) -> None:
         """Bits, integer range and scheme flags of an affine quantizer."""
         if scheme not in SCHEMES:
@@ -146,7 +152,7 @@ class AffineWeightQuant(TensorQuant):
             self.zero_point.copy_(zero_point)
             return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis=0)
         rmin, rmax = torch.aminmax(detached)
-        if x.is_cuda:  # stay on the device: no host synchronisation
+        if not self._host_math(x):
             scale, zero_point = affine_qparams(rmin, rmax, self.qmin, self.qmax, self.symmetric)
             self.scale.copy_(scale)
             self.zero_point.copy_(zero_point)
@@ -198,9 +204,11 @@ class EmaActivationQuant(TensorQuant):
 
     @torch.no_grad()
     def _update(self, x: Tensor) -> None:
-        if self.per_channel:
-            flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-            rmin, rmax = torch.aminmax(flat, dim=1)
+        if self.per_channel or not self._host_math(x):
+            if self.per_channel:
+                rmin, rmax = torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
+            else:
+                rmin, rmax = torch.aminmax(x)
             if self._observed:
                 rmin = self.decay * self.tracked_min + (1 - self.decay) * rmin
                 rmax = self.decay * self.tracked_max + (1 - self.decay) * rmax
@@ -220,7 +228,7 @@ class EmaActivationQuant(TensorQuant):
 
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Scale (float32) and zero point (int32) from the tracked range."""
-        if self.per_channel:
+        if self.per_channel or not self._host_math(self.tracked_min):
             return affine_qparams(
                 self.tracked_min, self.tracked_max, self.qmin, self.qmax, self.symmetric
             )
@@ -232,9 +240,10 @@ class EmaActivationQuant(TensorQuant):
             self._update(x.detach())
         if not active or not self._observed:
             return x
-        if self.per_channel:
+        if self.per_channel or not self._host_math(x):
             scale, zero_point = self.qparams()
-            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis=1)
+            axis = 1 if self.per_channel else None
+            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis=axis)
         s, z = affine_qparams_float(self._min, self._max, self.qmin, self.qmax, self.symmetric)
         return fake_quantize(x, s, z, self.qmin, self.qmax)
 

@@ -175,3 +175,35 @@ def test_lsq_activation_scale_comes_from_the_first_training_batch() -> None:
     assert torch.equal(quant.eval()(x), x)  # nothing observed yet: passes through
     quant.train()(x)
     assert float(quant.scale.detach()) == pytest.approx(2 * (4 / 3) / math.sqrt(15), rel=1e-6)
+
+
+class _DeviceMathEma(EmaActivationQuant):
+    """The accelerator path (statistics kept as tensors), run on the CPU."""
+
+    @staticmethod
+    def _host_math(x: torch.Tensor) -> bool:
+        return False
+
+
+class _DeviceMathWeight(AffineWeightQuant):
+    @staticmethod
+    def _host_math(x: torch.Tensor) -> bool:
+        return False
+
+
+def test_tensor_path_for_accelerators_matches_the_host_path() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, 4, 4, generator=generator) * (i + 1) for i in range(3)]
+    host = EmaActivationQuant(8, scheme="per_tensor_affine", dtype="uint").train()
+    device = _DeviceMathEma(8, scheme="per_tensor_affine", dtype="uint").train()
+    for x in batches:
+        host_out, device_out = host(x), device(x)
+        scale = float(host.qparams()[0])
+        assert torch.allclose(host_out, device_out, atol=scale * 1.01)
+    assert float(device.tracked_min) == pytest.approx(float(host.tracked_min), rel=1e-6)
+    assert float(device.tracked_max) == pytest.approx(float(host.tracked_max), rel=1e-6)
+    weight = torch.randn(6, 3, generator=generator)
+    host_w = AffineWeightQuant(4, scheme="per_tensor_affine", dtype="uint", channels=6)
+    device_w = _DeviceMathWeight(4, scheme="per_tensor_affine", dtype="uint", channels=6)
+    assert torch.allclose(host_w(weight), device_w(weight), atol=float(host_w.scale) * 1.01)
+    assert float(device_w.scale) == pytest.approx(float(host_w.scale), rel=1e-6)
