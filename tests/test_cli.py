@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 import torch
 import yaml
 from optuna.trial import TrialState
@@ -285,12 +288,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
-    if not Path(storage.removeprefix("sqlite:///")).is_file():
+    path = Path(storage.removeprefix("sqlite:///"))
+    if not path.is_file():
         return []  # not created yet (loading would create it)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        try:
+            ready = db.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+        except sqlite3.Error:
+            ready = False
+    if not ready:
+        return []  # the study process is still creating its tables: never race it
     try:
         return optuna.load_study(study_name="small", storage=storage).get_trials()
-    except KeyError:
-        return []
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        return []  # the study process is still creating the database: poll again
 
 
 @pytest.mark.slow

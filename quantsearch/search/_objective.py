@@ -80,6 +80,8 @@ class TrialJob:
     config_list: list[dict[str, Any]]
     checkpoint: str | None = None
     hopeless: HopelessRule | None = None
+    # torch threads for this trial, set by ``fit``; the study leaves it None, as its worker
+    # processes set their threads once when they start.
     num_threads: int | None = None
 
 
@@ -124,8 +126,6 @@ def run_trial(job: TrialJob) -> TrialOutcome:
 
 
 def _run(job: TrialJob, started: float) -> TrialOutcome:
-    if job.num_threads is not None:
-        torch.set_num_threads(job.num_threads)
     task = build_task(job.task, job.task_seed)
     config = train_config(task, job.train, num_threads=job.num_threads)
     seed_everything(job.seed)

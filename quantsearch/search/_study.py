@@ -418,17 +418,29 @@ def counted_trials(trials: Sequence[FrozenTrial]) -> int:
 
 def front_size(trials: Sequence[FrozenTrial]) -> int:
     """Trials on the Pareto front (as ``study.best_trials``), a reused result counted once."""
-    points = [
-        (t.values[0], t.values[1])
+    points = sorted(
+        (t.values[1], t.values[0])
         for t in trials
         if t.state == TrialState.COMPLETE
         and "duplicate_of" not in t.user_attrs
         and all(c <= 0 for c in t.constraints.values())
-    ]
-    return sum(
-        not any(a >= acc and s <= size and (a, s) != (acc, size) for a, s in points)
-        for acc, size in points
     )
+    # One sweep by size: a point is dominated by a smaller one with at least its accuracy,
+    # or by one of its own size with a higher accuracy; equal points all count.
+    count = 0
+    best_smaller = -math.inf  # the highest accuracy among strictly smaller sizes
+    start = 0
+    while start < len(points):
+        size = points[start][0]
+        end = start
+        while end < len(points) and points[end][0] == size:
+            end += 1
+        top = points[end - 1][1]  # sorted: the highest accuracy of this size comes last
+        if top > best_smaller:
+            count += sum(acc == top for _, acc in points[start:end])
+            best_smaller = top
+        start = end
+    return count
 
 
 @dataclass
@@ -445,21 +457,29 @@ class _Ticket:
 class _Loop:
     study: optuna.Study
     context: StudyContext
-    jobs: int
     progress: Progress
+    # Set on a shared database (no lock file): other machines add and fail trials too.
     heartbeat: Heartbeat | None = None
     in_flight: dict[int, _Ticket] = field(default_factory=dict)
     # Trials waiting for a running twin (same config_list) instead of training it again.
     parked: dict[str, list[_Ticket]] = field(default_factory=dict)
     # Parked trials whose twin failed: they train after all.
     unparked: list[_Ticket] = field(default_factory=list)
+    # The finished trial of each config key (the lowest-numbered one): a repeated key reuses
+    # its result. Filled from every read of the trials, each finished trial keyed once.
+    finished: dict[str, FrozenTrial] = field(default_factory=dict)
+    _keyed: set[int] = field(default_factory=set)
+    # The trials as last read, their counted_trials, and the trials asked since that read.
+    _trials: list[FrozenTrial] = field(default_factory=list)
+    _counted: int = 0
+    _asked_since_read: int = 0
 
     @property
     def spec(self) -> SearchSpec:
         return self.context.spec
 
     def run(self, pool: InlinePool | ProcessPool) -> None:
-        trials = self.study.get_trials(deepcopy=False)
+        trials = self._read_trials()
         self.progress.start(
             total=self.spec.n_trials, done=self._done(trials), front=front_size(trials)
         )
@@ -478,17 +498,45 @@ class _Loop:
     def _done(self, trials: Sequence[FrozenTrial]) -> int:
         return counted_trials(trials) - sum(t.state == TrialState.RUNNING for t in trials)
 
+    def _read_trials(self) -> list[FrozenTrial]:
+        """Read all trials from the storage; key its newly finished trials in ``finished``."""
+        trials = self.study.get_trials(deepcopy=False)
+        for trial in trials:
+            if trial.state not in _FINISHED or trial.number in self._keyed:
+                continue
+            self._keyed.add(trial.number)
+            if "config_list" in trial.user_attrs:
+                train = trial.user_attrs.get("train", {})
+                key = config_key(trial.user_attrs["config_list"], train)
+                known = self.finished.get(key)
+                if known is None or trial.number < known.number:
+                    self.finished[key] = trial
+        self._trials = trials
+        self._counted = counted_trials(trials)
+        self._asked_since_read = 0
+        return trials
+
+    def _counted_now(self) -> int:
+        """counted_trials of the study as it is now.
+
+        With the lock file this process alone writes the study, and each ask adds one counted
+        trial (a new or WAITING trial becomes RUNNING) to the last read; on a shared database
+        other machines change it, so the trials are read again.
+        """
+        if self.heartbeat is not None:
+            self._read_trials()
+        return self._counted + self._asked_since_read
+
     def _fill(self, pool: InlinePool | ProcessPool) -> None:
         while self.unparked and pool.has_capacity:
             self._submit(pool, self.unparked.pop(0))
         while pool.has_capacity:
             if self.heartbeat is not None:
                 optuna.storages.fail_stale_trials(self.study)
-            trials = self.study.get_trials(deepcopy=False)
-            if counted_trials(trials) >= self.spec.n_trials:
+            if self._counted_now() >= self.spec.n_trials:
                 return
             ticket = self._ask()
-            original = self._finished_twin(ticket.key, trials)
+            original = self.finished.get(ticket.key)
             if original is not None:
                 self._tell_duplicate(ticket, original)
             elif any(t.key == ticket.key for t in self.in_flight.values()):
@@ -503,6 +551,7 @@ class _Loop:
             # Optuna expects heartbeats from Study.optimize; here the Heartbeat thread sends them.
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             trial = self.study.ask(plan.distributions)
+        self._asked_since_read += 1
         if self.heartbeat is not None:
             self.heartbeat.add(_trial_id(trial))
         values = plan.values(trial.params)
@@ -518,14 +567,6 @@ class _Loop:
             seed=trial_seed(self.spec.seed, trial.number),
         )
 
-    def _finished_twin(self, key: str, trials: Sequence[FrozenTrial]) -> FrozenTrial | None:
-        for trial in trials:
-            if trial.state in _FINISHED and "config_list" in trial.user_attrs:
-                train = trial.user_attrs.get("train", {})
-                if config_key(trial.user_attrs["config_list"], train) == key:
-                    return trial
-        return None
-
     def _submit(self, pool: InlinePool | ProcessPool, ticket: _Ticket) -> None:
         spec = self.spec
         _, folder = artifacts_dir(spec)
@@ -540,7 +581,6 @@ class _Loop:
             config_list=ticket.config_list,
             checkpoint=str(folder / f"trial_{number}.pt"),
             hopeless=spec.hopeless,
-            num_threads=threads_per_worker(self.jobs) if self.jobs > 1 else None,
         )
         self.in_flight[number] = ticket
         pool.submit(job)
@@ -578,8 +618,11 @@ class _Loop:
             if outcome.detail:
                 attrs["fail_detail"] = outcome.detail
         self._tell(ticket, outcome.state, attrs)
-        for twin in self.parked.pop(ticket.key, []):
-            finished = self.study.get_trials(deepcopy=False)[trial.number]
+        twins = self.parked.pop(ticket.key, [])
+        if not twins:
+            return
+        finished = self._trials[trial.number]  # as read by _tell
+        for twin in twins:
             if finished.state in _FINISHED:
                 self._tell_duplicate(twin, finished)
             else:
@@ -615,7 +658,7 @@ class _Loop:
             self.study.tell(trial, state=TrialState[state])
         if self.heartbeat is not None:
             self.heartbeat.discard(_trial_id(trial))
-        trials = self.study.get_trials(deepcopy=False)
+        trials = self._read_trials()
         report = TrialReport(
             number=trial.number,
             state=state,
@@ -688,7 +731,9 @@ def run_study(
         else:
             optuna.storages.fail_stale_trials(study)
             heartbeat = Heartbeat(_beat(study), HEARTBEAT_SECONDS)
-        loop = _Loop(study, context, jobs, progress, heartbeat)
+        loop = _Loop(study, context, progress, heartbeat)
+        # Each worker process sets its torch threads once, when it starts; the study's own
+        # process (jobs == 1) keeps its own setting.
         pool: InlinePool | ProcessPool = (
             InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=threads_per_worker(jobs))
         )
