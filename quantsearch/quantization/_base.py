@@ -53,17 +53,21 @@ def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:
     Found by running ``dummy_input`` through the model in eval mode with forward hooks (nothing
     in the model changes); the channel counts must agree.
     """
-    produced: dict[int, str] = {}
+    # Outputs stay referenced during the trace, so no later tensor can reuse their id().
+    produced: dict[int, tuple[str, Tensor]] = {}
     pairs: dict[str, str] = {}
     names = {id(m): n for n, m in model.named_modules()}
     modules = dict(model.named_modules())
 
     def after_conv(module: nn.Module, _inputs: tuple, output: Tensor) -> None:
-        produced[id(output)] = names[id(module)]
+        produced[id(output)] = (names[id(module)], output)
 
     def before_bn(module: nn.Module, inputs: tuple) -> None:
-        conv_name = produced.get(id(inputs[0])) if inputs else None
-        if conv_name is not None and modules[conv_name].out_channels == module.num_features:
+        entry = produced.get(id(inputs[0])) if inputs else None
+        if entry is None or entry[1] is not inputs[0]:
+            return
+        conv_name = entry[0]
+        if modules[conv_name].out_channels == module.num_features:
             pairs[conv_name] = names[id(module)]
 
     handles = []

@@ -189,3 +189,25 @@ def test_weightless_layers_in_a_weight_entry_are_left_alone() -> None:
         assert isinstance(model.get_submodule("conv1"), QuantWrapper)
         assert isinstance(model.get_submodule("relu1"), nn.ReLU6)
         model(batch()[0])
+
+
+class _ConvReluThenBn(nn.Module):
+    """A conv whose output does not feed the BatchNorm: nothing may be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.relu = nn.ReLU6()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.relu(self.conv(x)) + 1.0)
+
+
+def test_batch_norm_is_folded_only_into_the_conv_that_feeds_it() -> None:
+    model = _ConvReluThenBn()
+    x, _ = batch()
+    QAT_Quantizer(model, [{"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d"]}],
+                  dummy_input=x[:1]).compress()
+    assert model.conv.bn is None
+    assert isinstance(model.bn, nn.BatchNorm2d)
