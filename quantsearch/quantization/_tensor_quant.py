@@ -352,15 +352,20 @@ class LsqQuant(TensorQuant):
             return x
         # Scale the step size's gradient by 1/sqrt(numel * Qp) without changing its value.
         grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
-        step = self.scale.clamp(min=SCALE_FLOOR)
+        step = self._step_size()
         step = (step - step * grad_factor).detach() + step * grad_factor
         return round_ste(torch.clamp(x / step, self.qmin, self.qmax)) * step
 
     def param_bytes(self) -> int:
         return 4  # the learned float32 step size; the zero point is always 0
 
+    def _step_size(self) -> Tensor:
+        # |s|: an optimizer step that overshoots past zero must not freeze the step size (the
+        # floor alone would block its gradient for good).
+        return self.scale.abs().clamp(min=SCALE_FLOOR)
+
     def _scale_value(self) -> Tensor:
-        return self.scale.detach().clamp(min=SCALE_FLOOR).reshape(())
+        return self._step_size().detach().reshape(())
 
     def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
         return _affine_codes(

@@ -207,3 +207,14 @@ def test_tensor_path_for_accelerators_matches_the_host_path() -> None:
     device_w = _DeviceMathWeight(4, scheme="per_tensor_affine", dtype="uint", channels=6)
     assert torch.allclose(host_w(weight), device_w(weight), atol=float(host_w.scale) * 1.01)
     assert float(device_w.scale) == pytest.approx(float(host_w.scale), rel=1e-6)
+
+
+def test_lsq_step_size_that_overshoots_zero_keeps_learning() -> None:
+    quant = LsqQuant(4, dtype="int", init_from=torch.tensor([0.5, -0.5]))
+    with torch.no_grad():
+        quant.scale.fill_(-0.1)  # an optimizer step past zero
+    x = torch.tensor([0.33, -0.71, 0.07])
+    out = quant(x)
+    assert out.tolist() == pytest.approx([0.3, -0.7, 0.1])  # |s| = 0.1
+    out.sum().backward()
+    assert float(quant.scale.grad) != 0.0
