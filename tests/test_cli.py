@@ -287,6 +287,13 @@ def _command(*args: str) -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _run_process(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`quantsearch ARGS` as a real process in ``folder``."""
+    return subprocess.run(
+        _command(*args), cwd=folder, env=ENV, capture_output=True, text=True, timeout=300
+    )
+
+
 def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     path = Path(storage.removeprefix("sqlite:///"))
     if not path.is_file():
@@ -336,14 +343,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
     before = _trials(storage)
     assert sum(t.state == TrialState.COMPLETE for t in before) < n_trials
 
-    result = subprocess.run(
-        _command("study", "--space", str(space), "--quiet", "--no-report"),
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_process(tmp_path, "study", "--space", str(space), "--quiet", "--no-report")
     assert result.returncode == 0, result.stderr
     after = _trials(storage)
     complete = [t for t in after if t.state == TrialState.COMPLETE]
@@ -365,14 +365,7 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_jobs_from_the_command_line(tmp_path: Path) -> None:
     space = _space(tmp_path, n_trials=6)
-    result = subprocess.run(
-        _command("study", "--space", str(space), "--jobs", "2", "--quiet"),
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _run_process(tmp_path, "study", "--space", str(space), "--jobs", "2", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "error" not in result.stderr.lower()
     assert "locked" not in result.stderr.lower()
