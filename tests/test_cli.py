@@ -328,8 +328,12 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
-            states = [t.state for t in _trials(storage)]
-            if TrialState.COMPLETE in states and TrialState.RUNNING in states:
+            trials = _trials(storage)
+            sampled = [set(t.params) for t in trials if t.state == TrialState.COMPLETE]
+            # Training starts once every parameter is sampled: kill only then.
+            if sampled and any(
+                t.state == TrialState.RUNNING and set(t.params) >= sampled[0] for t in trials
+            ):
                 break
             time.sleep(0.05)
         assert process.poll() is None, process.stderr.read().decode()
@@ -357,7 +361,9 @@ def test_resume_after_sigkill(tmp_path: Path) -> None:
         assert after[number].user_attrs["fail_reason"].startswith("interrupted")
         retry = [t for t in after if t.user_attrs.get("retry_of") == number]
         assert len(retry) == 1
-        assert retry[0].params == after[number].params
+        # A trial killed while sampling is retried with what it had sampled, the rest drawn anew.
+        assert retry[0].params.items() >= after[number].params.items()
+        assert len(retry[0].params) == len(complete[0].params)
         assert retry[0].state == TrialState.COMPLETE
     assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
