@@ -143,7 +143,9 @@ class _FakeQuantize(torch.autograd.Function):
     ) -> Tensor:
         codes = x.mul(inv_scale).round_()
         clamped = codes.clamp(low, high)
-        ctx.save_for_backward(clamped.eq(codes))  # type: ignore[attr-defined]
+        # A float 0/1 mask: comparing into and multiplying by bool tensors is ~4x slower on CPU.
+        inside = torch.eq(clamped, codes, out=torch.empty_like(x))
+        ctx.save_for_backward(inside)  # type: ignore[attr-defined]
         return clamped.mul_(scale)
 
     @staticmethod
@@ -152,25 +154,48 @@ class _FakeQuantize(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
+#: Up to this many elements (and always off the CPU) torch's fused fake-quantization kernels are
+#: the faster choice: one dispatch, backward in C++. Above it their CPU loop loses to the
+#: vectorised arithmetic of ``_FakeQuantize``.
+NATIVE_MAX_NUMEL = 16384
+
+
+def _use_native(x: Tensor) -> bool:
+    return x.dtype == torch.float32 and (x.device.type != "cpu" or x.numel() <= NATIVE_MAX_NUMEL)
+
+
 def fake_quantize(
     x: Tensor, scale: float | Tensor, zero_point: int | Tensor, qmin: int, qmax: int,
     *, axis: int | None = None,
 ) -> Tensor:
-    """Affine fake quantization, per tensor (Python ``scale``/``zero_point``) or per channel
-    (1-dim tensors along ``axis``).
+    """Affine fake quantization, per tensor (Python ``scale``/``zero_point``, or 0-dim tensors)
+    or per channel (1-dim tensors along ``axis``).
 
     Bit-identical to torch's ``fake_quantize_per_tensor_affine``/``..._per_channel_affine``
-    (same float32 arithmetic: x * (1/s), round half to even, clamp, (q - z) * s), and several
-    times faster on CPU than those kernels.
+    (same float32 arithmetic: x * (1/s), round half to even, clamp, (q - z) * s), which it calls
+    for small tensors and off the CPU; on larger CPU tensors its own arithmetic is several
+    times faster than those kernels.
     """
     if isinstance(scale, Tensor):
+        scale = scale.to(device=x.device, dtype=torch.float32)
+        zero_point = zero_point.to(device=x.device, dtype=torch.int32)  # type: ignore[union-attr]
+        if _use_native(x):
+            if axis is None:
+                return torch.fake_quantize_per_tensor_affine(
+                    x, scale.reshape(()), zero_point.reshape(()), qmin, qmax
+                )
+            return torch.fake_quantize_per_channel_affine(
+                x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax
+            )
         shape = [1] * x.dim()
         if axis is not None:
             shape[axis] = -1
-        scale = scale.to(device=x.device, dtype=torch.float32).reshape(shape)
-        shift = zero_point.to(device=x.device).reshape(shape).float()  # type: ignore[union-attr]
+        scale = scale.reshape(shape)
+        shift = zero_point.reshape(shape).float()
         return _FakeQuantize.apply(
             x, scale, torch.reciprocal(scale), qmin - shift, qmax - shift
         )
+    if _use_native(x):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
     inv_scale = float(np.float32(1.0) / np.float32(scale))
     return _FakeQuantize.apply(x, scale, inv_scale, qmin - zero_point, qmax - zero_point)

@@ -219,7 +219,8 @@ class EmaActivationQuant(TensorQuant):
             if self._observed:
                 rmin = self.decay * self._min + (1 - self.decay) * rmin
                 rmax = self.decay * self._max + (1 - self.decay) * rmax
-            self._min, self._max = rmin, rmax
+            # Straight into __dict__: nn.Module.__setattr__ costs microseconds per call.
+            self.__dict__.update(_min=rmin, _max=rmax)
             self.tracked_min.fill_(rmin)
             self.tracked_max.fill_(rmax)
         if not self._observed:

@@ -72,16 +72,20 @@ class QuantWrapper(nn.Module):
             parts.append(f"folded={self.bn_name}")
         return ", ".join(parts)
 
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self.steps.fill_(self._steps)  # the count lives in Python; the buffer carries it
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._steps = int(self.steps)
+        self.__dict__["_steps"] = int(self.steps)
 
     def advance(self) -> None:
         """Count one optimizer step."""
-        self._steps += 1
-        self.steps.fill_(self._steps)
+        # Straight into __dict__: nn.Module.__setattr__ costs microseconds per layer and step.
+        self.__dict__["_steps"] = self._steps + 1
 
     def _folded(self) -> tuple[Tensor, Tensor | None]:
         """The weight and bias the layer computes with: BatchNorm folded in when paired.
@@ -130,11 +134,11 @@ class QuantWrapper(nn.Module):
     def _folded_training_forward(self, x: Tensor, active: bool) -> Tensor:
         """Training with BatchNorm folded in, in one convolution.
 
-        The conv runs with the quantized folded weight q(w * f), f = gamma / sigma_running;
-        dividing its output by f gives back the float conv's scale, and BatchNorm then normalises
-        with the batch statistics and updates its running averages, as in float training. f is a
-        constant here: BatchNorm normalises it away, so gamma learns through BatchNorm alone.
-        Eval mode uses the folded weight and bias directly.
+        The conv runs with the quantized folded weight q(w * f), f = gamma / sigma_running, and
+        the bias b * f; multiplying its output by 1 / f gives back the float conv's scale, and
+        BatchNorm then normalises with the batch statistics and updates its running averages, as
+        in float training. f is a constant here: BatchNorm normalises it away, so gamma learns
+        through BatchNorm alone. Eval mode uses the folded weight and bias directly.
         """
         bn = self.bn
         assert bn is not None
@@ -142,15 +146,13 @@ class QuantWrapper(nn.Module):
             factor = torch.rsqrt(bn.running_var + bn.eps)
             if bn.weight is not None:
                 factor.mul_(bn.weight)
-        weight = self.module.weight
+            inverse = torch.reciprocal(factor)  # a multiply is cheaper than a divide per element
+        weight, bias = self.module.weight, self.module.bias
         shape = (-1,) + (1,) * (weight.dim() - 1)
         quantized = self.weight_quant(weight * factor.reshape(shape), active)
-        channel_shape = (1, -1) + (1,) * (weight.dim() - 2)
-        out = self.module._conv_forward(x, quantized, None) / factor.reshape(channel_shape)
-        bias = self.module.bias
-        if bias is not None:
-            out = out + bias.reshape(channel_shape)
-        return bn(out)
+        scaled_bias = None if bias is None else bias * factor
+        out = self.module._conv_forward(x, quantized, scaled_bias)
+        return bn(out * inverse.reshape((1, -1) + (1,) * (weight.dim() - 2)))
 
     @torch.no_grad()
     def quantized_weight(self) -> Tensor:

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from quantsearch.quantization._math import SCALE_FLOOR, affine_qparams, quant_range
+from quantsearch.quantization._math import (
+    NATIVE_MAX_NUMEL,
+    SCALE_FLOOR,
+    affine_qparams,
+    fake_quantize,
+    quant_range,
+    to_float32,
+)
 from quantsearch.quantization._tensor_quant import (
     AffineWeightQuant,
     DoReFaWeightQuant,
@@ -113,6 +120,43 @@ def test_fake_quantization_formula() -> None:
     expected = [scale * (min(max(round(v / scale + zp), 0), 3) - zp) for v in x.tolist()]
     assert out.tolist() == pytest.approx(expected)
     assert float(quant.scale.detach()) == scale and int(quant.zero_point) == zp
+
+
+def _with_gradient(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    out = fn(x)
+    out.backward(torch.linspace(-1, 1, x.numel()).reshape(x.shape))
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("numel", [300, NATIVE_MAX_NUMEL + 300], ids=["small", "large"])
+@pytest.mark.parametrize(("bits", "dtype"), [(8, "int"), (8, "uint"), (3, "uint"), (16, "int")])
+def test_fake_quantize_is_bit_identical_to_torch_kernels(numel: int, bits: int, dtype: str) -> None:
+    """Small tensors go to torch's kernels, large ones to our arithmetic: both agree bit for bit,
+    ties (x exactly half a step) and clipped values included, in output and gradient."""
+    qmin, qmax = quant_range(bits, dtype)
+    scale = to_float32(5.0 / (qmax - qmin))
+    zero_point = qmin + (qmax - qmin) // 3
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(bits)) * 4
+    x[:200] = (torch.arange(200) - 100 + 0.5) * scale  # round-half-to-even cases
+    ours = _with_gradient(lambda t: fake_quantize(t, scale, zero_point, qmin, qmax), x)
+    torch_ = _with_gradient(
+        lambda t: torch.fake_quantize_per_tensor_affine(t, scale, zero_point, qmin, qmax), x
+    )
+    assert torch.equal(ours[0], torch_[0]) and torch.equal(ours[1], torch_[1])
+    assert 0 < int((ours[1] == 0).sum()) < numel  # some values were clipped, some not
+
+    channels = torch.linspace(0.5, 2, 4) * scale
+    zero_points = torch.tensor([qmin, zero_point, zero_point, qmax], dtype=torch.int32)
+    x2 = x.reshape(4, -1)
+    ours = _with_gradient(
+        lambda t: fake_quantize(t, channels, zero_points, qmin, qmax, axis=0), x2
+    )
+    torch_ = _with_gradient(
+        lambda t: torch.fake_quantize_per_channel_affine(t, channels, zero_points, 0, qmin, qmax),
+        x2,
+    )
+    assert torch.equal(ours[0], torch_[0]) and torch.equal(ours[1], torch_[1])
 
 
 def test_dorefa_two_bit_levels() -> None:
