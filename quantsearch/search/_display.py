@@ -76,6 +76,7 @@ class ConsoleProgress:
         self.bar.write(line, file=self.stream)
         self.bar.set_postfix_str(f"front {front}", refresh=False)
         self.bar.update(max(0, done - self.bar.n))
+        self.bar.refresh()  # trials end seconds apart: never leave the count behind tqdm's throttle
 
     def close(self) -> None:
         if self.bar is not None:
