@@ -6,7 +6,9 @@ Up to three runs on the same work: float, quantsearch QAT and NNI QAT, each W8A8
 every Conv2d/Linear, 8-bit ReLU6 outputs), Adam lr 1e-3, the same batch every step. Both
 quantizers get ``dummy_input=torch.rand(1, 1, 8, 8)``, so both fold BatchNorm into the convs.
 Runs are timed in alternating rounds (the order rotates each round) and the medians are printed,
-with the ratios ours/float, nni/float and nni/ours.
+with the ratios ours/float, nni/float and nni/ours. Like ``quantsearch study``, the script makes
+glibc's malloc keep freed memory (``--system-malloc`` leaves it alone): otherwise page faults
+add a noisy ~10% to every step, float and quantized alike.
 
 NNI is not a dependency of quantsearch; to include it, run this in a throwaway venv that has it:
 
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantsearch._malloc import keep_freed_memory
 from quantsearch.quantization import QAT_Quantizer
 from quantsearch.tasks import DigitsCNN
 
@@ -76,8 +79,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--system-malloc", action="store_true",
+        help="leave glibc's malloc as it is (quantsearch study makes it keep freed memory)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    malloc = "glibc defaults" if args.system_malloc or not keep_freed_memory() else "freed kept"
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 1, 8, 8, generator=generator)
     y = torch.randint(0, 10, (args.batch_size,), generator=generator)
@@ -110,7 +118,7 @@ def main() -> None:
         print(f" nni/float: {median['nni'] / median['float']:.2f}x")
         print(f"  nni/ours: {median['nni'] / median['ours']:.2f}x")
     versions = f"torch {torch.__version__}" + (f", {nni_note}" if nni_qat is not None else "")
-    print(f"(batch {args.batch_size}, {args.threads} threads, {versions})")
+    print(f"(batch {args.batch_size}, {args.threads} threads, malloc {malloc}, {versions})")
 
 
 if __name__ == "__main__":

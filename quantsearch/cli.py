@@ -166,6 +166,7 @@ def _raise_on_sigterm(signum: int, frame: Any) -> NoReturn:
 def _cmd_study(args: argparse.Namespace) -> int:
     import torch
 
+    from quantsearch._malloc import keep_freed_memory
     from quantsearch.search import ConsoleProgress, front_table, prepare, run_study
 
     spec = _load_spec(args)
@@ -175,6 +176,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         # The study's own process only samples and records: the workers get the cores.
         torch.set_num_threads(1)
     context = prepare(spec)
+    keep_freed_memory()  # trials train in this process (or its workers, which do the same)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     progress = ConsoleProgress(quiet=args.quiet)
     print(

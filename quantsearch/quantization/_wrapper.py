@@ -134,25 +134,25 @@ class QuantWrapper(nn.Module):
     def _folded_training_forward(self, x: Tensor, active: bool) -> Tensor:
         """Training with BatchNorm folded in, in one convolution.
 
-        The conv runs with the quantized folded weight q(w * f), f = gamma / sigma_running, and
-        the bias b * f; multiplying its output by 1 / f gives back the float conv's scale, and
-        BatchNorm then normalises with the batch statistics and updates its running averages, as
-        in float training. f is a constant here: BatchNorm normalises it away, so gamma learns
+        The weight is quantized folded, q(w * f) with f = gamma / sigma_running, then divided by
+        f again per output channel: the conv computes the float conv's scale, and BatchNorm
+        normalises with the batch statistics and updates its running averages, as in float
+        training. (Dividing the tiny weight instead of the conv's output is the same linear map,
+        and far cheaper.) f is a constant here: BatchNorm normalises it away, so gamma learns
         through BatchNorm alone. Eval mode uses the folded weight and bias directly.
         """
         bn = self.bn
         assert bn is not None
+        weight = self.module.weight
+        shape = (-1,) + (1,) * (weight.dim() - 1)
         with torch.no_grad():
             factor = torch.rsqrt(bn.running_var + bn.eps)
             if bn.weight is not None:
                 factor.mul_(bn.weight)
-            inverse = torch.reciprocal(factor)  # a multiply is cheaper than a divide per element
-        weight, bias = self.module.weight, self.module.bias
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        quantized = self.weight_quant(weight * factor.reshape(shape), active)
-        scaled_bias = None if bias is None else bias * factor
-        out = self.module._conv_forward(x, quantized, scaled_bias)
-        return bn(out * inverse.reshape((1, -1) + (1,) * (weight.dim() - 2)))
+            factor = factor.reshape(shape)
+            inverse = torch.reciprocal(factor)
+        quantized = self.weight_quant(weight * factor, active)
+        return bn(self.module._conv_forward(x, quantized * inverse, self.module.bias))
 
     @torch.no_grad()
     def quantized_weight(self) -> Tensor:

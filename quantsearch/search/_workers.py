@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from quantsearch._malloc import keep_freed_memory
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial
 
 __all__ = ["Heartbeat", "InlinePool", "ProcessPool", "available_cores", "threads_per_worker"]
@@ -70,6 +71,7 @@ def _worker_main(inbox: Any, outbox: Any, index: int, num_threads: int) -> None:
     import torch
 
     torch.set_num_threads(num_threads)
+    keep_freed_memory()
     while True:
         job = inbox.get()
         if job is None:
