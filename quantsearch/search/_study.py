@@ -7,6 +7,7 @@ import fcntl
 import math
 import os
 import sqlite3
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -182,11 +183,22 @@ def _storage(spec: SearchSpec) -> RDBStorage:
 
 def _open_rdb(url: str, **options: Any) -> RDBStorage:
     """Optuna's RDB storage; a missing driver or an unreachable server is a StorageError."""
+    for wait in (0.2, 0.5, 1.0, 2.0):
+        try:
+            return _open_rdb_once(url, **options)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Another machine is creating the same tables this instant: open them once made.
+            time.sleep(wait)
+    return _open_rdb_once(url, **options)
+
+
+def _open_rdb_once(url: str, **options: Any) -> RDBStorage:
     try:
         return RDBStorage(url, **options)
-    except ImportError:
+    except ImportError as error:
+        missing = error.__cause__ or error
         raise StorageError(
-            f"{url}: no database driver for this URL is installed; for PostgreSQL: "
+            f"{url}: no database driver for this URL is installed ({missing}); for PostgreSQL: "
             "pip install 'quantsearch[postgres]'"
         ) from None
     except sqlalchemy.exc.OperationalError as error:

@@ -1,0 +1,110 @@
+"""A real PostgreSQL server: two `quantsearch study` processes, as on two machines, share a study.
+
+The server is a throwaway cluster (initdb + pg_ctl) in a temporary folder; the test is skipped
+where the PostgreSQL server binaries or psycopg are missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.search._spaces import write_space
+
+
+def _server_bin() -> Path | None:
+    found = shutil.which("initdb") or next(
+        iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)), None
+    )
+    return Path(found).parent if found else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    pytest.importorskip("psycopg")
+    server_bin = _server_bin()
+    if server_bin is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on this machine")
+    # The server refuses to run as root: run it as the postgres user, in a folder it owns.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="quantsearch-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", _free_port()
+    quiet = {"check": True, "capture_output": True, "timeout": 120}
+    subprocess.run(
+        [*as_user, str(server_bin / "initdb"), "-D", str(data), "-U", "quantsearch",
+         "--auth=trust", "-E", "UTF8"],
+        **quiet,
+    )
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    pg_ctl = [*as_user, str(server_bin / "pg_ctl"), "-D", str(data)]
+    subprocess.run([*pg_ctl, "-o", options, "-l", str(folder / "log"), "-w", "start"], **quiet)
+    try:
+        yield f"postgresql://quantsearch@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_machines_share_one_study(tmp_path: Path, postgres_url: str) -> None:
+    n_trials = 8
+    space = write_space(tmp_path, n_trials=n_trials, storage=postgres_url, train={"epochs": 3})
+    machines = [tmp_path / "machine_a", tmp_path / "machine_b"]
+    processes = []
+    for folder in machines:
+        folder.mkdir()
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "quantsearch", "study", "--space", str(space), "--quiet",
+                 "--no-report"],
+                cwd=folder,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err
+
+    trials = optuna.load_study(study_name="small", storage=postgres_url).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    # Two machines asking at the same instant may each start the last trial.
+    assert n_trials <= len(complete) <= n_trials + 1
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    # The study was created once: one set of baselines.
+    assert sorted(t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs) == [
+        "float",
+        "uniform-8",
+    ]
+    # Every trial was run by exactly one machine, and its checkpoint is on that machine.
+    owners = {
+        t.number: [i for i, (out, _) in enumerate(outputs) if f"trial {t.number:>3} " in out]
+        for t in trials
+    }
+    assert all(len(owner) == 1 for owner in owners.values()), owners
+    for trial in trials:
+        if "checkpoint" in trial.user_attrs and "duplicate_of" not in trial.user_attrs:
+            checkpoint = Path(trial.user_attrs["checkpoint"])
+            assert checkpoint.is_file()
+            assert checkpoint.is_relative_to(machines[owners[trial.number][0]])
