@@ -183,13 +183,21 @@ def _storage(spec: SearchSpec) -> RDBStorage:
 
 def _open_rdb(url: str, **options: Any) -> RDBStorage:
     """Optuna's RDB storage; a missing driver or an unreachable server is a StorageError."""
-    for wait in (0.2, 0.5, 1.0, 2.0):
+    waits = [0.2, 0.5, 1.0, 2.0]
+    while True:
         try:
             return _open_rdb_once(url, **options)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # Another machine is creating the same tables this instant: open them once made.
-            time.sleep(wait)
-    return _open_rdb_once(url, **options)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # What another machine creating the same tables this instant looks like: retry.
+            if not waits:
+                reason = _reason(error)
+                raise StorageError(f"{url}: cannot set up the study tables: {reason}") from None
+            time.sleep(waits.pop(0))
+
+
+def _reason(error: sqlalchemy.exc.DBAPIError) -> str:
+    """The first line of what the database said."""
+    return str(error.orig or error).strip().splitlines()[0]
 
 
 def _open_rdb_once(url: str, **options: Any) -> RDBStorage:
@@ -202,8 +210,7 @@ def _open_rdb_once(url: str, **options: Any) -> RDBStorage:
             "pip install 'quantsearch[postgres]'"
         ) from None
     except sqlalchemy.exc.OperationalError as error:
-        reason = str(error.orig or error).strip().splitlines()[0]
-        raise StorageError(f"{url}: cannot open the database: {reason}") from None
+        raise StorageError(f"{url}: cannot open the database: {_reason(error)}") from None
     except sqlalchemy.exc.ArgumentError as error:  # e.g. an unknown dialect such as foo://
         raise StorageError(f"{url}: not a database URL sqlalchemy knows: {error}") from None
 

@@ -108,3 +108,24 @@ def test_two_machines_share_one_study(tmp_path: Path, postgres_url: str) -> None
             checkpoint = Path(trial.user_attrs["checkpoint"])
             assert checkpoint.is_file()
             assert checkpoint.is_relative_to(machines[owners[trial.number][0]])
+
+
+@pytest.mark.slow
+def test_a_role_that_cannot_create_tables_is_a_user_error(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("CREATE ROLE reader LOGIN")
+    url = postgres_url.replace("quantsearch@", "reader@")
+    space = write_space(tmp_path, storage=url)
+    result = subprocess.run(
+        [sys.executable, "-m", "quantsearch", "study", "--space", str(space)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"quantsearch: error: {url}: cannot set up the study tables: "
+        "permission denied for schema public\n"
+    )
