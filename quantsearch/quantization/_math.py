@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -13,6 +16,7 @@ __all__ = [
     "binarize",
     "dorefa_levels_to_weight",
     "fake_quantize",
+    "fake_quantize_clamped",
     "quant_range",
     "round_ste",
     "to_float32",
@@ -129,7 +133,8 @@ class _FakeQuantize(torch.autograd.Function):
     rounded code is inside [qmin, qmax] (the straight-through estimator with clipping).
 
     The zero point moves into the clamp bounds (clamp(round(x / s), qmin - z, qmax - z)): the same
-    integers, two passes fewer over the tensor.
+    integers, two passes fewer over the tensor. With a ``window`` (a, b) the input is first
+    clamped to [a, b] (see :func:`fake_quantize_clamped`) and the gradient also needs a < x < b.
     """
 
     @staticmethod
@@ -140,18 +145,24 @@ class _FakeQuantize(torch.autograd.Function):
         inv_scale: float | Tensor,
         low: float | Tensor,
         high: float | Tensor,
+        window: tuple[float, float] | None = None,
     ) -> Tensor:
         codes = x.mul(inv_scale).round_()
         clamped = codes.clamp(low, high)
         # The mask overwrites the codes, as float 0/1: bool tensors are ~4x slower on the CPU.
         inside = torch.eq(clamped, codes, out=codes)
-        ctx.save_for_backward(inside)  # type: ignore[attr-defined]
+        ctx.window = window  # type: ignore[attr-defined]
+        ctx.save_for_backward(inside, x if window else None)  # type: ignore[attr-defined]
         return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (inside,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * inside, None, None, None, None
+        inside, x = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = grad * inside
+        window = ctx.window  # type: ignore[attr-defined]
+        if window is not None:
+            grad = torch.ops.aten.hardtanh_backward(grad, x, *window)
+        return grad, None, None, None, None, None
 
 
 #: Up to this many elements (and always off the CPU) torch's fused fake-quantization kernels are
@@ -199,3 +210,24 @@ def fake_quantize(
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
     inv_scale = float(np.float32(1.0) / np.float32(scale))
     return _FakeQuantize.apply(x, scale, inv_scale, qmin - zero_point, qmax - zero_point)
+
+
+def fake_quantize_clamped(
+    x: Tensor, low: float, high: float, scale: float, zero_point: int, qmin: int, qmax: int
+) -> Tensor:
+    """``fake_quantize(x.clamp(low, high), ...)`` bit for bit, values and gradients, with the
+    clamp (a ReLU, ReLU6 or Hardtanh whose range holds 0) folded into the quantizer's own clamp:
+    one pass over the tensor and one autograd node fewer on large CPU tensors.
+
+    Rounding x / s is monotone, so round(clamp(x, a, b) / s) = clamp(round(x / s), round(a / s),
+    round(b / s)); the activation's gradient window a < x < b is applied in backward.
+    """
+    if _use_native(x):
+        return fake_quantize(F.hardtanh(x, low, high), scale, zero_point, qmin, qmax)
+    inv_scale = float(np.float32(1.0) / np.float32(scale))
+    code_low, code_high = qmin - zero_point, qmax - zero_point
+    # The codes of the bounds as float32 computes them (a float32 product is exact in a double).
+    code_low = max(code_low, round(to_float32(to_float32(low) * inv_scale)))
+    if math.isfinite(high):
+        code_high = min(code_high, round(to_float32(to_float32(high) * inv_scale)))
+    return _FakeQuantize.apply(x, scale, inv_scale, code_low, code_high, (low, high))

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._math import (
@@ -19,6 +20,7 @@ from ._math import (
     binarize,
     dorefa_levels_to_weight,
     fake_quantize,
+    fake_quantize_clamped,
     quant_range,
     round_ste,
 )
@@ -204,25 +206,32 @@ class EmaActivationQuant(TensorQuant):
 
     @torch.no_grad()
     def _update(self, x: Tensor) -> None:
-        if self.per_channel or not self._host_math(x):
-            if self.per_channel:
-                rmin, rmax = torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
-            else:
-                rmin, rmax = torch.aminmax(x)
-            if self._observed:
-                rmin = self.decay * self.tracked_min + (1 - self.decay) * rmin
-                rmax = self.decay * self.tracked_max + (1 - self.decay) * rmax
-            self.tracked_min, self.tracked_max = rmin, rmax
+        if not self.per_channel and self._host_math(x):
+            rmin, rmax = torch.aminmax(x)
+            self._observe(rmin.item(), rmax.item())
+            return
+        if self.per_channel:
+            rmin, rmax = torch.aminmax(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
         else:
-            rmin_t, rmax_t = torch.aminmax(x)
-            rmin, rmax = rmin_t.item(), rmax_t.item()
-            if self._observed:
-                rmin = self.decay * self._min + (1 - self.decay) * rmin
-                rmax = self.decay * self._max + (1 - self.decay) * rmax
-            # Straight into __dict__: nn.Module.__setattr__ costs microseconds per call.
-            self.__dict__.update(_min=rmin, _max=rmax)
-            self.tracked_min.fill_(rmin)
-            self.tracked_max.fill_(rmax)
+            rmin, rmax = torch.aminmax(x)
+        if self._observed:
+            rmin = self.decay * self.tracked_min + (1 - self.decay) * rmin
+            rmax = self.decay * self.tracked_max + (1 - self.decay) * rmax
+        self.tracked_min, self.tracked_max = rmin, rmax
+        self._mark_observed()
+
+    def _observe(self, rmin: float, rmax: float) -> None:
+        """The host path's EMA update from one batch's min and max."""
+        if self._observed:
+            rmin = self.decay * self._min + (1 - self.decay) * rmin
+            rmax = self.decay * self._max + (1 - self.decay) * rmax
+        # Straight into __dict__: nn.Module.__setattr__ costs microseconds per call.
+        self.__dict__.update(_min=rmin, _max=rmax)
+        self.tracked_min.fill_(rmin)
+        self.tracked_max.fill_(rmax)
+        self._mark_observed()
+
+    def _mark_observed(self) -> None:
         if not self._observed:
             self._observed = True
             self.observed.fill_(True)
@@ -247,6 +256,23 @@ class EmaActivationQuant(TensorQuant):
             return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis=axis)
         s, z = affine_qparams_float(self._min, self._max, self.qmin, self.qmax, self.symmetric)
         return fake_quantize(x, s, z, self.qmin, self.qmax)
+
+    def forward_clamped(self, x: Tensor, low: float, high: float, active: bool = True) -> Tensor:
+        """``forward(x.clamp(low, high))`` bit for bit (values, statistics and gradients), the
+        clamp folded into the quantization where the statistics are per tensor on the CPU.
+
+        For a ReLU, ReLU6 or Hardtanh whose outputs this quantizes; ``low <= 0 <= high``, both
+        float32 values. min and max of the clamped tensor are those of x, clamped.
+        """
+        if self.per_channel or not self._host_math(x):
+            return self.forward(F.hardtanh(x, low, high), active)
+        if self.training:
+            rmin, rmax = torch.aminmax(x.detach())
+            self._observe(min(max(rmin.item(), low), high), min(max(rmax.item(), low), high))
+        if not active or not self._observed:
+            return F.hardtanh(x, low, high)
+        s, z = affine_qparams_float(self._min, self._max, self.qmin, self.qmax, self.symmetric)
+        return fake_quantize_clamped(x, low, high, s, z, self.qmin, self.qmax)
 
     def param_bytes(self) -> int:
         return 8 * self.tracked_min.numel()

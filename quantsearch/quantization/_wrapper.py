@@ -9,11 +9,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._tensor_quant import TensorQuant
+from ._math import to_float32
+from ._tensor_quant import EmaActivationQuant, TensorQuant
 
 __all__ = ["QuantWrapper"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _clamp_range(module: nn.Module) -> tuple[float, float] | None:
+    """(low, high) of a ReLU, ReLU6 or Hardtanh that is a plain clamp to a range holding 0."""
+    if getattr(module, "inplace", False):
+        return None  # it also overwrites its input, which someone may read
+    if type(module) is nn.ReLU:
+        return 0.0, math.inf
+    if type(module) in (nn.ReLU6, nn.Hardtanh):
+        low, high = to_float32(module.min_val), to_float32(module.max_val)
+        return (low, high) if low <= 0.0 <= high else None
+    return None
 
 
 class QuantWrapper(nn.Module):
@@ -57,6 +70,15 @@ class QuantWrapper(nn.Module):
             self._kind = "generic"
         if bn is not None and self._kind != "conv":
             raise ValueError(f"{name}: BatchNorm folding needs a Conv1d/2d/3d layer")
+        # An activation whose quantized output can absorb it (forward_clamped): its range.
+        self._clamp = (
+            _clamp_range(module)
+            if isinstance(output_quant, EmaActivationQuant)
+            and not output_quant.per_channel
+            and input_quant is None
+            and weight_quant is None
+            else None
+        )
 
     def extra_repr(self) -> str:
         parts = [
@@ -118,6 +140,9 @@ class QuantWrapper(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         active = not self.training or self._steps >= self.quant_start_step
+        module = self.module
+        if self._clamp is not None and not (module._forward_hooks or module._forward_pre_hooks):
+            return self.output_quant.forward_clamped(x, *self._clamp, active)  # type: ignore[union-attr]
         if self.input_quant is not None:
             x = self.input_quant(x, active)
         if self.weight_quant is None:

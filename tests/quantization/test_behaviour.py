@@ -16,6 +16,7 @@ from quantsearch.quantization import (
     model_size_bytes,
     real_state_dict,
 )
+from quantsearch.tasks import DigitsCNN
 
 from .conftest import batch, make_net
 
@@ -211,3 +212,44 @@ def test_batch_norm_is_folded_only_into_the_conv_that_feeds_it() -> None:
                   dummy_input=x[:1]).compress()
     assert model.conv.bn is None
     assert isinstance(model.bn, nn.BatchNorm2d)
+
+
+def test_activation_clamp_folded_into_output_quantization_trains_identically() -> None:
+    """ReLU6 outputs: the folded path (one pass fewer) against the plain one, over real steps."""
+    config = [
+        {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
+    ]
+    runs = []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        QAT_Quantizer(model, config, optimizer).compress()
+        wrappers = [m for m in model.modules() if isinstance(m, QuantWrapper)]
+        assert [w._clamp for w in wrappers if w.output_quant is not None] == [(0.0, 6.0)] * 3
+        if not fold:
+            for wrapper in wrappers:
+                wrapper._clamp = None
+        torch.manual_seed(1)
+        x = torch.rand(64, 1, 8, 8) * 16
+        train_steps(model, optimizer, 3)
+        runs.append((model(x), model.state_dict()))
+    (out_folded, state_folded), (out_plain, state_plain) = runs
+    assert torch.equal(out_folded, out_plain)
+    assert all(torch.equal(state_folded[k], state_plain[k]) for k in state_plain)
+
+
+def test_only_plain_clamp_activations_are_folded() -> None:
+    types = ["ReLU", "Hardtanh", "ReLU6", "Sigmoid"]
+    config = [{"quant_types": ["output"], "quant_bits": 8, "op_types": types}]
+    model = nn.Sequential(
+        nn.ReLU(inplace=True), nn.Hardtanh(0.5, 2.0), nn.ReLU6(), nn.Sigmoid(), nn.Hardtanh()
+    )
+    QAT_Quantizer(model, config).compress()
+    assert [m._clamp for m in model] == [None, None, (0.0, 6.0), None, (-1.0, 1.0)]
+    # A hook on the activation must fire: that layer then takes the plain path.
+    seen: list[int] = []
+    model[2].module.register_forward_hook(lambda *_: seen.append(1))
+    model.train()(torch.randn(4, 8))
+    assert seen == [1]

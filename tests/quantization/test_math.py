@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from quantsearch.quantization._math import (
     NATIVE_MAX_NUMEL,
@@ -157,6 +158,32 @@ def test_fake_quantize_is_bit_identical_to_torch_kernels(numel: int, bits: int, 
         x2,
     )
     assert torch.equal(ours[0], torch_[0]) and torch.equal(ours[1], torch_[1])
+
+
+@pytest.mark.parametrize("numel", [300, NATIVE_MAX_NUMEL + 300], ids=["small", "large"])
+@pytest.mark.parametrize(
+    ("activation", "low", "high"),
+    [(nn.ReLU(), 0.0, math.inf), (nn.ReLU6(), 0.0, 6.0), (nn.Hardtanh(), -1.0, 1.0)],
+    ids=["relu", "relu6", "hardtanh"],
+)
+@pytest.mark.parametrize("dtype", ["uint", "int"])
+def test_clamp_folded_into_output_quantization_is_bit_identical(
+    activation: nn.Module, low: float, high: float, numel: int, dtype: str
+) -> None:
+    """forward_clamped(x) == forward(activation(x)): outputs, gradients and EMA statistics, also
+    for inputs a hair outside the activation's range (inside half a quantization step)."""
+    folded = EmaActivationQuant(8, scheme="per_tensor_affine", dtype=dtype).train()
+    plain = EmaActivationQuant(8, scheme="per_tensor_affine", dtype=dtype).train()
+    generator = torch.Generator().manual_seed(numel)
+    edge = 6.0 if math.isinf(high) else high
+    for _ in range(3):
+        x = torch.randn(numel, generator=generator) * 4
+        x[:8] = torch.tensor([low, edge, 0.0, low - 1e-3, edge + 1e-3, low + 1e-3, edge - 1e-3, 9])
+        ours = _with_gradient(lambda t: folded.forward_clamped(t, low, high), x)
+        reference = _with_gradient(lambda t: plain(activation(t)), x)
+        assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+        assert (folded._min, folded._max) == (plain._min, plain._max)
+    assert 0 < int((ours[1] == 0).sum()) < numel
 
 
 def test_dorefa_two_bit_levels() -> None:
