@@ -227,7 +227,8 @@ def fake_quantize_clamped(
     inv_scale = float(np.float32(1.0) / np.float32(scale))
     code_low, code_high = qmin - zero_point, qmax - zero_point
     # The codes of the bounds as float32 computes them (a float32 product is exact in a double).
-    code_low = max(code_low, round(to_float32(to_float32(low) * inv_scale)))
+    if math.isfinite(low):
+        code_low = max(code_low, round(to_float32(to_float32(low) * inv_scale)))
     if math.isfinite(high):
         code_high = min(code_high, round(to_float32(to_float32(high) * inv_scale)))
     return _FakeQuantize.apply(x, scale, inv_scale, code_low, code_high, (low, high))
