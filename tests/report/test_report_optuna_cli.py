@@ -1,11 +1,16 @@
-"""The study is readable by optuna's own tools, with its metric names and attributes."""
+"""The study is readable by optuna's own tools (its command line, optuna-dashboard), with its
+metric names and attributes."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import wsgiref.util
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 
 def _optuna(*args: str) -> str:
@@ -38,3 +43,27 @@ def test_optuna_cli_shows_metric_names_and_attributes(tmp_path: Path, make_study
     studies = json.loads(_optuna("studies", "--storage", storage, "-f", "json"))
     assert studies[0]["name"] == "demo"
     assert studies[0]["user_attrs"]["task"] == "digits"
+
+
+def test_optuna_dashboard_shows_metric_names_and_attributes(tmp_path: Path, make_study) -> None:
+    dashboard = pytest.importorskip("optuna_dashboard")
+    storage = f"sqlite:///{tmp_path / 'demo.db'}"
+    study = make_study(storage, n_random=3, failed=1)
+    app = dashboard.wsgi(storage)
+
+    def get(path: str) -> Any:
+        environ: dict[str, Any] = {"PATH_INFO": path}
+        wsgiref.util.setup_testing_defaults(environ)
+        status: list[str] = []
+        body = b"".join(app(environ, lambda code, headers, exc_info=None: status.append(code)))
+        assert status == ["200 OK"], body[:200]
+        return json.loads(body)
+
+    (summary,) = get("/api/studies")["study_summaries"]
+    assert summary["study_name"] == "demo"
+    detail = get(f"/api/studies/{summary['study_id']}")
+    assert detail["objective_names"] == ["accuracy", "size_bytes"]
+    assert len(detail["trials"]) == len(study.trials)
+    first = {a["key"]: a["value"] for a in detail["trials"][0]["user_attrs"]}
+    assert first["baseline"] == "float"
+    assert float(first["test_accuracy"]) == study.trials[0].user_attrs["test_accuracy"]
