@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from quantsearch.search import _study, load_space, open_study, prepare, run_study
 from tests.search._spaces import write_space
 
 
@@ -129,3 +131,25 @@ def test_a_role_that_cannot_create_tables_is_a_user_error(
         f"quantsearch: error: {url}: cannot set up the study tables: "
         "permission denied for schema public\n"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_dead_machines_trial_is_failed_by_heartbeat_and_run_again(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_study, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(_study, "GRACE_SECONDS", 1)
+    context = prepare(load_space(write_space(tmp_path, n_trials=3, storage=postgres_url)))
+    study = open_study(context)
+    # Another machine asked a trial, sent one heartbeat, and died.
+    abandoned = study.ask(context.plan.distributions)
+    study._storage.record_heartbeat(abandoned._trial_id)
+    time.sleep(2.5)
+
+    trials = run_study(context).get_trials()
+    assert trials[0].state == TrialState.FAIL
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert retry.params == trials[0].params and retry.state == TrialState.COMPLETE
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
