@@ -8,7 +8,7 @@ quantizers get ``dummy_input=torch.rand(1, 1, 8, 8)``, so both fold BatchNorm in
 Runs are timed in alternating rounds (the order rotates each round) and the medians are printed,
 with the ratios ours/float, nni/float and nni/ours. Like ``quantsearch study``, the script makes
 glibc's malloc keep freed memory (``--system-malloc`` leaves it alone): otherwise page faults
-add a noisy ~10% to every step, float and quantized alike.
+add a noisy 5% to 20% to every step, float and quantized alike (see bench_fake_quant.py).
 
 NNI is not a dependency of quantsearch; to include it, run this in a throwaway venv that has it:
 
