@@ -8,6 +8,8 @@ from pathlib import Path
 from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 
+from quantsearch.pipeline import TrialRecord
+
 __all__ = ["layer_order", "sqlite_path"]
 
 
@@ -26,7 +28,7 @@ def layer_order(study_layers: Sequence[str] | None, trials: Iterable[FrozenTrial
     order: list[str] = list(study_layers or [])
     seen = set(order)
     for trial in trials:
-        for layer in trial.user_attrs.get("layer_bits") or {}:
+        for layer in TrialRecord.of(trial).layer_bits:
             if layer not in seen:
                 seen.add(layer)
                 order.append(layer)

@@ -28,6 +28,7 @@ class _UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from quantsearch.pipeline import FloatModelError
     from quantsearch.quantization import ConfigError
     from quantsearch.search import SpaceError, StorageError, StudyBusyError, StudyNotFoundError
     from quantsearch.tasks import TaskError
@@ -40,6 +41,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StorageError,
         StudyBusyError,
         StudyNotFoundError,
+        FloatModelError,
     ]
     try:
         from quantsearch.report import ExportError, ReportError
@@ -179,9 +181,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
     keep_freed_memory()  # trials train in this process (or its workers, which do the same)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     progress = ConsoleProgress(quiet=args.quiet)
+    start = "trained from scratch" if spec.from_scratch else "from the float model"
     print(
-        f"study {spec.study_name!r}: {spec.algorithm} on {spec.task.name}, "
-        f"{spec.n_trials} trials, {args.jobs} job(s), storage {spec.storage}",
+        f"study {spec.study_name!r}: {spec.algorithm} on {spec.task.name} ({start}), "
+        f"objectives {', '.join(spec.objectives)}, {spec.n_trials} trials, {args.jobs} job(s), "
+        f"storage {spec.storage}",
         flush=True,
     )
     study = run_study(context, jobs=args.jobs, progress=progress)

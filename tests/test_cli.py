@@ -62,7 +62,11 @@ def test_study_then_trials_then_report(workdir: Path, capsys: pytest.CaptureFixt
     space = _space(workdir, n_trials=3)
     code, out, err = _run(["study", "--space", str(space), "--quiet"], capsys)
     assert code == 0, err
-    assert "study 'small': qat on digits, 3 trials, 1 job(s), storage sqlite:///studies/" in out
+    assert (
+        "study 'small': qat on digits (from the float model), objectives accuracy, size_bytes, "
+        "3 trials, 1 job(s), storage sqlite:///studies/" in out
+    )
+    assert "float model: training 5 epochs (once per study) ..." in out
     lines = [line for line in out.splitlines() if "] trial " in line]
     assert len(lines) == 3
     assert "trial   0 COMPLETE val " in lines[0]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from quantsearch.pipeline import TrialRecord
 from quantsearch.report._errors import ExportError
 from quantsearch.report._storage import sqlite_folder, storage_url
 
@@ -86,7 +87,7 @@ def resolve_checkpoint(
 
     ``checkpoint_root`` replaces that folder (needed for storages that are not SQLite files).
     """
-    relative = trial.user_attrs.get("checkpoint")
+    relative = TrialRecord.of(trial).checkpoint
     if not relative:
         raise ExportError(
             f"trial {trial.number} has no stored checkpoint (user attribute 'checkpoint'): "
@@ -166,21 +167,22 @@ def export_trial(
     """
     import torch
 
-    from quantsearch.quantization import get_quantizer, load_packed, save_packed
+    from quantsearch.pipeline import build_compressed
+    from quantsearch.quantization import load_packed, save_packed
     from quantsearch.tasks import evaluate
 
     trial = _find_trial(study, trial_number)
+    record = TrialRecord.of(trial)
     if trial.state != TrialState.COMPLETE:
-        reason = trial.user_attrs.get("fail_reason")
+        reason = record.fail_reason
         detail = f" ({reason})" if reason else ""
         raise ExportError(
             f"trial {trial_number} is {trial.state.name}{detail}: only complete trials have a "
             "model to export"
         )
-    attrs = trial.user_attrs
-    config_list = attrs.get("config_list")
-    algorithm = attrs.get("algorithm") or study.user_attrs.get("algorithm")
-    stored = attrs.get("test_accuracy")
+    config_list = record.config_list
+    algorithm = record.algorithm or study.user_attrs.get("algorithm")
+    stored = record.test_accuracy
     if config_list is None or algorithm is None or stored is None:
         missing = [
             key
@@ -195,14 +197,9 @@ def export_trial(
     checkpoint = resolve_checkpoint(study, trial, checkpoint_root=checkpoint_root)
     task = task if task is not None else task_from_study(study)
 
-    model = task.build_model()
-    # A float trial (empty config_list) trained the bare model: no quantizer to rebuild.
-    quantizer = None
-    if config_list:
-        quantizer = get_quantizer(algorithm)(
-            model, config_list, optimizer=None, dummy_input=task.dummy_input
-        )
-        model = quantizer.compress()
+    # A float trial (empty config_list) holds the bare model: no quantizer to rebuild.
+    compressed = build_compressed(task, algorithm, config_list)
+    model, quantizer = compressed.model, compressed.quantizer
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     checkpoint_accuracy = evaluate(model, task.test_set)
 
@@ -235,7 +232,7 @@ def export_trial(
         checkpoint_accuracy=checkpoint_accuracy,
         reloaded_accuracy=reloaded_accuracy,
         state_dict_accuracy=state_dict_accuracy,
-        size_bytes=int(attrs.get("size_bytes", trial.values[1])),
+        size_bytes=int(record.size_bytes if record.size_bytes is not None else 0),
         packed_file_bytes=packed_path.stat().st_size,
         test_samples=samples,
     )

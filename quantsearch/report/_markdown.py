@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from quantsearch.report._objectives import Axis
 from quantsearch.report._plots import format_size
 
 __all__ = ["ReportContext", "render_markdown"]
@@ -28,7 +29,10 @@ class ReportContext:
     command: str | None
     hypervolume: float
     float_size_bytes: float
+    axes: tuple[Axis, ...] = ()
     images: Mapping[str, str] = field(default_factory=dict)
+    # (title, file) of each pairwise plot of the objectives, the first one leading.
+    pareto_plots: tuple[tuple[str, str], ...] = ()
 
 
 def _cell(text: str) -> str:
@@ -76,27 +80,65 @@ def _task_text(task: Any) -> str:
     return f"{name} ({', '.join(details)})" if details else name
 
 
-def _trial_table(rows: pd.DataFrame, *, with_config: bool) -> list[str]:
-    header = (
-        "| trial | val. accuracy | test accuracy | size | bytes | compression "
-        "| algorithm | baseline |"
-    )
-    rule = "|---:|---:|---:|---:|---:|---:|---|---|"
+def _with_interval(value: float, low: float, high: float) -> str:
+    """``97.41% ±1.23``: the accuracy and the half-width of its 95% interval, in points."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    if low is None or not (math.isfinite(low) and math.isfinite(high)):
+        return _percent(value)
+    return f"{value:.2%} ±{(high - low) / 2 * 100:.2f}"
+
+
+def _engineering(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _trial_table(rows: pd.DataFrame, *, with_config: bool, with_bitops: bool) -> list[str]:
+    header = "| trial | val. accuracy | test accuracy | size | bytes | compression |"
+    rule = "|---:|---:|---:|---:|---:|---:|"
+    if with_bitops:
+        header += " bitops |"
+        rule += "---:|"
+    header += " algorithm | baseline |"
+    rule += "---|---|"
     if with_config:
         header += " config_list |"
         rule += "---|"
     lines = [header, rule]
     for row in rows.itertuples():
         line = (
-            f"| {int(row.number)} | {_percent(row.accuracy)} | {_percent(row.test_accuracy)} "
+            f"| {int(row.number)} | {_with_interval(row.accuracy, row.val_low, row.val_high)} "
+            f"| {_with_interval(row.test_accuracy, row.test_low, row.test_high)} "
             f"| {_size(row.size_bytes)} | {_bytes(row.size_bytes)} "
-            f"| {_ratio(row.compression_ratio)} | {_cell(_text(row.algorithm))} "
-            f"| {_cell(_text(row.baseline))} |"
+            f"| {_ratio(row.compression_ratio)} |"
         )
+        if with_bitops:
+            line += f" {_engineering(row.bitops)} |"
+        line += f" {_cell(_text(row.algorithm))} | {_cell(_text(row.baseline))} |"
         if with_config:
             line += f" {_config_code(row.config_list)} |"
         lines.append(line)
     return lines
+
+
+def _split_sizes(frame: pd.DataFrame) -> str | None:
+    """How many images the splits hold, and what one image is worth in accuracy."""
+    sizes = []
+    for split in ("val", "test"):
+        values = frame[f"{split}_samples"].dropna()
+        if values.empty:
+            return None
+        sizes.append(int(values.max()))
+    val, test = sizes
+    return (
+        f"validation {val:,} images (one image = {100 / val:.2f} points), test {test:,} "
+        f"(one image = {100 / test:.2f} points); ± is the half-width of the 95% (Wilson) interval"
+    )
 
 
 _STATE_WORDS = {
@@ -120,6 +162,7 @@ def render_markdown(frame: pd.DataFrame, front: pd.DataFrame, context: ReportCon
     feasible = complete[complete["feasible"]]
     infeasible_count = len(complete) - len(feasible)
     out: list[str] = [f"# Quantization study `{context.study_name}`", ""]
+    with_bitops = any(axis.name == "bitops" for axis in context.axes)
 
     regenerate = context.command or f"quantsearch report {context.study_args}"
     out += [
@@ -139,9 +182,23 @@ def render_markdown(frame: pd.DataFrame, front: pd.DataFrame, context: ReportCon
         summary.append(("task", _task_text(attrs["task"])))
     if attrs.get("algorithm") is not None:
         summary.append(("algorithm", f"`{_cell(_text(attrs.get('algorithm')))}`"))
-    if context.metric_names:
-        names = " / minimize ".join(f"`{m}`" for m in context.metric_names)
-        summary.append(("objectives", f"maximize {names}"))
+    if context.axes:
+        summary.append(
+            ("objectives", ", ".join(f"{a.direction} `{a.name}`" for a in context.axes))
+        )
+    float_model = attrs.get("float_model")
+    if isinstance(float_model, Mapping):
+        summary.append(
+            (
+                "float model",
+                f"{_cell(_text(float_model.get('source')))}: validation "
+                f"{_percent(float_model.get('val_accuracy'))}, test "
+                f"{_percent(float_model.get('test_accuracy'))}",
+            )
+        )
+    splits = _split_sizes(frame)
+    if splits:
+        summary.append(("splits", splits))
     summary.append(("trials", f"{len(frame)} ({_state_summary(frame)})"))
     if infeasible_count:
         summary.append(("infeasible", f"{infeasible_count} complete trials broke a constraint"))
@@ -166,24 +223,29 @@ def render_markdown(frame: pd.DataFrame, front: pd.DataFrame, context: ReportCon
                 f"({_ratio(smallest.compression_ratio)} smaller) at {_percent(smallest.accuracy)}",
             )
         )
-    summary.append(("hypervolume", f"{context.hypervolume:.4f} (size / float size, ref. (1, 0))"))
+    spanned = ", ".join(
+        f"{a.name} / float" if a.relative else ("1 - " if a.maximize else "") + a.name
+        for a in context.axes
+    )
+    summary.append(
+        ("hypervolume", f"{context.hypervolume:.4f} (of the unit cube of {spanned}; reference 1)")
+    )
     if attrs.get("space_hash") is not None:
         summary.append(("space hash", f"`{_cell(_text(attrs.get('space_hash')))}`"))
     out += [f"| {key} | {value} |" for key, value in summary]
     out.append("")
 
     images = context.images
-    if "pareto" in images:
-        out += [
-            "## Accuracy against size",
-            "",
-            f"![Pareto front: validation accuracy against model size]({images['pareto']})",
-            "",
-            "Dots are complete trials, hollow circles infeasible ones, crosses on the bottom edge "
-            "failed trials; the line is the Pareto front; labelled markers are the baselines "
-            + (f"([SVG version]({images['pareto_svg']}))." if "pareto_svg" in images else "."),
-            "",
-        ]
+    for index, (title, image) in enumerate(context.pareto_plots):
+        out += [f"## {title[0].upper()}{title[1:]}", "", f"![{title}]({image})", ""]
+        if index == 0:
+            out += [
+                "Dots are complete trials, hollow circles infeasible ones, crosses on the bottom "
+                "edge failed trials; the line is the Pareto front of the two axes; labelled "
+                "markers are the baselines "
+                + (f"([SVG version]({images['pareto_svg']}))." if "pareto_svg" in images else "."),
+                "",
+            ]
 
     out += [
         "## Pareto front",
@@ -191,7 +253,7 @@ def render_markdown(frame: pd.DataFrame, front: pd.DataFrame, context: ReportCon
         "Smallest first. Accuracy is measured on the validation split during the search and "
         "on the test split once per trial; size is the packed model's size.",
         "",
-        *_trial_table(front, with_config=True),
+        *_trial_table(front, with_config=True, with_bitops=with_bitops),
         "",
     ]
 
@@ -212,7 +274,12 @@ def render_markdown(frame: pd.DataFrame, front: pd.DataFrame, context: ReportCon
 
     baselines = complete[complete["baseline"].notna()].sort_values("size_bytes")
     if not baselines.empty:
-        out += ["## Baselines", "", *_trial_table(baselines, with_config=False), ""]
+        out += [
+            "## Baselines",
+            "",
+            *_trial_table(baselines, with_config=False, with_bitops=with_bitops),
+            "",
+        ]
 
     failed = frame[frame["state"] == "FAIL"]
     if not failed.empty:

@@ -27,6 +27,7 @@ from matplotlib.ticker import (
 )
 
 from quantsearch._units import format_size
+from quantsearch.report._objectives import Axis, front_mask, hypervolume, objective_axes
 from quantsearch.report._table import BITS_PREFIX, bits_columns, pareto_frame
 
 __all__ = [
@@ -105,16 +106,71 @@ def _baseline_style(label: str) -> tuple[str, str, float]:
     return _BASELINE_COLOR, "D", 70.0
 
 
-def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
-    """Validation accuracy against model size (log axis), one point per trial.
+def _pair_front(frame: pd.DataFrame, x: Axis, y: Axis) -> pd.DataFrame:
+    """The feasible complete trials no other one beats on both ``x`` and ``y``, by ``x``."""
+    candidates = frame[
+        (frame["state"] == "COMPLETE") & frame["feasible"] & frame["duplicate_of"].isna()
+    ]
+    if candidates.empty:
+        return candidates
+    values = np.column_stack([x.unit(candidates[x.name]), y.unit(candidates[y.name])])
+    front = candidates[front_mask(values)]
+    return front.sort_values([x.name, "number"], kind="stable")
+
+
+def _value_axis(ax: matplotlib.axes.Axes, which: str, axis: Axis, values: np.ndarray) -> None:
+    """A relative metric on a log scale (sizes in KB/MB), accuracy in percent."""
+    target = ax.xaxis if which == "x" else ax.yaxis
+    if axis.name == "size_bytes" and which == "x":
+        _size_axis(ax, values)
+        ax.set_xlabel("model size (log scale)")
+        return
+    if axis.relative:
+        (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+        formatter = format_size if axis.name == "size_bytes" else _engineering
+        target.set_major_formatter(FuncFormatter(lambda v, _pos: formatter(v)))
+        label = f"{axis.label} (log scale)"
+    else:
+        if axis.name == "accuracy":
+            target.set_major_formatter(PercentFormatter(xmax=1.0))
+        label = axis.label
+    (ax.set_xlabel if which == "x" else ax.set_ylabel)(label)
+
+
+def _axis_words(axis: Axis) -> str:
+    if axis.relative:
+        return f"{axis.name} / float"
+    return axis.name
+
+
+def _engineering(value: float) -> str:
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def pareto_figure(
+    frame: pd.DataFrame,
+    *,
+    x: Axis | None = None,
+    y: Axis | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One objective against another (default: validation accuracy against model size, log
+    axis), one point per trial.
 
     Artists, by label: ``trials`` (feasible complete trials, dots; absent if none),
     ``infeasible (n)`` (hollow grey circles), ``failed (n)`` / ``pruned (n)`` ('x' / '+' markers
-    on the bottom edge, at the trial's size when it was recorded: their y offsets are in axes
-    units), ``Pareto front`` (a post-step line through the front sorted by size), one scatter per
-    baseline with gid ``baseline:<label>`` and a text label (``float`` drawn as a large star),
-    and ``float accuracy`` (a dotted horizontal line).
+    on the bottom edge, at the trial's x value when it was recorded: their y offsets are in axes
+    units), ``Pareto front`` (a post-step line through the trials no other one beats on both
+    axes, sorted by x), one scatter per baseline with gid ``baseline:<label>`` and a text label
+    (``float`` drawn as a large star), and ``float accuracy`` (a dotted horizontal line, when y is
+    the accuracy).
     """
+    default_x, default_y = objective_axes(frame, metric_names=["size_bytes", "accuracy"])
+    x = x or default_x
+    y = y or default_y
     fig = _new_figure(8.0, 5.2)
     ax = fig.add_subplot()
     complete = frame[frame["state"] == "COMPLETE"]
@@ -124,8 +180,8 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
 
     if not feasible.empty:
         ax.scatter(
-            feasible["size_bytes"],
-            feasible["accuracy"],
+            feasible[x.name],
+            feasible[y.name],
             s=28,
             color=_TRIAL_COLOR,
             alpha=0.65,
@@ -135,8 +191,8 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
         )
     if not infeasible.empty:
         ax.scatter(
-            infeasible["size_bytes"],
-            infeasible["accuracy"],
+            infeasible[x.name],
+            infeasible[y.name],
             s=30,
             facecolors="none",
             edgecolors=_MUTED,
@@ -145,11 +201,11 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
             zorder=2,
         )
 
-    front = pareto_frame(frame)
+    front = _pair_front(frame, x, y)
     if not front.empty:
         ax.step(
-            front["size_bytes"],
-            front["accuracy"],
+            front[x.name],
+            front[y.name],
             where="post",
             color=_FRONT_COLOR,
             linewidth=1.8,
@@ -161,16 +217,16 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
             zorder=4,
         )
 
-    sizes = frame["size_bytes"].to_numpy(dtype=float)
+    xs = frame[x.name].to_numpy(dtype=float)
     legend_done: set[str] = set()
-    for _, row in complete[is_baseline].sort_values("size_bytes").iterrows():
+    for _, row in complete[is_baseline].sort_values(x.name).iterrows():
         label = str(row["baseline"])
         color, marker, size = _baseline_style(label)
         group = "float" if label == "float" else "baselines"
         edge = "black" if label == "float" else "white"
         ax.scatter(
-            [row["size_bytes"]],
-            [row["accuracy"]],
+            [row[x.name]],
+            [row[y.name]],
             s=size,
             marker=marker,
             color=color,
@@ -182,10 +238,10 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
         )
         legend_done.add(group)
         # Labels of points in the right half go to their left, so they stay inside the axes.
-        right_half = row["size_bytes"] > math.sqrt(np.nanmin(sizes) * np.nanmax(sizes))
+        right_half = row[x.name] > math.sqrt(np.nanmin(xs) * np.nanmax(xs))
         ax.annotate(
             f"{label}\n{row['accuracy']:.1%} · {format_size(row['size_bytes'])}",
-            (row["size_bytes"], row["accuracy"]),
+            (row[x.name], row[y.name]),
             xytext=(-9 if right_half else 7, -18 if label == "float" else 6),
             textcoords="offset points",
             ha="right" if right_half else "left",
@@ -195,7 +251,7 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
             fontweight="bold" if label == "float" else "normal",
             zorder=6,
         )
-        if label == "float":
+        if label == "float" and y.name == "accuracy":
             ax.axhline(
                 row["accuracy"],
                 color=_FLOAT_COLOR,
@@ -205,15 +261,15 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
                 zorder=1,
             )
 
-    # Unfinished trials have no accuracy: they sit on the bottom edge at their size, if known.
+    # Unfinished trials have no y value: they sit on the bottom edge at their x, if known.
     bottom = ax.get_xaxis_transform()
     for state, marker, color in (("FAIL", "x", _FAILED_COLOR), ("PRUNED", "+", _MUTED)):
         rows = frame[frame["state"] == state]
         if rows.empty:
             continue
-        placed = rows[rows["size_bytes"].notna()]
+        placed = rows[rows[x.name].notna()]
         ax.scatter(
-            placed["size_bytes"],
+            placed[x.name],
             np.full(len(placed), 0.03),
             transform=bottom,
             marker=marker,
@@ -225,16 +281,14 @@ def pareto_figure(frame: pd.DataFrame, *, title: str | None = None) -> Figure:
             zorder=3,
         )
 
-    _size_axis(ax, sizes)
+    _value_axis(ax, "x", x, xs)
+    _value_axis(ax, "y", y, frame[y.name].to_numpy(dtype=float))
     # Room above the highest point for the baselines' labels.
     ax.margins(y=0.1)
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-    ax.set_xlabel("model size (log scale)")
-    ax.set_ylabel("validation accuracy")
     ax.grid(True, which="major", alpha=0.3)
     ax.grid(True, which="minor", axis="x", alpha=0.1)
-    ax.set_title(title or "Accuracy against model size")
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.set_title(title or f"{y.label.capitalize()} against {x.label}")
+    ax.legend(loc="lower right" if y.maximize else "upper right", fontsize=8, framealpha=0.9)
     return fig
 
 
@@ -327,69 +381,67 @@ def hypervolume_2d(accuracy: Sequence[float], size_ratio: Sequence[float]) -> fl
     The reference point is (size ratio 1, accuracy 0): a model is worth area only if it is smaller
     than the float model. The result lies in [0, 1]; 1 would be a perfect model of size zero.
     """
-    points = sorted(
-        (min(max(r, 0.0), 1.0), min(max(a, 0.0), 1.0))
-        for a, r in zip(accuracy, size_ratio, strict=True)
-        if math.isfinite(a) and math.isfinite(r) and r < 1.0
-    )
-    area = 0.0
-    best_accuracy = 0.0
-    next_ratios = [p[0] for p in points[1:]] + [1.0] if points else []
-    for (ratio, acc), next_ratio in zip(points, next_ratios, strict=True):
-        best_accuracy = max(best_accuracy, acc)
-        area += (next_ratio - ratio) * best_accuracy
-    return area
+    points = [
+        (r, 1.0 - a) for a, r in zip(accuracy, size_ratio, strict=True) if math.isfinite(a)
+    ]
+    return hypervolume(np.asarray(points, dtype=float).reshape(len(points), 2))
 
 
 def float_size_of(frame: pd.DataFrame, study_float_size: float | None = None) -> float:
     """The float model's size: the study attribute, else a trial's, else the float baseline's."""
-    if study_float_size:
-        return float(study_float_size)
-    recorded = frame["float_size_bytes"].dropna()
-    if not recorded.empty:
-        return float(recorded.max())
-    float_rows = frame[(frame["baseline"] == "float") & (frame["state"] == "COMPLETE")]
-    if not float_rows.empty:
-        return float(float_rows["size_bytes"].max())
-    return float(frame["size_bytes"].max())
+    attrs = {"float_size_bytes": study_float_size} if study_float_size else {}
+    return objective_axes(frame, metric_names=["size_bytes"], attrs=attrs)[0].reference
 
 
-def hypervolume_history(frame: pd.DataFrame, *, float_size_bytes: float) -> pd.DataFrame:
+def hypervolume_history(
+    frame: pd.DataFrame,
+    *,
+    float_size_bytes: float | None = None,
+    axes: Sequence[Axis] | None = None,
+) -> pd.DataFrame:
     """After each trial (by number): the hypervolume and the size of the front so far.
 
-    Only feasible complete trials count; sizes are divided by ``float_size_bytes``.
+    Only feasible complete trials count. Each objective is put on [0, 1] (accuracy as 1 -
+    accuracy; sizes and bitops divided by the float model's), so the hypervolume is the share of
+    the unit cube the front dominates, from the float model at zero accuracy. ``axes`` defaults
+    to accuracy and size (divided by ``float_size_bytes``).
     """
+    if axes is None:
+        attrs = {"float_size_bytes": float_size_bytes} if float_size_bytes else {}
+        axes = objective_axes(frame, attrs=attrs)
     ordered = frame.sort_values("number")
-    # The front so far as (accuracy, size ratio) pairs, updated as each trial arrives.
-    front: list[tuple[float, float]] = []
-    hypervolume = 0.0
+    points: list[list[float]] = []
+    hypervolume_now = 0.0
     records = []
-    for row in ordered.itertuples():
-        if row.state == "COMPLETE" and row.feasible:
-            point = (float(row.accuracy), float(row.size_bytes) / float_size_bytes)
-            if not any(_dominates(kept, point) for kept in front):
-                front = [kept for kept in front if not _dominates(point, kept)] + [point]
-                hypervolume = hypervolume_2d([a for a, _ in front], [r for _, r in front])
+    for _, row in ordered.iterrows():
+        if row["state"] == "COMPLETE" and row["feasible"]:
+            points.append([float(axis.unit(row[axis.name])) for axis in axes])
+            array = np.asarray(points)
+            hypervolume_now = hypervolume(array)
+            front = int(front_mask(array).sum())
+        else:
+            front = int(front_mask(np.asarray(points)).sum()) if points else 0
         records.append(
-            {"number": int(row.number), "hypervolume": hypervolume, "front_size": len(front)}
+            {"number": int(row["number"]), "hypervolume": hypervolume_now, "front_size": front}
         )
     return pd.DataFrame(records, columns=["number", "hypervolume", "front_size"])
 
 
-def _dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """(accuracy, size) ``a`` is no worse than ``b`` in both and better in one."""
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-def history_figure(frame: pd.DataFrame, *, float_size_bytes: float | None = None) -> Figure:
+def history_figure(
+    frame: pd.DataFrame,
+    *,
+    float_size_bytes: float | None = None,
+    axes: Sequence[Axis] | None = None,
+) -> Figure:
     """Hypervolume (``fig.axes[0]``) and front size (``fig.axes[1]``) after each trial.
 
-    The hypervolume is that of :func:`hypervolume_2d`: validation accuracy against size divided by
-    the float model's size, reference point (1, 0), so it is comparable between studies of a task.
-    Failed trials are 'x' markers on the bottom edge of the hypervolume panel.
+    The hypervolume is that of :func:`hypervolume_history`: each objective on [0, 1] (sizes
+    divided by the float model's), so it is comparable between studies of a task. Failed trials
+    are 'x' markers on the bottom edge of the hypervolume panel.
     """
-    float_size = float_size_of(frame, float_size_bytes)
-    history = hypervolume_history(frame, float_size_bytes=float_size)
+    if axes is None:
+        axes = objective_axes(frame, attrs={"float_size_bytes": float_size_bytes})
+    history = hypervolume_history(frame, axes=axes)
     fig = _new_figure(8.0, 5.0)
     ax, below = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     ax.step(
@@ -416,10 +468,8 @@ def history_figure(frame: pd.DataFrame, *, float_size_bytes: float | None = None
         )
     ax.legend(loc="center right", fontsize=8)
     final = history["hypervolume"].iloc[-1] if not history.empty else 0.0
-    ax.set_title(
-        f"Search progress: hypervolume of (size / float size, accuracy), final {final:.4f}",
-        fontsize=11,
-    )
+    spanned = ", ".join(_axis_words(axis) for axis in axes)
+    ax.set_title(f"Search progress: hypervolume of ({spanned}), final {final:.4f}", fontsize=11)
 
     below.step(
         history["number"],

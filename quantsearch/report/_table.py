@@ -12,6 +12,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from quantsearch._studydata import layer_order
+from quantsearch.pipeline import TrialRecord, accuracy_interval
 from quantsearch.quantization import QUANT_TYPES
 from quantsearch.report._errors import ReportError
 
@@ -28,32 +29,48 @@ BITS_PREFIX = "bits."
 PARAMS_PREFIX = "params."
 ATTR_PREFIX = "attr."
 
-# User attributes that get a column of their own (everything else lands in "attr.<key>").
-_KNOWN_USER_ATTRS = (
+# Record fields that get a column of their own (any other user attribute: "attr.<key>").
+_NUMBER_FIELDS = (
     "test_accuracy",
     "val_accuracy",
     "compression_ratio",
     "float_size_bytes",
+    "bitops",
+    "float_bitops",
     "train_seconds",
-    "algorithm",
-    "baseline",
-    "fail_reason",
-    "checkpoint",
+    "duplicate_of",
+    "val_samples",
+    "test_samples",
+    "steps",
 )
-_SPECIAL_USER_ATTRS = frozenset({*_KNOWN_USER_ATTRS, "config_list", "layer_bits", "size_bytes"})
+_TEXT_FIELDS = ("algorithm", "mode", "baseline", "fail_reason", "checkpoint")
+_COLUMN_FIELDS = frozenset(
+    {*_NUMBER_FIELDS, *_TEXT_FIELDS, "config_list", "layer_bits", "size_bytes"}
+)
 
 _BASE_COLUMNS = (
     "number",
     "state",
     "accuracy",
     "size_bytes",
+    "bitops",
     "test_accuracy",
+    "test_low",
+    "test_high",
+    "test_samples",
     "val_accuracy",
+    "val_low",
+    "val_high",
+    "val_samples",
     "compression_ratio",
     "float_size_bytes",
+    "float_bitops",
     "train_seconds",
+    "steps",
     "algorithm",
+    "mode",
     "baseline",
+    "duplicate_of",
     "feasible",
     "pareto",
     "constraints",
@@ -82,7 +99,7 @@ def _is_feasible(trial: FrozenTrial) -> bool:
 def _bits_column_names(layers: Sequence[str], trials: Sequence[FrozenTrial]) -> list[str]:
     present: set[tuple[str, str]] = set()
     for trial in trials:
-        for layer, per_type in (trial.user_attrs.get("layer_bits") or {}).items():
+        for layer, per_type in TrialRecord.of(trial).layer_bits.items():
             present.update((layer, qtype) for qtype in per_type)
     extra_types = sorted({t for _, t in present} - set(QUANT_TYPES))
     columns = []
@@ -100,18 +117,21 @@ def _cell(value: Any) -> Any:
     return json.dumps(value, sort_keys=True)
 
 
-def _row(trial: FrozenTrial, pareto_numbers: set[int], bits_columns: Sequence[str]) -> dict:
-    attrs = trial.user_attrs
+def _row(
+    trial: FrozenTrial,
+    pareto_numbers: set[int],
+    bits_columns: Sequence[str],
+    metric_names: Sequence[str],
+) -> dict:
+    record = TrialRecord.of(trial)
     complete = trial.state == TrialState.COMPLETE and trial.values is not None
-    accuracy = trial.values[0] if complete else None
-    size = trial.values[1] if complete else attrs.get("size_bytes")
-    config_list = attrs.get("config_list")
+    config_list = record.config_list
     duration = trial.duration
     row: dict[str, Any] = {
         "number": trial.number,
         "state": trial.state.name,
-        "accuracy": _float_or_nan(accuracy),
-        "size_bytes": _float_or_nan(size),
+        "accuracy": _float_or_nan(record.val_accuracy if complete else None),
+        "size_bytes": _float_or_nan(record.size_bytes),
         "feasible": complete and _is_feasible(trial),
         "pareto": trial.number in pareto_numbers,
         "constraints": json.dumps(list(trial.constraints.values())) if trial.constraints else None,
@@ -120,21 +140,27 @@ def _row(trial: FrozenTrial, pareto_numbers: set[int], bits_columns: Sequence[st
         "duration_seconds": duration.total_seconds() if duration is not None else math.nan,
         "config_list": json.dumps(config_list) if config_list is not None else None,
     }
-    for key in _KNOWN_USER_ATTRS:
-        value = attrs.get(key)
-        if key in ("algorithm", "baseline", "fail_reason", "checkpoint"):
-            row[key] = None if value is None else str(value)
-        else:
-            row[key] = _float_or_nan(value)
-    layer_bits = attrs.get("layer_bits") or {}
+    for key in _NUMBER_FIELDS:
+        row[key] = _float_or_nan(getattr(record, key))
+    if complete:
+        # Each objective's value under its metric's name, as the study recorded it.
+        row.update(zip(metric_names, map(float, trial.values), strict=False))
+    for key in _TEXT_FIELDS:
+        row[key] = getattr(record, key)
+    for split, accuracy, samples in (
+        ("val", record.val_accuracy, record.val_samples),
+        ("test", record.test_accuracy, record.test_samples),
+    ):
+        low, high = accuracy_interval(_float_or_nan(accuracy), samples or 0)
+        row[f"{split}_low"], row[f"{split}_high"] = low, high
     for column in bits_columns:
         layer, qtype = column[len(BITS_PREFIX) :].rsplit(".", 1)
-        bits = (layer_bits.get(layer) or {}).get(qtype)
+        bits = (record.layer_bits.get(layer) or {}).get(qtype)
         row[column] = _float_or_nan(bits)
     for name, value in trial.params.items():
         row[f"{PARAMS_PREFIX}{name}"] = _cell(value)
-    for key, value in attrs.items():
-        if key not in _SPECIAL_USER_ATTRS:
+    for key, value in trial.user_attrs.items():
+        if key not in _COLUMN_FIELDS:
             row[f"{ATTR_PREFIX}{key}"] = _cell(value)
     return row
 
@@ -143,10 +169,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """Return one row per trial of ``study``, in trial-number order.
 
     Columns: ``number``, ``state`` (``COMPLETE``, ``FAIL``, ...), ``accuracy`` (the validation
-    accuracy, the first objective; NaN unless complete), ``size_bytes`` (the second objective;
-    for an unfinished trial its ``size_bytes`` attribute, if recorded), the trial's metrics
-    (``test_accuracy``, ``compression_ratio``, ``train_seconds``, ...), ``algorithm``,
-    ``baseline``, ``feasible`` (complete and every constraint <= 0), ``pareto`` (on the study's
+    accuracy; NaN unless complete), ``size_bytes`` (for an unfinished trial its recorded size,
+    if any), ``bitops``, the 95% intervals of both accuracies (``val_low``/``val_high``,
+    ``test_low``/``test_high``), the trial's other measurements (``test_accuracy``,
+    ``compression_ratio``, ``train_seconds``, ...), ``algorithm``, ``mode`` (finetune, ptq,
+    scratch, float), ``baseline``, one column per objective that is not one of these (named
+    after its metric), ``feasible`` (complete and every constraint <= 0), ``pareto`` (on the study's
     front, which only holds feasible complete trials; a reused result is listed once),
     ``fail_reason``, ``config_list`` (JSON),
     one ``bits.<layer>.<type>`` column per quantized tensor (NaN where the layer stays float),
@@ -155,12 +183,14 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     trials = study.get_trials(deepcopy=False)
     # A trial that reused a finished trial's result ("duplicate_of") is the same point.
     front = study.best_trials if trials else []
-    pareto_numbers = {t.number for t in front if "duplicate_of" not in t.user_attrs}
+    pareto_numbers = {t.number for t in front if TrialRecord.of(t).duplicate_of is None}
     layers = layer_order(study.user_attrs.get("layers"), trials)
     bits_cols = _bits_column_names(layers, trials)
-    rows = [_row(trial, pareto_numbers, bits_cols) for trial in trials]
+    metric_names = list(study.metric_names or ["accuracy", "size_bytes"])
+    rows = [_row(trial, pareto_numbers, bits_cols, metric_names) for trial in trials]
     frame = pd.DataFrame(rows)
-    leading = [*_BASE_COLUMNS, *bits_cols]
+    custom = [name for name in metric_names if name not in _BASE_COLUMNS]
+    leading = [*_BASE_COLUMNS, *custom, *bits_cols]
     if frame.empty:
         return pd.DataFrame(columns=leading)
     rest = sorted(c for c in frame.columns if c not in leading)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import combinations
 from pathlib import Path
 
 import optuna
+import pandas as pd
 
 from quantsearch.report._markdown import ReportContext, render_markdown
+from quantsearch.report._objectives import Axis, objective_axes, study_axes
 from quantsearch.report._plots import (
     bits_heatmap_figure,
     float_size_of,
@@ -28,6 +31,19 @@ def default_study_args(study: optuna.Study) -> str:
     return f"{storage}--study {study.study_name}"
 
 
+def _plot_pairs(axes: list[Axis]) -> list[tuple[Axis, Axis]]:
+    """(x, y) for each pair of objectives: accuracy-like (maximised) metrics go on y, and the
+    pair with the accuracy and the size comes first."""
+    pairs = []
+    for first, second in combinations(axes, 2):
+        x, y = (first, second) if second.maximize and not first.maximize else (second, first)
+        pairs.append((x, y))
+    if not pairs:
+        size, accuracy = objective_axes(pd.DataFrame(), metric_names=["size_bytes", "accuracy"])
+        return [(size, accuracy)]
+    return sorted(pairs, key=lambda pair: (pair[0].name != "size_bytes", not pair[1].maximize))
+
+
 def write_report(
     study: optuna.Study,
     out_dir: str | Path,
@@ -37,7 +53,8 @@ def write_report(
 ) -> Path:
     """Write the report of ``study`` into ``out_dir`` and return the path of its report.md.
 
-    Files: ``pareto.png`` / ``pareto.svg`` (accuracy against size), ``bits.png`` (per-layer bits
+    Files: ``pareto.png`` / ``pareto.svg`` (accuracy against size; a study of three objectives
+    gets one ``pareto_<y>_<x>.png`` for each further pair), ``bits.png`` (per-layer bits
     of the front), ``history.png`` (hypervolume and front size by trial), ``trials.csv`` (one row
     per trial, see :func:`trials_frame`) and ``report.md``. ``command`` is the command line that
     produced the report (quoted in report.md); ``study_args`` the arguments that name the study
@@ -53,17 +70,27 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
 
     attrs = study.user_attrs
-    float_size = float_size_of(frame, attrs.get("float_size_bytes"))
+    axes = study_axes(study, frame)
     front = pareto_frame(frame)
 
-    figure = pareto_figure(frame, title=f"{study.study_name}: validation accuracy against size")
-    save_figure(figure, out / "pareto.png")
-    save_figure(figure, out / "pareto.svg")
+    images: dict[str, str] = {}
+    plots: list[tuple[str, str]] = []
+    for index, (x, y) in enumerate(_plot_pairs(axes)):
+        stem = "pareto" if index == 0 else f"pareto_{y.name}_{x.name}"
+        title = f"{y.label} against {x.label}"
+        figure = pareto_figure(frame, x=x, y=y, title=f"{study.study_name}: {title}")
+        save_figure(figure, out / f"{stem}.png")
+        images[stem] = f"{stem}.png"
+        plots.append((title, f"{stem}.png"))
+        if index == 0:
+            save_figure(figure, out / "pareto.svg")
+            images["pareto_svg"] = "pareto.svg"
     save_figure(bits_heatmap_figure(frame, layers=attrs.get("layers")), out / "bits.png")
-    save_figure(history_figure(frame, float_size_bytes=float_size), out / "history.png")
+    save_figure(history_figure(frame, axes=axes), out / "history.png")
+    images.update(bits="bits.png", history="history.png")
     frame.to_csv(out / "trials.csv", index=False)
 
-    history = hypervolume_history(frame, float_size_bytes=float_size)
+    history = hypervolume_history(frame, axes=axes)
     context = ReportContext(
         study_name=study.study_name,
         study_attrs=attrs,
@@ -71,13 +98,10 @@ def write_report(
         study_args=args,
         command=command,
         hypervolume=float(history["hypervolume"].iloc[-1]),
-        float_size_bytes=float_size,
-        images={
-            "pareto": "pareto.png",
-            "pareto_svg": "pareto.svg",
-            "bits": "bits.png",
-            "history": "history.png",
-        },
+        float_size_bytes=float_size_of(frame, attrs.get("float_size_bytes")),
+        axes=tuple(axes),
+        images=images,
+        pareto_plots=tuple(plots),
     )
     report = out / "report.md"
     report.write_text(render_markdown(frame, front, context), encoding="utf-8")

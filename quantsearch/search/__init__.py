@@ -14,14 +14,14 @@ from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
 from quantsearch.search._space import SearchSpec, load_space, parse_space, storage_url
 from quantsearch.search._study import (
-    DIRECTIONS,
-    METRIC_NAMES,
+    FLOAT_MODEL_FILE,
     StorageError,
     StudyBusyError,
     StudyContext,
     StudyNotFoundError,
     TrialReport,
     counted_trials,
+    ensure_float_model,
     load_study,
     load_study_from,
     open_study,
@@ -30,9 +30,8 @@ from quantsearch.search._study import (
 )
 
 __all__ = [
-    "DIRECTIONS",
     "FLOAT",
-    "METRIC_NAMES",
+    "FLOAT_MODEL_FILE",
     "NNI_TYPES",
     "ConsoleProgress",
     "ModelLayers",
@@ -49,6 +48,7 @@ __all__ = [
     "TrialReport",
     "config_key",
     "counted_trials",
+    "ensure_float_model",
     "front_table",
     "load_space",
     "load_study",

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from quantsearch._studydata import layer_order
 from quantsearch._units import format_size
+from quantsearch.pipeline import TrialRecord, accuracy_interval
 from quantsearch.quantization import QUANT_TYPES
 from quantsearch.search._study import TrialReport
 
@@ -22,20 +23,22 @@ __all__ = ["ConsoleProgress", "format_size", "front_table", "trial_line", "trial
 
 def trial_line(report: TrialReport) -> str:
     """One line per finished trial: number, state, accuracies, size, ratio, seconds."""
+    record = report.record
     head = f"trial {report.number:>3} {report.state:<8}"
     if report.state == "COMPLETE":
         body = (
-            f"val {report.val_accuracy:.4f}  test {report.test_accuracy:.4f}  "
-            f"size {format_size(report.size_bytes):>9}  ratio {report.compression_ratio:5.2f}x  "
-            f"{report.train_seconds:6.1f} s"
+            f"val {_number(record.val_accuracy):.4f}  test {_number(record.test_accuracy):.4f}  "
+            f"size {format_size(record.size_bytes or 0):>9}  "
+            f"ratio {_number(record.compression_ratio):5.2f}x  "
+            f"{_number(record.train_seconds, 0.0):6.1f} s"
         )
     else:
-        body = report.reason or ""
+        body = record.fail_reason or ""
     notes = []
-    if report.baseline:
-        notes.append(f"baseline {report.baseline}")
-    if report.duplicate_of is not None:
-        notes.append(f"same config_list as trial {report.duplicate_of}, not trained again")
+    if record.baseline:
+        notes.append(f"baseline {record.baseline}")
+    if record.duplicate_of is not None:
+        notes.append(f"same config_list as trial {record.duplicate_of}, not trained again")
     tail = f"  [{'; '.join(notes)}]" if notes else ""
     return f"{head} {body}{tail}"
 
@@ -49,6 +52,12 @@ class ConsoleProgress:
         self.stream = stream or sys.stdout
         self.bar: tqdm | None = None
         self.started = time.perf_counter()
+
+    def message(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            self._print(text)
 
     def start(self, *, total: int, done: int, front: int) -> None:
         self.started = time.perf_counter()
@@ -95,33 +104,51 @@ def _bits_cell(per_type: dict[str, int] | None) -> str:
     return "/".join(f"{t[0]}{per_type[t]}" for t in QUANT_TYPES if t in per_type)
 
 
+def _number(value: float | None, default: float = math.nan) -> float:
+    return default if value is None else float(value)
+
+
+def _interval(accuracy: float | None, samples: int | None) -> str:
+    """``0.9722 ±0.0090``: the accuracy and the half-width of its 95% interval."""
+    if accuracy is None:
+        return ""
+    if not samples:
+        return f"{accuracy:.4f}"
+    low, high = accuracy_interval(accuracy, samples)
+    return f"{accuracy:.4f} ±{(high - low) / 2:.4f}"
+
+
 def _common_row(trial: FrozenTrial) -> dict[str, Any]:
-    attrs = trial.user_attrs
+    record = TrialRecord.of(trial)
     return {
         "trial": trial.number,
-        "val_acc": attrs.get("val_accuracy", math.nan),
-        "test_acc": attrs.get("test_accuracy", math.nan),
-        "size": format_size(attrs.get("size_bytes", math.nan)),
-        "ratio": attrs.get("compression_ratio", math.nan),
+        "val_acc": _interval(record.val_accuracy, record.val_samples),
+        "test_acc": _interval(record.test_accuracy, record.test_samples),
+        "size": format_size(_number(record.size_bytes)),
+        "ratio": _number(record.compression_ratio),
     }
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto front by size: accuracies, size, ratio and bits per layer ("-": float).
+    """The Pareto front by size: accuracies (with their 95% intervals), size, ratio, bitops
+    when it is an objective, and bits per layer ("-": float).
 
     A trial that reused another's result (same config_list) is shown once, as the original.
     """
     front = sorted(
-        (t for t in study.best_trials if "duplicate_of" not in t.user_attrs),
-        key=lambda t: (t.values[1], t.number),
+        (t for t in study.best_trials if TrialRecord.of(t).duplicate_of is None),
+        key=lambda t: (_number(TrialRecord.of(t).size_bytes), t.number),
     )
     layers = layer_order(study.user_attrs.get("layers"), front)
+    with_bitops = "bitops" in (study.metric_names or [])
     rows = []
     for trial in front:
+        record = TrialRecord.of(trial)
         row = _common_row(trial)
-        row["baseline"] = trial.user_attrs.get("baseline", "")
-        bits = trial.user_attrs.get("layer_bits") or {}
-        row.update({layer: _bits_cell(bits.get(layer)) for layer in layers})
+        if with_bitops:
+            row["bitops"] = f"{_number(record.bitops):.3g}"
+        row["baseline"] = record.baseline or ""
+        row.update({layer: _bits_cell(record.layer_bits.get(layer)) for layer in layers})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -130,10 +157,9 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every trial: state, accuracies, size, ratio, seconds, a note, and its parameters."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
         row = _common_row(trial)
         row["state"] = trial.state.name
-        row["seconds"] = attrs.get("train_seconds", math.nan)
+        row["seconds"] = _number(TrialRecord.of(trial).train_seconds)
         row["note"] = _note(trial)
         # Parameters as sampled (4, not 4.0000), short for floats.
         row.update({k: _param_cell(v) for k, v in trial.params.items()})
@@ -152,16 +178,16 @@ def _param_cell(value: Any) -> str:
 
 
 def _note(trial: FrozenTrial) -> str:
-    attrs = trial.user_attrs
+    record = TrialRecord.of(trial)
     notes = []
-    if "baseline" in attrs:
-        notes.append(f"baseline {attrs['baseline']}")
-    if "duplicate_of" in attrs:
-        notes.append(f"same as {attrs['duplicate_of']}")
-    if "retry_of" in attrs:
-        notes.append(f"rerun of {attrs['retry_of']}")
+    if record.baseline is not None:
+        notes.append(f"baseline {record.baseline}")
+    if record.duplicate_of is not None:
+        notes.append(f"same as {record.duplicate_of}")
+    if record.retry_of is not None:
+        notes.append(f"rerun of {record.retry_of}")
     if trial.state == TrialState.COMPLETE and any(v > 0 for v in trial.constraints.values()):
         notes.append("infeasible")
     if trial.state in (TrialState.FAIL, TrialState.PRUNED):
-        notes.append(attrs.get("fail_reason") or "failed: no heartbeat from its process")
+        notes.append(record.fail_reason or "failed: no heartbeat from its process")
     return "; ".join(notes)

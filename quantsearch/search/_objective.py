@@ -1,4 +1,5 @@
-"""One trial: build the model, quantize it with a config_list, train, evaluate, measure.
+"""One trial: build the model from the float weights, quantize it with a config_list, adapt it
+(fine-tune, calibrate, or train from scratch), evaluate, measure.
 
 Everything here runs in whichever process trains (the study's own, or a worker), takes a
 picklable :class:`TrialJob` and returns a picklable :class:`TrialOutcome`; it never touches the
@@ -18,16 +19,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantsearch.quantization import get_quantizer, model_size_bytes
+from quantsearch.pipeline import (
+    Evaluated,
+    ModelProfile,
+    TrialMode,
+    TrialRecord,
+    adapt,
+    build_compressed,
+    get_metric,
+    load_state,
+)
+from quantsearch.quantization import model_size_bytes
 from quantsearch.search._space import HopelessRule, TaskSpec
 from quantsearch.tasks import (
     DivergedError,
     Task,
     TrainConfig,
     evaluate,
-    fit,
     get_task,
-    make_optimizer,
     seed_everything,
 )
 
@@ -36,6 +45,8 @@ __all__ = [
     "TrialJob",
     "TrialOutcome",
     "build_task",
+    "float_state_of",
+    "model_profile",
     "run_trial",
     "train_config",
     "trial_seed",
@@ -69,15 +80,21 @@ class HopelessTrial(Exception):
 
 @dataclass(frozen=True)
 class TrialJob:
-    """Everything a process needs to train one trial."""
+    """Everything a process needs to run one trial."""
 
     number: int
     seed: int
     task: TaskSpec
     task_seed: int
     algorithm: str
+    mode: TrialMode
     train: dict[str, Any]
     config_list: list[dict[str, Any]]
+    objectives: tuple[str, ...]
+    # The searched training settings alone, recorded with the trial.
+    searched_train: dict[str, Any] = field(default_factory=dict)
+    float_weights: str | None = None
+    calibration_batches: int = 32
     checkpoint: str | None = None
     hopeless: HopelessRule | None = None
     # torch threads for this trial, set by ``fit``; the study leaves it None, as its worker
@@ -87,78 +104,124 @@ class TrialJob:
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """What one trial measured, or why it did not finish ("FAIL" / "PRUNED" + reason)."""
+    """What one trial measured (its record and objective values), or why it did not finish."""
 
     state: str
-    val_accuracy: float = float("nan")
-    test_accuracy: float = float("nan")
-    size_bytes: int = 0
-    train_seconds: float = 0.0
-    layer_bits: dict[str, dict[str, int]] = field(default_factory=dict)
-    reason: str | None = None
-    detail: str | None = None
+    record: TrialRecord
+    values: tuple[float, ...] = ()
 
 
 def run_trial(job: TrialJob) -> TrialOutcome:
-    """Train and measure one trial; a diverged, hopeless or crashing trial is an outcome too."""
+    """Run and measure one trial; a diverged, hopeless or crashing trial is an outcome too."""
     started = time.perf_counter()
+    record = TrialRecord(
+        algorithm=job.algorithm,
+        mode=job.mode,
+        config_list=job.config_list,
+        train=job.searched_train,
+        seed=job.seed,
+    )
     try:
-        return _run(job, started)
+        return _run(job, record, started)
     except HopelessTrial as stop:
-        return TrialOutcome(
-            state="PRUNED",
-            reason=str(stop),
-            train_seconds=time.perf_counter() - started,
-        )
+        state, reason, detail = "PRUNED", str(stop), None
     except DivergedError as error:
-        return TrialOutcome(
-            state="FAIL",
-            reason=f"diverged: {error}",
-            train_seconds=time.perf_counter() - started,
-        )
+        state, reason, detail = "FAIL", f"diverged: {error}", None
     except Exception as error:
-        return TrialOutcome(
-            state="FAIL",
-            reason=f"{type(error).__name__}: {error}",
-            detail=traceback.format_exc(limit=-8),
-            train_seconds=time.perf_counter() - started,
-        )
+        state, reason = "FAIL", f"{type(error).__name__}: {error}"
+        detail = traceback.format_exc(limit=-8)
+    return TrialOutcome(
+        state=state,
+        record=record.model_copy(
+            update={
+                "fail_reason": reason,
+                "fail_detail": detail,
+                "train_seconds": time.perf_counter() - started,
+            }
+        ),
+    )
 
 
-def _run(job: TrialJob, started: float) -> TrialOutcome:
+@functools.lru_cache(maxsize=2)
+def _float_state(path: str, modified: float) -> dict[str, torch.Tensor]:
+    return load_state(path)
+
+
+def float_state_of(path: str) -> dict[str, torch.Tensor]:
+    """The float weights in ``path``, read once per process (again if the file changes)."""
+    return _float_state(path, Path(path).stat().st_mtime)
+
+
+@functools.lru_cache(maxsize=4)
+def _profile(task: Task) -> ModelProfile:
+    return ModelProfile.trace(task.build_model(), task.dummy_input)
+
+
+def model_profile(task: Task) -> ModelProfile:
+    """The layer order and MACs of the task's model, traced once per process."""
+    return _profile(task)
+
+
+def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
     task = build_task(job.task, job.task_seed)
     config = train_config(task, job.train, num_threads=job.num_threads)
     seed_everything(job.seed)
-    model = task.build_model()
-    # The optimizer comes first: a quantizer may add its own parameters to it (LSQ scales).
-    optimizer = make_optimizer(model.parameters(), config)
-    quantizer = None
-    if job.config_list:
-        quantizer = get_quantizer(job.algorithm)(
-            model, job.config_list, optimizer=optimizer, dummy_input=task.dummy_input
-        )
-        model = quantizer.compress()
-    result = fit(
-        model,
+    float_state = None
+    if job.mode != "scratch":
+        if job.float_weights is None:
+            raise ValueError(f"a {job.mode} trial needs the study's float weights")
+        float_state = float_state_of(job.float_weights)
+    trains = job.mode in ("finetune", "scratch")
+    compressed = build_compressed(
         task,
-        optimizer,
+        job.algorithm,
+        job.config_list,
+        float_state=float_state,
+        train=config if trains else None,
+    )
+    adapted = adapt(
+        compressed,
+        task,
+        job.mode,
         config,
         seed=job.seed,
-        on_epoch=_hopeless_check(job.hopeless, task.num_classes),
+        calibration_batches=job.calibration_batches,
+        on_epoch=_hopeless_check(job.hopeless, task.num_classes) if trains else None,
     )
+    model = compressed.model
     test_accuracy = evaluate(model, task.test_set, device=config.device)
     size = model_size_bytes(model)
+    layer_bits = compressed.quantizer.layer_bits() if compressed.quantizer is not None else {}
+    profile = model_profile(task)
+    evaluated = Evaluated(
+        model=model,
+        task=task,
+        layer_bits=layer_bits,
+        profile=profile,
+        val_accuracy=adapted.val_accuracy,
+        size_bytes=size,
+    )
+    values = tuple(float(get_metric(name).compute(evaluated)) for name in job.objectives)
     if job.checkpoint is not None:
         path = Path(job.checkpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     return TrialOutcome(
         state="COMPLETE",
-        val_accuracy=float(result.val_accuracy),
-        test_accuracy=float(test_accuracy),
-        size_bytes=int(size),
-        train_seconds=time.perf_counter() - started,
-        layer_bits=quantizer.layer_bits() if quantizer is not None else {},
+        values=values,
+        record=record.model_copy(
+            update={
+                "val_accuracy": adapted.val_accuracy,
+                "test_accuracy": float(test_accuracy),
+                "val_samples": len(task.val_set),  # type: ignore[arg-type]
+                "test_samples": len(task.test_set),  # type: ignore[arg-type]
+                "size_bytes": int(size),
+                "bitops": profile.bitops(layer_bits),
+                "layer_bits": layer_bits,
+                "steps": adapted.steps,
+                "train_seconds": time.perf_counter() - started,
+            }
+        ),
     )
 
 

@@ -14,6 +14,7 @@ import yaml
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from quantsearch.pipeline import METRICS
 from quantsearch.quantization import QUANT_TYPES, QUANTIZERS
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NniParam, is_nni_param, parse_nni_param
@@ -45,7 +46,9 @@ QUANT_SCHEMES: tuple[str, ...] = (
     "per_channel_affine",
     "per_channel_symmetric",
 )
-OBJECTIVES: tuple[str, ...] = ("accuracy", "size")
+OBJECTIVES: tuple[str, ...] = ("accuracy", "size_bytes")
+# Names a space may use for a metric besides its own.
+_METRIC_ALIASES = {"size": "size_bytes"}
 # Keys whose change does not change what a trial means: a study may grow or move.
 _UNHASHED_KEYS = ("study_name", "n_trials", "storage")
 
@@ -58,9 +61,13 @@ class TaskSpec:
     name: str = "digits"
     data_dir: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "data_dir": self.data_dir, "options": dict(self.options)}
+        out = {"name": self.name, "data_dir": self.data_dir, "options": dict(self.options)}
+        if self.pretrained is not None:
+            out["pretrained"] = self.pretrained
+        return out
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,9 @@ class SearchSpec:
     quantize: dict[str, LayerSelector]
     params: dict[str, Param]
     per_layer: PerLayer | None
+    from_scratch: bool = False
+    float_train: dict[str, Any] = field(default_factory=dict)
+    calibration_batches: int = 32
 
     def to_dict(self) -> dict[str, Any]:
         """The space with every default filled in, as plain JSON-able data."""
@@ -181,6 +191,9 @@ class SearchSpec:
             "quantize": {t: s.to_dict() for t, s in self.quantize.items()},
             "params": {k: _param_to_json(v) for k, v in self.params.items()},
             "per_layer": None if self.per_layer is None else self.per_layer.to_dict(),
+            "from_scratch": self.from_scratch,
+            "float_train": dict(self.float_train),
+            "calibration": {"batches": self.calibration_batches},
         }
 
     def search_dict(self) -> dict[str, Any]:
@@ -280,9 +293,13 @@ _TOP_KEYS = (
     "quantize",
     "params",
     "per_layer",
+    "from_scratch",
+    "float_train",
+    "calibration",
 )
 _TRAIN_KEYS = (
     "epochs",
+    "steps",
     "batch_size",
     "optimizer",
     "lr",
@@ -328,6 +345,7 @@ _PARAM_RULES: dict[str, _Rule] = {
 TRAIN_PARAMS: tuple[str, ...] = ("lr", "weight_decay", "momentum", "batch_size")
 _TRAIN_RULES: dict[str, _Rule] = {
     "epochs": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "steps": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "optimizer": _Rule(f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS),
     "lr_schedule": _Rule(f"one of {', '.join(LR_SCHEDULES)}", lambda v: v in LR_SCHEDULES),
     "device": _Rule(
@@ -385,7 +403,28 @@ class _Parser:
             quantize=quantize,
             params=params,
             per_layer=per_layer,
+            from_scratch=self.from_scratch(top.get("from_scratch", False), algorithm),
+            float_train=self.train(top.get("float_train"), key="float_train"),
+            calibration_batches=self.calibration(top.get("calibration")),
         )
+
+    def from_scratch(self, value: Any, algorithm: str) -> bool:
+        if not isinstance(value, bool):
+            raise SpaceError(f"{value!r} is not true or false", key="from_scratch")
+        if value and algorithm == "ptq":
+            raise SpaceError(
+                "a ptq trial only calibrates, so it needs trained float weights, not a fresh "
+                "model: drop from_scratch",
+                key="from_scratch",
+            )
+        return value
+
+    def calibration(self, value: Any) -> int:
+        calibration = _mapping(value or {}, key="calibration", allowed=("batches",))
+        batches = calibration.get("batches", 32)
+        if not _is_int(batches) or batches < 1:
+            raise SpaceError(f"{batches!r} is not an integer >= 1", key="calibration.batches")
+        return batches
 
     def algorithm(self, value: Any) -> str:
         if value is None:
@@ -402,7 +441,7 @@ class _Parser:
             if not value.strip():
                 raise SpaceError("is empty; give a task name such as digits", key="task")
             return TaskSpec(name=value)
-        task = _mapping(value, key="task", allowed=("name", "data_dir", "options"))
+        task = _mapping(value, key="task", allowed=("name", "data_dir", "options", "pretrained"))
         name = task.get("name")
         if not isinstance(name, str) or not name.strip():
             raise SpaceError(f"{name!r} is not a task name such as digits", key="task.name")
@@ -412,28 +451,46 @@ class _Parser:
         options = task.get("options", {})
         if not isinstance(options, dict):
             raise SpaceError(f"{options!r} is not a mapping", key="task.options")
-        return TaskSpec(name=name, data_dir=data_dir, options=dict(options))
+        pretrained = task.get("pretrained")
+        if pretrained is not None and (not isinstance(pretrained, str) or not pretrained):
+            raise SpaceError(
+                f"{pretrained!r} is not a state-dict file path", key="task.pretrained"
+            )
+        return TaskSpec(
+            name=name, data_dir=data_dir, options=dict(options), pretrained=pretrained
+        )
 
-    def train(self, value: Any) -> dict[str, Any]:
-        train = _mapping(value or {}, key="train", allowed=_TRAIN_KEYS)
+    def train(self, value: Any, *, key: str = "train") -> dict[str, Any]:
+        train = _mapping(value or {}, key=key, allowed=_TRAIN_KEYS)
         out: dict[str, Any] = {}
-        for key, item in train.items():
-            rule = _TRAIN_RULES[key]
+        for name, item in train.items():
+            rule = _TRAIN_RULES[name]
             if not rule.check(item):
-                raise SpaceError(f"{item!r} is not {rule.allowed}", key=f"train.{key}")
-            out[key] = float(item) if key in ("lr", "weight_decay", "momentum") else item
+                raise SpaceError(f"{item!r} is not {rule.allowed}", key=f"{key}.{name}")
+            out[name] = float(item) if name in ("lr", "weight_decay", "momentum") else item
         return out
 
     def objectives(self, value: Any) -> tuple[str, ...]:
         if value is None:
             return OBJECTIVES
-        if not isinstance(value, list) or value != list(OBJECTIVES):
+        known = ", ".join(METRICS)
+        if not isinstance(value, list) or not 2 <= len(value) <= 3:
             raise SpaceError(
-                f"{value!r} is not supported; the objectives are [accuracy, size] "
-                "(validation accuracy maximised, model size in bytes minimised)",
+                f"{value!r} is not a list of two or three metrics; known metrics: {known}",
                 key="objectives",
             )
-        return OBJECTIVES
+        names: list[str] = []
+        for index, item in enumerate(value):
+            name = _METRIC_ALIASES.get(item, item) if isinstance(item, str) else item
+            if name not in METRICS:
+                raise SpaceError(
+                    f"{item!r} is not a metric; known metrics: {known}",
+                    key=f"objectives[{index}]",
+                )
+            if name in names:
+                raise SpaceError(f"{item!r} is listed twice", key=f"objectives[{index}]")
+            names.append(name)
+        return tuple(names)
 
     def sampler(self, value: Any) -> SamplerSpec:
         if isinstance(value, str):

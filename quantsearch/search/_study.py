@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import sqlite3
 import time
@@ -21,13 +20,27 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from quantsearch._studydata import sqlite_path
-from quantsearch.quantization import ConfigError, get_quantizer, model_size_bytes
+from quantsearch.pipeline import (
+    FloatModel,
+    FloatModelError,
+    ModelProfile,
+    TrialRecord,
+    build_compressed,
+    get_metric,
+    load_state,
+    load_weights,
+    make_float_model,
+    state_sha256,
+    trial_mode,
+)
+from quantsearch.quantization import ConfigError, model_size_bytes
 from quantsearch.search._config_builder import ModelLayers, SpacePlan, config_key
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._objective import (
     TrialJob,
     TrialOutcome,
     build_task,
+    model_profile,
     train_config,
     trial_seed,
 )
@@ -41,8 +54,7 @@ from quantsearch.search._workers import (
 from quantsearch.tasks import Task, resolve_device, seed_everything
 
 __all__ = [
-    "DIRECTIONS",
-    "METRIC_NAMES",
+    "FLOAT_MODEL_FILE",
     "StorageError",
     "StudyBusyError",
     "StudyContext",
@@ -50,6 +62,7 @@ __all__ = [
     "TrialReport",
     "artifacts_dir",
     "counted_trials",
+    "ensure_float_model",
     "load_study",
     "load_study_from",
     "open_study",
@@ -58,8 +71,8 @@ __all__ = [
     "run_study",
 ]
 
-DIRECTIONS = ("maximize", "minimize")
-METRIC_NAMES = ["accuracy", "size_bytes"]
+#: The float model's state dict, in the study's artifacts folder.
+FLOAT_MODEL_FILE = "float_model.pt"
 # Seconds between heartbeats of running trials on a shared (non-SQLite) database, and how
 # long a trial may go without one before another machine fails and re-queues it.
 HEARTBEAT_SECONDS = 20
@@ -102,10 +115,19 @@ class StudyContext:
     task: Task
     plan: SpacePlan
     float_size_bytes: int
+    profile: ModelProfile
 
     @property
     def layers(self) -> list[str]:
         return self.plan.layers.weighted
+
+    @property
+    def float_bitops(self) -> float:
+        return self.profile.bitops({})
+
+    @property
+    def directions(self) -> list[str]:
+        return [get_metric(name).direction for name in self.spec.objectives]
 
 
 def prepare(spec: SearchSpec) -> StudyContext:
@@ -124,22 +146,29 @@ def prepare(spec: SearchSpec) -> StudyContext:
         resolve_device(config.device)
     except (ValueError, RuntimeError) as error:
         raise SpaceError(str(error), key="train.device", source=spec.source) from None
+    try:
+        train_config(task, spec.float_train)
+    except ValueError as error:
+        raise SpaceError(str(error), key="float_train", source=spec.source) from None
     seed_everything(spec.seed)
     model = task.build_model()
     float_size = model_size_bytes(model)
+    if spec.task.pretrained is not None and not spec.from_scratch:
+        try:
+            state = load_state(spec.task.pretrained)
+            load_weights(task.build_model(), state, spec.task.pretrained)
+        except FloatModelError as error:
+            raise SpaceError(str(error), key="task.pretrained", source=spec.source) from None
     try:
         plan = SpacePlan(spec, ModelLayers.of(model))
     except SpaceError as error:
         raise error.with_source(spec.source) from None
-    quantizer_class = get_quantizer(spec.algorithm)
     for key, value, values in plan.candidate_points():
         config_list = plan.config_list(values)
         if not config_list:
             continue
         try:
-            quantizer_class(
-                task.build_model(), config_list, optimizer=None, dummy_input=task.dummy_input
-            ).compress()
+            build_compressed(task, spec.algorithm, config_list)
         except ConfigError as error:
             if value is None:
                 # The first value of every parameter: the fault may lie in any of them.
@@ -153,7 +182,13 @@ def prepare(spec: SearchSpec) -> StudyContext:
                 key=key,
                 source=spec.source,
             ) from None
-    return StudyContext(spec=spec, task=task, plan=plan, float_size_bytes=float_size)
+    return StudyContext(
+        spec=spec,
+        task=task,
+        plan=plan,
+        float_size_bytes=float_size,
+        profile=model_profile(task),
+    )
 
 
 def _sqlite_connector(path: Path) -> Callable[[], sqlite3.Connection]:
@@ -221,10 +256,8 @@ def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def _retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"retry_of": trial.number}
-    if "baseline" in trial.user_attrs:
-        attrs["baseline"] = trial.user_attrs["baseline"]
-    return attrs
+    retry = TrialRecord(retry_of=trial.number, baseline=TrialRecord.of(trial).baseline)
+    return retry.model_dump(include={"retry_of", "baseline"}, exclude_none=True)
 
 
 def _sampler(spec: SearchSpec, resume_index: int) -> optuna.samplers.BaseSampler:
@@ -289,7 +322,7 @@ def open_study(context: StudyContext) -> optuna.Study:
             study = optuna.create_study(
                 storage=storage,
                 study_name=spec.study_name,
-                directions=list(DIRECTIONS),
+                directions=context.directions,
                 sampler=_sampler(spec, 0),
             )
         except optuna.exceptions.DuplicatedStudyError:
@@ -304,10 +337,7 @@ def open_study(context: StudyContext) -> optuna.Study:
     _check_space(study, spec)
     if "space_hash" not in study.user_attrs:
         # Created a moment ago by another machine, which is still writing its attributes.
-        if study.trials or study.directions != [
-            optuna.study.StudyDirection.MAXIMIZE,
-            optuna.study.StudyDirection.MINIMIZE,
-        ]:
+        if study.trials or [d.name.lower() for d in study.directions] != context.directions:
             raise SpaceError(
                 f"{spec.storage} already holds a study {spec.study_name!r} that quantsearch "
                 "did not create; give the space another study_name",
@@ -322,19 +352,65 @@ def _set_study_attrs(study: optuna.Study, context: StudyContext) -> None:
     with warnings.catch_warnings():
         # Metric names have been "experimental" since optuna 3.2; the API is stable in use.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(METRIC_NAMES)
+        study.set_metric_names(list(spec.objectives))
     study.set_user_attr("space", spec.to_dict())
     study.set_user_attr("space_hash", spec.space_hash)
     study.set_user_attr("task", {**spec.task.to_dict(), "seed": spec.seed})
     study.set_user_attr("algorithm", spec.algorithm)
     study.set_user_attr("float_size_bytes", context.float_size_bytes)
+    study.set_user_attr("float_bitops", context.float_bitops)
     study.set_user_attr("layers", context.layers)
 
 
 def _initialise(study: optuna.Study, context: StudyContext) -> None:
     _set_study_attrs(study, context)
     for label in context.spec.baselines.labels:
-        study.enqueue_trial(context.plan.baseline_params(label), user_attrs={"baseline": label})
+        queued = TrialRecord(baseline=label).model_dump(include={"baseline"})
+        study.enqueue_trial(context.plan.baseline_params(label), user_attrs=queued)
+
+
+def ensure_float_model(
+    study: optuna.Study, context: StudyContext, *, log: Callable[[str], None]
+) -> tuple[FloatModel, Path] | None:
+    """The study's float model and its file, made the first time (loaded or trained).
+
+    The study records the file and the hash of its weights: a machine (or a resumed run)
+    without the file makes it again and must arrive at the same hash; one that does not is
+    refused (FloatModelError) rather than mixing two float models in one study.
+    """
+    spec = context.spec
+    if spec.from_scratch:
+        return None
+    root, folder = artifacts_dir(spec)
+    path = folder / FLOAT_MODEL_FILE
+    raw = study.user_attrs.get("float_model")
+    stored = FloatModel.model_validate(raw) if raw is not None else None
+    if stored is not None and path.is_file() and state_sha256(load_state(path)) == stored.sha256:
+        return stored, path
+    float_train = train_config(context.task, spec.float_train)
+    made = make_float_model(
+        context.task,
+        pretrained=spec.task.pretrained,
+        train=float_train,
+        seed=spec.seed,
+        out=path,
+        log=log,
+    )
+    if stored is not None and made.sha256 != stored.sha256:
+        raise FloatModelError(
+            f"{path}: the float model made here (hash {made.sha256[:12]}) differs from the "
+            f"study's (hash {stored.sha256[:12]}, {stored.source}); copy the study's "
+            f"{FLOAT_MODEL_FILE} to {path}, or use the same torch version, device and threads"
+        )
+    relative = path.relative_to(root) if sqlite_path(spec.storage) else path
+    made = made.model_copy(update={"file": str(relative)})
+    if stored is None:
+        study.set_user_attr("float_model", made.model_dump())
+    log(
+        f"float model: val {made.val_accuracy:.4f}, test {made.test_accuracy:.4f} "
+        f"({made.source}; {path})"
+    )
+    return stored or made, path
 
 
 def load_study(spec: SearchSpec) -> optuna.Study:
@@ -395,17 +471,12 @@ class TrialReport:
 
     number: int
     state: str
-    val_accuracy: float = math.nan
-    test_accuracy: float = math.nan
-    size_bytes: int = 0
-    compression_ratio: float = math.nan
-    train_seconds: float = 0.0
-    baseline: str | None = None
-    duplicate_of: int | None = None
-    reason: str | None = None
+    record: TrialRecord
 
 
 class Progress(Protocol):
+    def message(self, text: str) -> None: ...
+
     def start(self, *, total: int, done: int, front: int) -> None: ...
 
     def trial(self, report: TrialReport, *, done: int, front: int) -> None: ...
@@ -414,6 +485,9 @@ class Progress(Protocol):
 
 
 class _Silent:
+    def message(self, text: str) -> None:
+        pass
+
     def start(self, *, total: int, done: int, front: int) -> None:
         pass
 
@@ -426,7 +500,7 @@ class _Silent:
 
 def counted_trials(trials: Sequence[FrozenTrial]) -> int:
     """Trials that count towards n_trials: all but WAITING ones and failures run again."""
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = {TrialRecord.of(t).retry_of for t in trials}
     return sum(
         1
         for t in trials
@@ -435,31 +509,25 @@ def counted_trials(trials: Sequence[FrozenTrial]) -> int:
     )
 
 
-def front_size(trials: Sequence[FrozenTrial]) -> int:
+def front_size(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> int:
     """Trials on the Pareto front (as ``study.best_trials``), a reused result counted once."""
-    points = sorted(
-        (t.values[1], t.values[0])
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    points = [
+        tuple(sign * value for sign, value in zip(signs, t.values, strict=True))
         for t in trials
         if t.state == TrialState.COMPLETE
-        and "duplicate_of" not in t.user_attrs
+        and TrialRecord.of(t).duplicate_of is None
         and all(c <= 0 for c in t.constraints.values())
-    )
-    # One sweep by size: a point is dominated by a smaller one with at least its accuracy,
-    # or by one of its own size with a higher accuracy; equal points all count.
-    count = 0
-    best_smaller = -math.inf  # the highest accuracy among strictly smaller sizes
-    start = 0
-    while start < len(points):
-        size = points[start][0]
-        end = start
-        while end < len(points) and points[end][0] == size:
-            end += 1
-        top = points[end - 1][1]  # sorted: the highest accuracy of this size comes last
-        if top > best_smaller:
-            count += sum(acc == top for _, acc in points[start:end])
-            best_smaller = top
-        start = end
-    return count
+    ]
+    if not points:
+        return 0
+    # Every objective minimised now: a point is dominated by one no worse anywhere and
+    # better somewhere; equal points all count.
+    array = np.asarray(points)
+    no_worse = (array[:, None, :] <= array[None, :, :]).all(axis=2)
+    better = (array[:, None, :] < array[None, :, :]).any(axis=2)
+    dominated = (no_worse & better).any(axis=0)
+    return int((~dominated).sum())
 
 
 @dataclass
@@ -469,6 +537,7 @@ class _Ticket:
     train: dict[str, Any]
     key: str
     baseline: str | None
+    retry_of: int | None
     seed: int
 
 
@@ -479,6 +548,9 @@ class _Loop:
     progress: Progress
     # Set on a shared database (no lock file): other machines add and fail trials too.
     heartbeat: Heartbeat | None = None
+    # The weights every trial starts from; None when trials train from scratch.
+    float_model: FloatModel | None = None
+    float_model_path: Path | None = None
     in_flight: dict[int, _Ticket] = field(default_factory=dict)
     # Trials waiting for a running twin (same config_list) instead of training it again.
     parked: dict[str, list[_Ticket]] = field(default_factory=dict)
@@ -500,7 +572,7 @@ class _Loop:
     def run(self, pool: InlinePool | ProcessPool) -> None:
         trials = self._read_trials()
         self.progress.start(
-            total=self.spec.n_trials, done=self._done(trials), front=front_size(trials)
+            total=self.spec.n_trials, done=self._done(trials), front=self._front(trials)
         )
         try:
             while True:
@@ -514,6 +586,9 @@ class _Loop:
             self._abandon("interrupted: the study process stopped before the trial finished")
             raise
 
+    def _front(self, trials: Sequence[FrozenTrial]) -> int:
+        return front_size(trials, self.context.directions)
+
     def _done(self, trials: Sequence[FrozenTrial]) -> int:
         return counted_trials(trials) - sum(t.state == TrialState.RUNNING for t in trials)
 
@@ -524,9 +599,9 @@ class _Loop:
             if trial.state not in _FINISHED or trial.number in self._keyed:
                 continue
             self._keyed.add(trial.number)
-            if "config_list" in trial.user_attrs:
-                train = trial.user_attrs.get("train", {})
-                key = config_key(trial.user_attrs["config_list"], train)
+            record = TrialRecord.of(trial)
+            if record.config_list is not None:
+                key = config_key(record.config_list, record.train)
                 known = self.finished.get(key)
                 if known is None or trial.number < known.number:
                     self.finished[key] = trial
@@ -574,15 +649,16 @@ class _Loop:
         if self.heartbeat is not None:
             self.heartbeat.add(_trial_id(trial))
         values = plan.values(trial.params)
-        baseline = trial.user_attrs.get("baseline")
-        config_list = [] if baseline == "float" else plan.config_list(values)
+        queued = TrialRecord.from_attrs(trial.user_attrs)
+        config_list = [] if queued.baseline == "float" else plan.config_list(values)
         train = plan.train_overrides(values)
         return _Ticket(
             trial=trial,
             config_list=config_list,
             train=train,
             key=config_key(config_list, train),
-            baseline=baseline,
+            baseline=queued.baseline,
+            retry_of=queued.retry_of,
             seed=trial_seed(self.spec.seed, trial.number),
         )
 
@@ -596,47 +672,41 @@ class _Loop:
             task=spec.task,
             task_seed=spec.seed,
             algorithm=spec.algorithm,
+            mode=trial_mode(spec.algorithm, ticket.config_list, from_scratch=spec.from_scratch),
             train={**spec.train, **ticket.train},
+            searched_train=ticket.train,
             config_list=ticket.config_list,
+            objectives=spec.objectives,
+            float_weights=None if self.float_model is None else str(self.float_model_path),
+            calibration_batches=spec.calibration_batches,
             checkpoint=str(folder / f"trial_{number}.pt"),
             hopeless=spec.hopeless,
         )
         self.in_flight[number] = ticket
         pool.submit(job)
 
-    def _common_attrs(self, ticket: _Ticket) -> dict[str, Any]:
-        attrs: dict[str, Any] = {
-            "config_list": ticket.config_list,
-            "algorithm": self.spec.algorithm,
-            "seed": ticket.seed,
-        }
-        if ticket.train:
-            attrs["train"] = ticket.train
-        return attrs
-
     def _finish(self, ticket: _Ticket, outcome: TrialOutcome) -> None:
         trial = ticket.trial
-        attrs = self._common_attrs(ticket)
-        attrs["train_seconds"] = outcome.train_seconds
+        record = outcome.record.model_copy(
+            update={"baseline": ticket.baseline, "retry_of": ticket.retry_of}
+        )
         if outcome.state == "COMPLETE":
             root, folder = artifacts_dir(self.spec)
             checkpoint = folder / f"trial_{trial.number}.pt"
-            attrs.update(
-                val_accuracy=outcome.val_accuracy,
-                test_accuracy=outcome.test_accuracy,
-                size_bytes=outcome.size_bytes,
-                float_size_bytes=self.context.float_size_bytes,
-                compression_ratio=self.context.float_size_bytes / outcome.size_bytes,
-                layer_bits=outcome.layer_bits,
-                checkpoint=str(
-                    checkpoint.relative_to(root) if sqlite_path(self.spec.storage) else checkpoint
-                ),
+            float_size = self.context.float_size_bytes
+            record = record.model_copy(
+                update={
+                    "float_size_bytes": float_size,
+                    "compression_ratio": float_size / record.size_bytes,
+                    "float_bitops": self.context.float_bitops,
+                    "checkpoint": str(
+                        checkpoint.relative_to(root)
+                        if sqlite_path(self.spec.storage)
+                        else checkpoint
+                    ),
+                }
             )
-        else:
-            attrs["fail_reason"] = outcome.reason
-            if outcome.detail:
-                attrs["fail_detail"] = outcome.detail
-        self._tell(ticket, outcome.state, attrs)
+        self._tell(ticket, outcome.state, record, outcome.values)
         twins = self.parked.pop(ticket.key, [])
         if not twins:
             return
@@ -648,49 +718,46 @@ class _Loop:
                 self.unparked.append(twin)
 
     def _tell_duplicate(self, ticket: _Ticket, original: FrozenTrial) -> None:
-        attrs = {
-            k: v
-            for k, v in original.user_attrs.items()
-            if k not in ("baseline", "retry_of", "seed", "duplicate_of")
-        }
-        attrs.update(self._common_attrs(ticket), duplicate_of=original.number, train_seconds=0.0)
+        record = TrialRecord.of(original).reused_by(
+            seed=ticket.seed,
+            baseline=ticket.baseline,
+            retry_of=ticket.retry_of,
+            config_list=ticket.config_list,
+            train=ticket.train,
+            duplicate_of=original.number,
+            train_seconds=0.0,
+        )
         if original.state == TrialState.PRUNED:
-            attrs["fail_reason"] = (
-                f"same config_list as trial {original.number}, which was stopped: "
-                f"{original.user_attrs.get('fail_reason')}"
+            record = record.model_copy(
+                update={
+                    "fail_reason": f"same config_list as trial {original.number}, which was "
+                    f"stopped: {TrialRecord.of(original).fail_reason}"
+                }
             )
-        self._tell(ticket, original.state.name, attrs)
+        values = tuple(original.values) if original.values is not None else ()
+        self._tell(ticket, original.state.name, record, values)
 
-    def _tell(self, ticket: _Ticket, state: str, attrs: dict[str, Any]) -> None:
+    def _tell(
+        self, ticket: _Ticket, state: str, record: TrialRecord, values: Sequence[float]
+    ) -> None:
         trial = ticket.trial
-        for key, value in attrs.items():
+        for key, value in record.to_attrs().items():
             trial.set_user_attr(key, value)
         if state == "COMPLETE":
-            values = [attrs["val_accuracy"], attrs["size_bytes"]]
             constraints = self.spec.constraints
-            if constraints.min_accuracy is not None:
-                trial.set_constraint("min_accuracy", constraints.min_accuracy - values[0])
-            if constraints.max_size_bytes is not None:
-                trial.set_constraint("max_size_bytes", values[1] - constraints.max_size_bytes)
-            self.study.tell(trial, values)
+            accuracy, size = record.val_accuracy, record.size_bytes
+            if constraints.min_accuracy is not None and accuracy is not None:
+                trial.set_constraint("min_accuracy", constraints.min_accuracy - accuracy)
+            if constraints.max_size_bytes is not None and size is not None:
+                trial.set_constraint("max_size_bytes", size - constraints.max_size_bytes)
+            self.study.tell(trial, list(values))
         else:
             self.study.tell(trial, state=TrialState[state])
         if self.heartbeat is not None:
             self.heartbeat.discard(_trial_id(trial))
         trials = self._read_trials()
-        report = TrialReport(
-            number=trial.number,
-            state=state,
-            val_accuracy=attrs.get("val_accuracy", math.nan),
-            test_accuracy=attrs.get("test_accuracy", math.nan),
-            size_bytes=attrs.get("size_bytes", 0),
-            compression_ratio=attrs.get("compression_ratio", math.nan),
-            train_seconds=attrs.get("train_seconds", 0.0),
-            baseline=ticket.baseline,
-            duplicate_of=attrs.get("duplicate_of"),
-            reason=attrs.get("fail_reason"),
-        )
-        self.progress.trial(report, done=self._done(trials), front=front_size(trials))
+        report = TrialReport(number=trial.number, state=state, record=record)
+        self.progress.trial(report, done=self._done(trials), front=self._front(trials))
 
     def _abandon(self, reason: str) -> None:
         """Fail every trial this process holds and queue its parameters to run again."""
@@ -751,6 +818,9 @@ def run_study(
             optuna.storages.fail_stale_trials(study)
             heartbeat = Heartbeat(_beat(study), HEARTBEAT_SECONDS)
         loop = _Loop(study, context, progress, heartbeat)
+        made = ensure_float_model(study, context, log=progress.message)
+        if made is not None:
+            loop.float_model, loop.float_model_path = made
         # Each worker process sets its torch threads once, when it starts; the study's own
         # process (jobs == 1) keeps its own setting.
         pool: InlinePool | ProcessPool = (

@@ -45,6 +45,10 @@ class Task:
         num_classes: the number of classes; the model returns ``(batch, num_classes)`` scores.
         default_train_config: training settings that suit this task, for when none are given.
         description: one line about the data and the model.
+        pretrained: trained float weights for ``build_model``'s architecture, as a state-dict
+            file (``torch.save(model.state_dict(), path)``) or the state dict itself. A study
+            fine-tunes or calibrates its trials from them; without them (and without
+            ``task.pretrained`` in the space) the study trains the float model once.
 
     Tasks compare by identity: two tasks are equal only when they are the same object.
     """
@@ -58,6 +62,7 @@ class Task:
     num_classes: int
     default_train_config: TrainConfig = field(default_factory=TrainConfig)
     description: str = ""
+    pretrained: str | Path | Mapping[str, Tensor] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,6 +413,11 @@ def _check_user_task(spec: str, task: Any) -> Task:
             raise TaskError(f"{where}: Task.{split} must be a Dataset with a length") from None
         if size == 0:
             raise TaskError(f"{where}: Task.{split} is empty")
+    if task.pretrained is not None and not isinstance(task.pretrained, str | Path | Mapping):
+        raise TaskError(
+            f"{where}: Task.pretrained must be a state-dict file path or a state dict, got a "
+            f"{type(task.pretrained).__name__}"
+        )
     if not isinstance(task.dummy_input, Tensor) or task.dummy_input.dim() == 0:
         raise TaskError(f"{where}: Task.dummy_input must be a batch tensor, e.g. train_x[:1]")
     with torch.random.fork_rng(devices=[]):

@@ -69,6 +69,7 @@ class FitResult:
     final_loss: float
     val_accuracy: float
     epoch_losses: tuple[float, ...] = ()
+    steps_run: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class TrainConfig:
 
     Attributes:
         epochs: passes over the training set (0 trains nothing, only validates).
+        steps: if given, the budget in optimizer steps instead of ``epochs``: training runs
+            exactly this many steps, passing over the training set as often as needed (the
+            last pass may stop part way).
         batch_size: examples per optimizer step.
         optimizer: "sgd" (with ``momentum``), "adam" or "adamw".
         lr: learning rate at the start of training.
@@ -89,6 +93,7 @@ class TrainConfig:
     """
 
     epochs: int = 3
+    steps: int | None = None
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -100,6 +105,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, minimum=0)
+        if self.steps is not None:
+            _check_int("steps", self.steps, minimum=0)
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         object.__setattr__(self, "lr", _check_float("lr", self.lr, positive=True))
@@ -276,6 +283,18 @@ class _Batches:
             )
 
 
+def batches_of(
+    dataset: Dataset,
+    config: TrainConfig,
+    *,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+) -> _Batches:
+    """Mini-batches of ``config.batch_size`` on ``config.device`` (``.device`` tells which)."""
+    device = resolve_device(config.device)
+    return _Batches(dataset, config.batch_size, device, shuffle=shuffle, generator=generator)
+
+
 def _lr_factor(schedule: str, step: int, total_steps: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
@@ -328,7 +347,10 @@ def fit(
         skip_single_tail=True,
     )
     steps_per_epoch = len(batches)
-    total_steps = config.epochs * steps_per_epoch
+    if config.steps is None:
+        epochs, total_steps = config.epochs, config.epochs * steps_per_epoch
+    else:
+        epochs, total_steps = math.ceil(config.steps / steps_per_epoch), config.steps
     scheduled = config.lr_schedule != "none"
     base_lrs: list[float] = []
     if scheduled:
@@ -339,12 +361,15 @@ def fit(
     epoch_losses: list[float] = []
     val_accuracy = float("nan")
     global_step = 0
-    for epoch in range(config.epochs):
+    for epoch in range(epochs):
         model.train()
         pending: list[Tensor] = []
         first_pending_step = 1
         loss_sum = 0.0
+        epoch_steps = 0
         for step, (inputs, targets) in enumerate(batches, start=1):
+            if global_step == total_steps:
+                break
             if scheduled:
                 factor = _lr_factor(config.lr_schedule, global_step, total_steps)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
@@ -359,24 +384,26 @@ def fit(
             loss.backward()
             optimizer.step()
             global_step += 1
+            epoch_steps += 1
         if pending:
             loss_sum += _flush(pending, epoch + 1, first_pending_step)
-        epoch_losses.append(loss_sum / steps_per_epoch)
-        if on_epoch is not None or epoch == config.epochs - 1:
+        epoch_losses.append(loss_sum / max(1, epoch_steps))
+        if on_epoch is not None or epoch == epochs - 1:
             val_accuracy = evaluate(model, task.val_set, batch_size=eval_batch, device=device)
         if on_epoch is not None:
             on_epoch(epoch, val_accuracy)
-    if config.epochs == 0:
+    if epochs == 0:
         val_accuracy = evaluate(model, task.val_set, batch_size=eval_batch, device=device)
     if scheduled:
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
             group["lr"] = base_lr
     return FitResult(
-        epochs_run=config.epochs,
+        epochs_run=epochs,
         train_seconds=time.perf_counter() - started,
         final_loss=epoch_losses[-1] if epoch_losses else float("nan"),
         val_accuracy=val_accuracy,
         epoch_losses=tuple(epoch_losses),
+        steps_run=global_step,
     )
 
 

@@ -10,7 +10,7 @@ from quantsearch.quantization import get_quantizer
 from quantsearch.search import TrialJob, run_trial, trial_seed
 from quantsearch.search._objective import build_task
 from quantsearch.search._space import HopelessRule, TaskSpec
-from quantsearch.tasks import evaluate
+from quantsearch.tasks import TrainConfig, evaluate, fit
 
 TASK = TaskSpec(name="digits", options={"limit": 300})
 CONFIG = [
@@ -47,8 +47,10 @@ def _job(**changes: object) -> TrialJob:
         "task": TASK,
         "task_seed": 0,
         "algorithm": "qat",
+        "mode": "scratch",
         "train": {"epochs": 1},
         "config_list": CONFIG,
+        "objectives": ("accuracy", "size_bytes"),
         **changes,
     }
     return TrialJob(**fields)
@@ -64,18 +66,21 @@ def test_trial_seed_depends_on_study_seed_and_number() -> None:
 def test_a_trial_trains_measures_and_saves_its_checkpoint(tmp_path: Path) -> None:
     checkpoint = tmp_path / "a" / "trial_0.pt"
     outcome = run_trial(_job(checkpoint=str(checkpoint)))
-    assert outcome.state == "COMPLETE", outcome.reason
-    assert 0.3 < outcome.val_accuracy <= 1
-    assert 0.3 < outcome.test_accuracy <= 1
-    assert outcome.layer_bits == {
+    assert outcome.state == "COMPLETE", outcome.record.fail_reason
+    record = outcome.record
+    assert 0.3 < record.val_accuracy <= 1
+    assert 0.3 < record.test_accuracy <= 1
+    assert outcome.values == (record.val_accuracy, record.size_bytes)
+    assert (record.mode, record.algorithm, record.seed) == ("scratch", "qat", 5)
+    assert record.layer_bits == {
         "conv1": {"weight": 4},
         "relu1": {"output": 8},
         "fc2": {"weight": 4},
     }
 
     float_outcome = run_trial(_job(config_list=[]))
-    assert float_outcome.layer_bits == {}
-    assert outcome.size_bytes < float_outcome.size_bytes
+    assert float_outcome.record.layer_bits == {}
+    assert record.size_bytes < float_outcome.record.size_bytes
 
     # The checkpoint is the compressed model's state: it loads into a rebuilt one and gives
     # the same test accuracy.
@@ -83,19 +88,59 @@ def test_a_trial_trains_measures_and_saves_its_checkpoint(tmp_path: Path) -> Non
     model = task.build_model()
     model = get_quantizer("qat")(model, CONFIG, dummy_input=task.dummy_input).compress()
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
-    assert evaluate(model, task.test_set) == outcome.test_accuracy
+    assert evaluate(model, task.test_set) == record.test_accuracy
 
 
 def test_the_same_job_gives_the_same_numbers() -> None:
-    first, second = run_trial(_job()), run_trial(_job())
+    first, second = run_trial(_job()).record, run_trial(_job()).record
     assert (first.val_accuracy, first.size_bytes) == (second.val_accuracy, second.size_bytes)
+
+
+def _float_weights(folder: Path) -> tuple[Path, float]:
+    """A float model of TASK trained for 3 epochs, saved; and its validation accuracy."""
+    task = build_task(TASK, 0)
+    model = task.build_model()
+    fit(model, task, torch.optim.Adam(model.parameters(), 3e-3), TrainConfig(epochs=3), seed=1)
+    path = folder / "float.pt"
+    torch.save(model.state_dict(), path)
+    return path, evaluate(model, task.val_set)
+
+
+def test_a_float_trial_evaluates_the_float_weights_without_training(tmp_path: Path) -> None:
+    path, accuracy = _float_weights(tmp_path)
+    outcome = run_trial(_job(mode="float", config_list=[], float_weights=str(path)))
+    assert outcome.state == "COMPLETE", outcome.record.fail_reason
+    assert outcome.record.val_accuracy == accuracy
+    assert outcome.record.steps == 0
+
+
+def test_a_finetune_trial_starts_from_the_float_weights_and_runs_its_step_budget(
+    tmp_path: Path,
+) -> None:
+    path, accuracy = _float_weights(tmp_path)
+    tuned = run_trial(
+        _job(mode="finetune", float_weights=str(path), train={"steps": 7, "lr": 1e-4})
+    )
+    assert tuned.state == "COMPLETE", tuned.record.fail_reason
+    assert tuned.record.steps == 7
+    # Seven small steps from a trained model stay near it; from scratch they would not.
+    scratch = run_trial(_job(train={"steps": 7, "lr": 1e-4}))
+    assert tuned.record.val_accuracy > accuracy - 0.1
+    assert tuned.record.val_accuracy > scratch.record.val_accuracy + 0.2
+
+
+def test_a_trial_that_needs_float_weights_without_them_fails_clearly() -> None:
+    outcome = run_trial(_job(mode="finetune"))
+    assert outcome.state == "FAIL"
+    reason = "ValueError: a finetune trial needs the study's float weights"
+    assert outcome.record.fail_reason == reason
 
 
 def test_a_hopeless_trial_is_pruned_with_its_reason() -> None:
     outcome = run_trial(_job(hopeless=HopelessRule(after_epoch=1, margin=0.95)))
     assert outcome.state == "PRUNED"
-    assert outcome.reason.startswith("hopeless: validation accuracy")
-    assert "after epoch 1 is below chance + margin (1.050)" in outcome.reason
+    assert outcome.record.fail_reason.startswith("hopeless: validation accuracy")
+    assert "after epoch 1 is below chance + margin (1.050)" in outcome.record.fail_reason
 
 
 def test_a_diverged_trial_fails_with_its_reason(tmp_path: Path) -> None:
@@ -103,12 +148,12 @@ def test_a_diverged_trial_fails_with_its_reason(tmp_path: Path) -> None:
     task_file.write_text(NAN_TASK)
     outcome = run_trial(_job(task=TaskSpec(name=f"{task_file}:make_task"), config_list=[]))
     assert outcome.state == "FAIL"
-    assert outcome.reason == "diverged: loss became nan at epoch 1, step 1"
+    assert outcome.record.fail_reason == "diverged: loss became nan at epoch 1, step 1"
 
 
 def test_a_crashing_trial_fails_with_the_exception() -> None:
     bad = [{"quant_types": ["weight"], "quant_bits": {"weight": 40}, "op_names": ["conv1"]}]
     outcome = run_trial(_job(config_list=bad))
     assert outcome.state == "FAIL"
-    assert outcome.reason.startswith("ConfigError: ")
-    assert "Traceback" in outcome.detail
+    assert outcome.record.fail_reason.startswith("ConfigError: ")
+    assert "Traceback" in outcome.record.fail_detail

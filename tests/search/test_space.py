@@ -31,7 +31,8 @@ def test_minimal_space_fills_the_defaults() -> None:
     assert spec.algorithm == "qat"
     assert spec.seed == 0
     assert spec.train == {}
-    assert spec.objectives == ("accuracy", "size")
+    assert spec.objectives == ("accuracy", "size_bytes")
+    assert (spec.from_scratch, spec.float_train, spec.calibration_batches) == (False, {}, 32)
     assert spec.sampler.name == "nsga2"
     assert spec.n_trials == 16
     assert spec.storage == "sqlite:///studies/space.db"
@@ -132,7 +133,27 @@ def test_overrides_from_the_command_line() -> None:
             {**MINIMAL, "sampler": {"name": "tpe", "population_size": 4}},
             "sampler.population_size: 4: population_size is an integer >= 2, for the nsga2",
         ),
-        ({**MINIMAL, "objectives": ["accuracy"]}, "objectives: ['accuracy'] is not supported"),
+        (
+            {**MINIMAL, "objectives": ["accuracy"]},
+            "objectives: ['accuracy'] is not a list of two or three metrics; known metrics: "
+            "accuracy, size_bytes, bitops",
+        ),
+        (
+            {**MINIMAL, "objectives": ["accuracy", "latency"]},
+            "objectives[1]: 'latency' is not a metric; known metrics: accuracy, size_bytes, bitops",
+        ),
+        (
+            {**MINIMAL, "objectives": ["size", "size_bytes"]},
+            "objectives[1]: 'size_bytes' is listed twice",
+        ),
+        ({**MINIMAL, "from_scratch": "yes"}, "from_scratch: 'yes' is not true or false"),
+        (
+            {**MINIMAL, "algorithm": "ptq", "from_scratch": True},
+            "from_scratch: a ptq trial only calibrates, so it needs trained float weights",
+        ),
+        ({**MINIMAL, "float_train": {"steps": 0}}, "float_train.steps: 0 is not an integer >= 1"),
+        ({**MINIMAL, "calibration": {"batches": 0}}, "calibration.batches: 0 is not an integer"),
+        ({**MINIMAL, "task": {"name": "digits", "pretrained": 3}}, "task.pretrained: 3 is not"),
         (
             {**MINIMAL, "constraints": {"min_accuracy": 2}},
             "constraints.min_accuracy: 2 is not an accuracy in [0, 1]",

@@ -11,7 +11,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from quantsearch.pipeline import FloatModel, FloatModelError, TrialRecord, load_state, state_sha256
 from quantsearch.search import (
+    FLOAT_MODEL_FILE,
     SpaceError,
     StudyBusyError,
     _study,
@@ -25,6 +27,7 @@ from quantsearch.search import (
     trial_seed,
 )
 from quantsearch.search._study import _study_lock, artifacts_dir
+from quantsearch.tasks import evaluate, get_task
 
 from .test_objective import NAN_TASK
 
@@ -209,7 +212,8 @@ def test_constraints_are_optuna_constraints(space_file: SpaceFile) -> None:
 
 
 def test_hopeless_trials_are_pruned_and_the_study_goes_on(space_file: SpaceFile) -> None:
-    study = _run(space_file(n_trials=3, hopeless={"after_epoch": 1, "margin": 0.95}))
+    space = space_file(n_trials=3, hopeless={"after_epoch": 1, "margin": 0.95}, from_scratch=True)
+    study = _run(space)
     assert _states(study) == ["PRUNED"] * 3
     assert all(t.user_attrs["fail_reason"].startswith("hopeless:") for t in study.trials)
 
@@ -225,6 +229,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
         quantize={"weight": {"op_types": ["Linear"]}},
         per_layer=None,
         params={"quant_bits": {"_type": "choice", "_value": [4, 8]}},
+        from_scratch=True,
     )
     study = _run(path)
     assert _states(study) == ["FAIL", "FAIL"]
@@ -270,3 +275,88 @@ def test_a_shared_database_fails_stale_trials_by_heartbeat(
     assert checkpoint == tmp_path / "studies" / "small_artifacts" / f"trial_{retry[0].number}.pt"
     assert checkpoint.is_file()
     assert not list(tmp_path.rglob("study.lock"))
+
+
+def test_the_float_model_is_made_once_and_every_trial_starts_from_it(
+    space_file: SpaceFile,
+) -> None:
+    path = space_file(n_trials=3, train={"steps": 5, "lr": 1e-4})
+    study = _run(path)
+    stored = FloatModel.model_validate(study.user_attrs["float_model"])
+    spec = load_space(path)
+    root, folder = artifacts_dir(spec)
+    weights = folder / FLOAT_MODEL_FILE
+    assert root / stored.file == weights
+    assert stored.sha256 == state_sha256(load_state(weights))
+    assert stored.source == "trained by quantsearch (5 epochs)"
+    records = [TrialRecord.of(t) for t in study.get_trials()]
+    # The float baseline is the float model evaluated, not trained again.
+    assert (records[0].baseline, records[0].mode, records[0].steps) == ("float", "float", 0)
+    assert records[0].val_accuracy == stored.val_accuracy
+    assert records[0].test_accuracy == stored.test_accuracy
+    assert [r.mode for r in records[1:]] == ["finetune", "finetune"]
+    assert [r.steps for r in records[1:]] == [5, 5]
+    # A resume takes the stored file as it is.
+    modified = weights.stat().st_mtime_ns
+    _run(path, n_trials=4)
+    assert weights.stat().st_mtime_ns == modified
+
+
+def test_a_lost_float_model_is_made_again_and_must_hash_the_same(space_file: SpaceFile) -> None:
+    path = space_file(n_trials=2)
+    study = _run(path)
+    _, folder = artifacts_dir(load_space(path))
+    (folder / FLOAT_MODEL_FILE).unlink()
+    _run(path, n_trials=3)  # trained again from the same seed: the same weights
+    assert (folder / FLOAT_MODEL_FILE).is_file()
+    stored = dict(study.user_attrs["float_model"])
+    study.set_user_attr("float_model", {**stored, "sha256": "0" * 64})
+    (folder / FLOAT_MODEL_FILE).unlink()
+    with pytest.raises(FloatModelError, match="differs from the study's"):
+        _run(path, n_trials=4)
+
+
+def test_pretrained_weights_are_the_float_model(space_file: SpaceFile, tmp_path: Path) -> None:
+    task = get_task("digits", options={"limit": 300})
+    model = task.build_model()
+    weights = tmp_path / "mine.pt"
+    torch.save(model.state_dict(), weights)
+    pretrained = {"name": "digits", "options": {"limit": 300}, "pretrained": str(weights)}
+    path = space_file(n_trials=2, task=pretrained)
+    study = _run(path)
+    stored = FloatModel.model_validate(study.user_attrs["float_model"])
+    assert stored.sha256 == state_sha256(model.state_dict())
+    assert stored.source == f"pretrained {weights}"
+    assert TrialRecord.of(study.trials[0]).val_accuracy == evaluate(model, task.val_set)
+
+
+def test_pretrained_weights_that_do_not_fit_are_refused_up_front(
+    space_file: SpaceFile, tmp_path: Path
+) -> None:
+    weights = tmp_path / "other.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, weights)
+    path = space_file(task={"name": "digits", "pretrained": str(weights)})
+    fits = r"task.pretrained: .*other.pt does not fit the task's model: missing bn1.bias, .*"
+    with pytest.raises(SpaceError, match=fits + "; unexpected fc.weight"):
+        prepare(load_space(path))
+    (tmp_path / "junk.pt").write_bytes(b"not a state dict")
+    path = space_file(task={"name": "digits", "pretrained": str(tmp_path / "junk.pt")})
+    with pytest.raises(SpaceError, match=r"junk\.pt: not a state dict saved by torch\.save"):
+        prepare(load_space(path))
+
+
+def test_a_float_model_that_diverges_is_a_clear_error(
+    space_file: SpaceFile, tmp_path: Path
+) -> None:
+    task_file = tmp_path / "nan_task.py"
+    task_file.write_text(NAN_TASK)
+    path = space_file(
+        n_trials=2,
+        task=f"{task_file}:make_task",
+        quantize={"weight": {"op_types": ["Linear"]}},
+        per_layer=None,
+        params={"quant_bits": {"_type": "choice", "_value": [4, 8]}},
+    )
+    with pytest.raises(FloatModelError, match=r"training the float model diverged \(loss became "
+                       r"nan at epoch 1, step 1\)"):
+        _run(path)

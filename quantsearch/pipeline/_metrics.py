@@ -1,0 +1,163 @@
+"""Metrics a study can optimise: a registry of name -> direction and how it is computed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from quantsearch.tasks import Task
+
+__all__ = [
+    "FLOAT_BITS",
+    "METRICS",
+    "Evaluated",
+    "Metric",
+    "ModelProfile",
+    "accuracy_interval",
+    "get_metric",
+    "register_metric",
+]
+
+#: Bits of a tensor that stays float, for size and bitops.
+FLOAT_BITS = 32
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """The float model's leaf modules in the order a forward pass runs them, with the
+    multiply-accumulates of each conv and linear layer (traced once on ``dummy_input``)."""
+
+    order: tuple[str, ...]
+    macs: Mapping[str, int]
+
+    @classmethod
+    def trace(cls, model: nn.Module, dummy_input: Any) -> ModelProfile:
+        order: list[str] = []
+        macs: dict[str, int] = {}
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def record(module: nn.Module, _inputs: tuple, output: Any) -> None:
+            name = names[id(module)]
+            order.append(name)
+            if isinstance(module, _WEIGHTED) and isinstance(output, torch.Tensor):
+                # Each output element takes one MAC per weight that feeds it.
+                per_output = module.weight[0].numel()
+                if isinstance(module, nn.Linear):
+                    per_output = module.in_features
+                macs[name] = macs.get(name, 0) + output.numel() * per_output
+
+        handles = [
+            m.register_forward_hook(record)
+            for n, m in model.named_modules()
+            if n and not any(True for _ in m.children())
+        ]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(dummy_input)
+        finally:
+            for handle in handles:
+                handle.remove()
+            model.train(was_training)
+        return cls(order=tuple(order), macs=macs)
+
+    def bitops(self, layer_bits: Mapping[str, Mapping[str, int]]) -> float:
+        """Sum over conv/linear layers of MACs x weight bits x activation bits.
+
+        A layer's activation bits are its own input bits when its input is quantized, else
+        those of the last output quantizer run since the previous conv/linear layer (pooling,
+        flattening and the like keep a quantized tensor's levels), else 32. Float layers
+        count 32 x 32.
+        """
+        total = 0.0
+        activation = FLOAT_BITS
+        for name in self.order:
+            bits = layer_bits.get(name, {})
+            if name in self.macs:
+                a_bits = bits.get("input", activation)
+                total += self.macs[name] * bits.get("weight", FLOAT_BITS) * a_bits
+                activation = bits.get("output", FLOAT_BITS)
+            elif "output" in bits:
+                activation = bits["output"]
+        return total
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """A trial's model after adaptation and evaluation: what metrics are computed from."""
+
+    model: nn.Module
+    task: Task
+    layer_bits: Mapping[str, Mapping[str, int]]
+    profile: ModelProfile
+    val_accuracy: float
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One objective: its Optuna metric name, direction, axis label and computation.
+
+    ``relative`` metrics are divided by the float model's value on the plots' and the
+    hypervolume's axes (sizes, bitops); the others are used as they are (accuracy).
+    """
+
+    name: str
+    direction: Literal["maximize", "minimize"]
+    label: str
+    compute: Callable[[Evaluated], float]
+    relative: bool = False
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add ``metric`` to :data:`METRICS` (a space names it in ``objectives``)."""
+    if metric.direction not in ("maximize", "minimize"):
+        raise ValueError(f"metric {metric.name!r}: direction must be maximize or minimize")
+    METRICS[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; known: {', '.join(METRICS)}") from None
+
+
+register_metric(
+    Metric("accuracy", "maximize", "validation accuracy", lambda e: float(e.val_accuracy))
+)
+register_metric(
+    Metric("size_bytes", "minimize", "model size", lambda e: float(e.size_bytes), relative=True)
+)
+register_metric(
+    Metric(
+        "bitops",
+        "minimize",
+        "bit operations (MACs x weight bits x activation bits)",
+        lambda e: e.profile.bitops(e.layer_bits),
+        relative=True,
+    )
+)
+
+
+def accuracy_interval(accuracy: float, samples: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy measured on ``samples`` examples."""
+    if samples <= 0 or math.isnan(accuracy):
+        return (math.nan, math.nan)
+    denominator = 1 + z * z / samples
+    centre = (accuracy + z * z / (2 * samples)) / denominator
+    half = z * math.sqrt(accuracy * (1 - accuracy) / samples + z * z / (4 * samples**2))
+    half /= denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
