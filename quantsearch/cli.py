@@ -95,18 +95,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "--jobs", type=_positive_int, default=1, help="trials trained at once (processes)"
     )
     study.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch threads per job (default: the space's train.num_threads, else cores / jobs)",
+    )
+    study.add_argument(
         "--quiet", action="store_true", help="no progress bar: one log line per trial"
     )
     study.add_argument(
         "--report-dir", type=Path, help="where the report goes (default: reports/<study name>)"
     )
     study.add_argument("--no-report", action="store_true", help="do not write the report")
+    _add_data_dir(study)
 
     trials = commands.add_parser("trials", help="a study's trials as a table")
     _add_study_source(trials)
 
     validate = commands.add_parser("validate", help="check a search-space file without running")
     validate.add_argument("--space", type=Path, required=True, help="the search-space YAML file")
+    _add_data_dir(validate)
 
     report = commands.add_parser("report", help="write a study's report (plots, tables)")
     _add_study_source(report)
@@ -116,7 +123,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_study_source(export)
     export.add_argument("--trial", type=int, required=True, help="the trial number")
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
+    _add_data_dir(export)
     return parser
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", help="the task's data folder, instead of the space's task.data_dir"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,7 +164,9 @@ def _load_spec(args: argparse.Namespace) -> Any:
 
     spec = load_space(args.space)
     return spec.with_overrides(
-        storage=getattr(args, "storage", None), n_trials=getattr(args, "n_trials", None)
+        storage=getattr(args, "storage", None),
+        n_trials=getattr(args, "n_trials", None),
+        data_dir=getattr(args, "data_dir", None),
     )
 
 
@@ -169,7 +185,14 @@ def _cmd_study(args: argparse.Namespace) -> int:
     import torch
 
     from quantsearch._malloc import keep_freed_memory
-    from quantsearch.search import ConsoleProgress, front_table, prepare, run_study
+    from quantsearch.search import (
+        ConsoleProgress,
+        available_cores,
+        front_table,
+        prepare,
+        run_study,
+        study_threads,
+    )
 
     spec = _load_spec(args)
     default_dir = Path("reports") / spec.study_name
@@ -182,13 +205,14 @@ def _cmd_study(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     progress = ConsoleProgress(quiet=args.quiet)
     start = "trained from scratch" if spec.from_scratch else "from the float model"
+    threads = study_threads(spec, args.jobs, args.threads)
     print(
         f"study {spec.study_name!r}: {spec.algorithm} on {spec.task.name} ({start}), "
-        f"objectives {', '.join(spec.objectives)}, {spec.n_trials} trials, {args.jobs} job(s), "
-        f"storage {spec.storage}",
+        f"objectives {', '.join(spec.objectives)}, {spec.n_trials} trials, {args.jobs} job(s) "
+        f"x {threads} thread(s) on {available_cores()} cores, storage {spec.storage}",
         flush=True,
     )
-    study = run_study(context, jobs=args.jobs, progress=progress)
+    study = run_study(context, jobs=args.jobs, threads=args.threads, progress=progress)
     front = front_table(study)
     if front.empty:
         print("no trial finished: the study has no Pareto front yet")
@@ -293,9 +317,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
-        from quantsearch.report import describe_export, export_trial
+        from quantsearch.report import describe_export, export_trial, task_from_study
     except ImportError:
         raise _UserError("the quantsearch.report package is not available") from None
     study, _ = _open_study(args)
-    print(describe_export(export_trial(study, args.trial, _output_folder(args.out, "--out"))))
+    out = _output_folder(args.out, "--out")
+    task = task_from_study(study, data_dir=args.data_dir) if args.data_dir else None
+    print(describe_export(export_trial(study, args.trial, out, task=task)))
     return 0

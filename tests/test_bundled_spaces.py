@@ -14,7 +14,7 @@ from quantsearch.cli import main
 from tests.tasks.conftest import cifar_batch, class_images, idx_bytes
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
-NEEDS_DATA = {"bnn_cifar10.yaml", "qat_mnist.yaml"}
+NEEDS_DATA = {"bnn_cifar10.yaml", "qat_mnist.yaml", "qat_mnist_finetune.yaml"}
 
 
 @pytest.mark.parametrize(
@@ -86,3 +86,23 @@ def test_qat_mnist_space_validates_on_idx_files(
     _write_mnist(tmp_path / "data" / "mnist")
     assert main(["validate", "--space", str(SPACES / "qat_mnist.yaml")]) == 0
     assert "layers     conv1, conv2, fc1, fc2" in capsys.readouterr().out
+
+
+def test_qat_mnist_finetune_space_runs_from_a_data_dir_given_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _write_mnist(tmp_path / "elsewhere")
+    space = str(SPACES / "qat_mnist_finetune.yaml")
+    assert main(["validate", "--space", space]) == 2
+    assert "data directory data/mnist does not exist" in capsys.readouterr().err
+    assert main(["validate", "--space", space, "--data-dir", "elsewhere"]) == 0
+    args = ["study", "--space", space, "--data-dir", "elsewhere", "--n-trials", "3", "--quiet",
+            "--no-report", "--threads", "1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "float model: training 3 epochs (once per study) ..." in out
+    storage = "sqlite:///studies/qat_mnist_finetune.db"
+    study = optuna.load_study(study_name="qat-mnist-finetune", storage=storage)
+    modes = [(t.user_attrs["mode"], t.user_attrs["steps"]) for t in study.trials]
+    assert modes == [("float", 0), ("finetune", 150), ("finetune", 150)]

@@ -20,6 +20,7 @@ import yaml
 from optuna.trial import TrialState
 
 from quantsearch.cli import main
+from quantsearch.search import available_cores
 from tests.search._spaces import SMALL_SPACE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,11 +61,12 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 def test_study_then_trials_then_report(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space = _space(workdir, n_trials=3)
-    code, out, err = _run(["study", "--space", str(space), "--quiet"], capsys)
+    code, out, err = _run(["study", "--space", str(space), "--quiet", "--threads", "1"], capsys)
     assert code == 0, err
     assert (
         "study 'small': qat on digits (from the float model), objectives accuracy, size_bytes, "
-        "3 trials, 1 job(s), storage sqlite:///studies/" in out
+        f"3 trials, 1 job(s) x 1 thread(s) on {available_cores()} cores, "
+        "storage sqlite:///studies/" in out
     )
     assert "float model: training 5 epochs (once per study) ..." in out
     lines = [line for line in out.splitlines() if "] trial " in line]

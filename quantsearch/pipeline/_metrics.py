@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -152,7 +153,10 @@ register_metric(
 )
 
 
-def accuracy_interval(accuracy: float, samples: int, z: float = 1.959964) -> tuple[float, float]:
+_Z95 = NormalDist().inv_cdf(0.975)
+
+
+def accuracy_interval(accuracy: float, samples: int, z: float = _Z95) -> tuple[float, float]:
     """The 95% Wilson score interval of an accuracy measured on ``samples`` examples."""
     if samples <= 0 or math.isnan(accuracy):
         return (math.nan, math.nan)

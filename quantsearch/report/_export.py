@@ -140,11 +140,14 @@ def _task_settings(study: optuna.Study) -> tuple[str, dict[str, Any]]:
     return str(name), kwargs
 
 
-def task_from_study(study: optuna.Study) -> Task:
-    """Rebuild the study's task (same name, data folder, options and seed, hence same splits)."""
+def task_from_study(study: optuna.Study, *, data_dir: str | Path | None = None) -> Task:
+    """Rebuild the study's task (same name, data folder, options and seed, hence same splits);
+    ``data_dir`` replaces the recorded data folder (the same data, in another place)."""
     from quantsearch.tasks import get_task
 
     name, kwargs = _task_settings(study)
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
     return get_task(name, **kwargs)
 
 

@@ -27,7 +27,9 @@ from quantsearch.search._study import (
     open_study,
     prepare,
     run_study,
+    study_threads,
 )
+from quantsearch.search._workers import available_cores
 
 __all__ = [
     "FLOAT",
@@ -46,6 +48,7 @@ __all__ = [
     "TrialJob",
     "TrialOutcome",
     "TrialReport",
+    "available_cores",
     "config_key",
     "counted_trials",
     "ensure_float_model",
@@ -60,6 +63,7 @@ __all__ = [
     "run_study",
     "run_trial",
     "storage_url",
+    "study_threads",
     "trial_seed",
     "trials_table",
 ]

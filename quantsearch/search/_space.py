@@ -197,8 +197,21 @@ class SearchSpec:
         }
 
     def search_dict(self) -> dict[str, Any]:
-        """The part of the space that decides what a trial means (hashed to guard a study)."""
-        return {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_KEYS}
+        """The part of the space that decides what a trial means (hashed to guard a study).
+
+        Where the data lives and how many threads train are not part of it: a study may move
+        to another machine.
+        """
+        out = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_KEYS}
+        out["task"] = {k: v for k, v in out["task"].items() if k != "data_dir"}
+        for key in ("train", "float_train"):
+            out[key] = {k: v for k, v in out[key].items() if k != "num_threads"}
+        return out
+
+    @property
+    def threads(self) -> int | None:
+        """Torch threads per training process, when the space sets them (train.num_threads)."""
+        return self.train.get("num_threads")
 
     @property
     def space_hash(self) -> str:
@@ -206,10 +219,17 @@ class SearchSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def with_overrides(
-        self, *, storage: str | None = None, n_trials: int | None = None
+        self,
+        *,
+        storage: str | None = None,
+        n_trials: int | None = None,
+        data_dir: str | None = None,
     ) -> SearchSpec:
-        """The same space with the storage and/or trial count given on the command line."""
+        """The same space with the storage, trial count or data folder given on the command
+        line."""
         changes: dict[str, Any] = {}
+        if data_dir is not None:
+            changes["task"] = replace(self.task, data_dir=data_dir)
         if storage is not None:
             changes["storage"] = storage_url(storage, key="--storage")
         if n_trials is not None:
@@ -307,6 +327,7 @@ _TRAIN_KEYS = (
     "weight_decay",
     "lr_schedule",
     "device",
+    "num_threads",
 )
 
 
@@ -346,6 +367,7 @@ TRAIN_PARAMS: tuple[str, ...] = ("lr", "weight_decay", "momentum", "batch_size")
 _TRAIN_RULES: dict[str, _Rule] = {
     "epochs": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "steps": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "num_threads": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "optimizer": _Rule(f"one of {', '.join(OPTIMIZERS)}", lambda v: v in OPTIMIZERS),
     "lr_schedule": _Rule(f"one of {', '.join(LR_SCHEDULES)}", lambda v: v in LR_SCHEDULES),
     "device": _Rule(

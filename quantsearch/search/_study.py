@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import optuna
 import sqlalchemy
+import torch
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, Trial, TrialState
 
@@ -49,6 +50,7 @@ from quantsearch.search._workers import (
     Heartbeat,
     InlinePool,
     ProcessPool,
+    available_cores,
     threads_per_worker,
 )
 from quantsearch.tasks import Task, resolve_device, seed_everything
@@ -69,6 +71,7 @@ __all__ = [
     "prepare",
     "requeue_interrupted",
     "run_study",
+    "study_threads",
 ]
 
 #: The float model's state dict, in the study's artifacts folder.
@@ -673,7 +676,8 @@ class _Loop:
             task_seed=spec.seed,
             algorithm=spec.algorithm,
             mode=trial_mode(spec.algorithm, ticket.config_list, from_scratch=spec.from_scratch),
-            train={**spec.train, **ticket.train},
+            # Threads are set once per process (run_study, workers), not per trial.
+            train={k: v for k, v in {**spec.train, **ticket.train}.items() if k != "num_threads"},
             searched_train=ticket.train,
             config_list=ticket.config_list,
             objectives=spec.objectives,
@@ -801,11 +805,26 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     return [t.number for t in stale]
 
 
+def study_threads(spec: SearchSpec, jobs: int, threads: int | None = None) -> int:
+    """Torch threads for each of ``jobs`` training processes: ``threads``, else the space's
+    ``train.num_threads``, else the cores shared out so that jobs x threads <= cores."""
+    return threads or spec.threads or threads_per_worker(jobs)
+
+
 def run_study(
-    context: StudyContext, *, jobs: int = 1, progress: Progress | None = None
+    context: StudyContext,
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: Progress | None = None,
 ) -> optuna.Study:
-    """Run (or resume) the study until it holds ``n_trials`` trials, and return it."""
+    """Run (or resume) the study until it holds ``n_trials`` trials, and return it.
+
+    Each of the ``jobs`` training processes (this one when ``jobs`` is 1) uses
+    :func:`study_threads` torch threads.
+    """
     spec = context.spec
+    num_threads = study_threads(spec, jobs, threads)
     progress = progress or _Silent()
     study = open_study(context)
     _, folder = artifacts_dir(spec)
@@ -818,13 +837,15 @@ def run_study(
             optuna.storages.fail_stale_trials(study)
             heartbeat = Heartbeat(_beat(study), HEARTBEAT_SECONDS)
         loop = _Loop(study, context, progress, heartbeat)
+        # The float model trains here, on every thread the jobs will share.
+        torch.set_num_threads(min(available_cores(), num_threads * jobs))
         made = ensure_float_model(study, context, log=progress.message)
         if made is not None:
             loop.float_model, loop.float_model_path = made
-        # Each worker process sets its torch threads once, when it starts; the study's own
-        # process (jobs == 1) keeps its own setting.
+        torch.set_num_threads(num_threads if jobs == 1 else 1)
+        # Each worker process sets its torch threads once, when it starts.
         pool: InlinePool | ProcessPool = (
-            InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=threads_per_worker(jobs))
+            InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=num_threads)
         )
         try:
             with pool, heartbeat or contextlib.nullcontext():

@@ -163,3 +163,33 @@ def test_all_infeasible_study_reports_an_empty_front(tmp_path: Path) -> None:
     assert "| front | empty: no complete trial meets the constraints |" in text
     assert "--trial 0 --out exports/trial_0" in text
     assert not pareto_frame(study).shape[0]
+
+
+def test_a_three_objective_study_gets_a_plot_per_pair_and_a_bitops_column(
+    tmp_path: Path,
+) -> None:
+    from quantsearch.search import load_space, prepare, run_study
+    from tests.search._spaces import write_space
+
+    space = write_space(tmp_path, n_trials=4, objectives=["accuracy", "size_bytes", "bitops"])
+    study = run_study(prepare(load_space(space)))
+    report = write_report(study, tmp_path / "report")
+    names = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert names == [
+        "bits.png",
+        "history.png",
+        "pareto.png",
+        "pareto.svg",
+        "pareto_accuracy_bitops.png",
+        "pareto_size_bytes_bitops.png",
+        "report.md",
+        "trials.csv",
+    ]
+    text = report.read_text()
+    assert "| objectives | maximize `accuracy`, minimize `size_bytes`, minimize `bitops` |" in text
+    assert "| trial | val. accuracy | test accuracy | size | bytes | compression | bitops |" in text
+    assert "of the unit cube of 1 - accuracy, size_bytes / float, bitops / float" in text
+    frame = pd.read_csv(tmp_path / "report" / "trials.csv")
+    complete = frame[frame["state"] == "COMPLETE"]
+    assert (complete["bitops"] <= complete["float_bitops"]).all()
+    assert complete["val_samples"].nunique() == 1

@@ -360,3 +360,22 @@ def test_a_float_model_that_diverges_is_a_clear_error(
     with pytest.raises(FloatModelError, match=r"training the float model diverged \(loss became "
                        r"nan at epoch 1, step 1\)"):
         _run(path)
+
+
+def test_three_objectives_are_the_study_values_in_order(space_file: SpaceFile) -> None:
+    path = space_file(n_trials=3, objectives=["accuracy", "size", "bitops"])
+    study = _run(path)
+    assert study.metric_names == ["accuracy", "size_bytes", "bitops"]
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
+    context = prepare(load_space(path))
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        record = TrialRecord.of(trial)
+        assert trial.values == [
+            record.val_accuracy,
+            record.size_bytes,
+            context.profile.bitops(record.layer_bits),
+        ]
+        assert record.bitops == trial.values[2]
+        assert record.float_bitops == context.profile.bitops({})
+    float_trial = TrialRecord.of(study.trials[0])
+    assert float_trial.bitops == float_trial.float_bitops
