@@ -50,8 +50,10 @@ def unwrapped_float_state(model: nn.Module) -> dict[str, Tensor]:
 def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:
     """Conv name -> BatchNorm name, for each BatchNorm whose input is exactly a conv's output.
 
-    Found by running ``dummy_input`` through the model in eval mode with forward hooks (nothing
-    in the model changes); the channel counts must agree.
+    Only modules whose type is exactly ``nn.BatchNorm1d/2d/3d`` are paired: subclasses (timm's
+    ``BatchNormAct2d``, which also applies an activation) stay separate layers. Found by
+    running ``dummy_input`` through the model in eval mode with forward hooks (nothing in the
+    model changes); the channel counts must agree.
     """
     # Outputs stay referenced during the trace, so no later tensor can reuse their id().
     produced: dict[int, tuple[str, Tensor]] = {}
@@ -74,7 +76,9 @@ def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:
     for module in model.modules():
         if isinstance(module, _CONVS):
             handles.append(module.register_forward_hook(after_conv))
-        elif isinstance(module, _BATCH_NORMS):
+        elif type(module) in _BATCH_NORMS:
+            # Exactly a torch BatchNorm: a subclass (timm's BatchNormAct2d) may do more than
+            # normalise, and folding would drop that.
             handles.append(module.register_forward_pre_hook(before_bn))
     was_training = model.training
     model.eval()

@@ -23,6 +23,7 @@ from ._math import (
     fake_quantize_clamped,
     quant_range,
     round_ste,
+    to_float32,
 )
 
 __all__ = [
@@ -225,6 +226,8 @@ class EmaActivationQuant(TensorQuant):
         if self._observed:
             rmin = self.decay * self._min + (1 - self.decay) * rmin
             rmax = self.decay * self._max + (1 - self.decay) * rmax
+        # The mirrors hold exactly the float32 the buffers store: a state dict load changes nothing.
+        rmin, rmax = to_float32(rmin), to_float32(rmax)
         # Straight into __dict__: nn.Module.__setattr__ costs microseconds per call.
         self.__dict__.update(_min=rmin, _max=rmax)
         self.tracked_min.fill_(rmin)

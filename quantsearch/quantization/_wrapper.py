@@ -15,6 +15,7 @@ from ._tensor_quant import EmaActivationQuant, TensorQuant
 __all__ = ["QuantWrapper"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def _clamp_range(module: nn.Module) -> tuple[float, float] | None:
@@ -165,6 +166,10 @@ class QuantWrapper(nn.Module):
         training. (Dividing the tiny weight instead of the conv's output is the same linear map,
         and far cheaper.) f is a constant here: BatchNorm normalises it away, so gamma learns
         through BatchNorm alone. Eval mode uses the folded weight and bias directly.
+
+        A channel whose f vanishes (gamma = 0) convolves with its float weight instead: the
+        BatchNorm output is beta either way, every value stays finite, and the folded eval weight
+        of that channel is exactly 0.
         """
         bn = self.bn
         assert bn is not None
@@ -175,9 +180,15 @@ class QuantWrapper(nn.Module):
             if bn.weight is not None:
                 factor.mul_(bn.weight)
             factor = factor.reshape(shape)
-            inverse = torch.reciprocal(factor)
+            # |f| below float32's smallest normal (gamma = 0 in zero-initialised residual
+            # blocks): 1/f would be inf and q(0) * inf NaN.
+            vanishing = factor.abs() < _TINY
+            inverse = torch.where(vanishing, 0.0, torch.reciprocal(factor))
         quantized = self.weight_quant(weight * factor, active)
-        return bn(self.module._conv_forward(x, quantized * inverse, self.module.bias))
+        # Those channels run the float weight: BatchNorm multiplies them by ~0 anyway, and gamma
+        # still gets its gradient through a meaningful conv output.
+        weight = torch.where(vanishing, weight, quantized * inverse)
+        return bn(self.module._conv_forward(x, weight, self.module.bias))
 
     @torch.no_grad()
     def quantized_weight(self) -> Tensor:
