@@ -9,18 +9,17 @@ This package imports torch only: no search, no tasks.
 """
 
 from ._algorithms import (
-    QUANTIZERS,
     BNNQuantizer,
     DoReFaQuantizer,
     LsqQuantizer,
     NaiveQuantizer,
     QAT_Quantizer,
     QATQuantizer,
-    get_quantizer,
 )
-from ._base import Quantizer, real_state_dict
+from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
 from ._pack import load_packed, model_size_bytes, save_packed
+from ._registry import QUANTIZERS, get_quantizer, register_quantizer
 from ._wrapper import QuantWrapper
 
 __all__ = [
@@ -30,6 +29,7 @@ __all__ = [
     "BNNQuantizer",
     "ConfigError",
     "DoReFaQuantizer",
+    "Example",
     "LsqQuantizer",
     "NaiveQuantizer",
     "QATQuantizer",
@@ -40,5 +40,6 @@ __all__ = [
     "load_packed",
     "model_size_bytes",
     "real_state_dict",
+    "register_quantizer",
     "save_packed",
 ]

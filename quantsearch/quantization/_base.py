@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +18,7 @@ from ._tensor_quant import TensorQuant
 from ._wrapper import QuantWrapper
 
 __all__ = [
+    "Example",
     "Quantizer",
     "find_conv_bn_pairs",
     "real_state_dict",
@@ -133,18 +136,38 @@ def real_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class Example:
+    """A config_list an algorithm declares for the conformance suite.
+
+    It applies to :class:`quantsearch.quantization.testing.ConformanceNet` (conv1, bn1, relu1,
+    conv2, relu2, flatten, fc); ``bits`` is what the suite must find quantized, per layer and
+    quant type (``{"conv1": {"weight": 4}}``).
+    """
+
+    id: str
+    config_list: Sequence[Mapping[str, Any]]
+    bits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
 class Quantizer:
     """Base of the NNI-style quantizers: ``Quantizer(model, config_list, optimizer, dummy_input)``.
 
     The config_list is validated on construction (:class:`ConfigError`); :meth:`compress` wraps
     the selected layers in place and returns the model. Steps are counted by a post-step hook on
     ``optimizer`` when one is given, or by calling :meth:`step` yourself; the count lives in the
-    model's state dict, so it survives a save and load.
+    model's state dict, so it survives a save and load. :meth:`calibrate` feeds data to the
+    activation observers without training.
+
+    A subclass declares ``rules`` (what its config_list accepts), ``_make_quants`` and
+    ``examples`` (its conformance cases; registering a class without them is an error).
     """
 
     rules: ClassVar[AlgorithmRules]
     #: Algorithms whose weights are quantized after BatchNorm folding.
     folds_batch_norm: ClassVar[bool] = False
+    #: The config_lists the conformance suite runs for this algorithm (declare your own).
+    examples: ClassVar[tuple[Example, ...]] = ()
 
     def __init__(
         self,
@@ -164,6 +187,7 @@ class Quantizer:
         entries = validate_config_list(self.config_list, self.rules)
         self.layers: dict[str, LayerConfig] = select_layers(model, entries, self.rules)
         self._compressed = False
+        self._calibrating = False
         self._wrapper_list: list[QuantWrapper] = []
         self._hook_handle: Any = None
 
@@ -240,6 +264,41 @@ class Quantizer:
 
     def _after_step(self) -> None:
         """Per-algorithm work after each optimizer step."""
+
+    @contextlib.contextmanager
+    def calibrate(self) -> Iterator[nn.Module]:
+        """Run calibration batches through the compressed model: ``with q.calibrate(): model(x)``.
+
+        Inside the block every module is in eval mode (BatchNorm normalises with its running
+        statistics and never updates them, dropout is off), autograd is off, and each quantized
+        layer computes the float layer while its activation quantizers observe their inputs or
+        outputs (QAT: the moving average of min/max; LSQ: the initial step size, if not yet set;
+        PTQ: its observer). Nothing is quantized inside, so observers see float activations.
+        On leaving, the observers settle their ranges and every module gets back the training
+        flag it had; steps are not counted. Yields the model.
+        """
+        model = self._compressed_model()
+        if self._calibrating:
+            raise RuntimeError("calibrate() is already active for this quantizer")
+        flags = [(module, module.training) for module in model.modules()]
+        self._calibrating = True
+        try:
+            model.eval()
+            for wrapper in self._wrapper_list:
+                wrapper.set_calibrating(True)
+            with torch.no_grad():
+                yield model
+        finally:
+            for wrapper in self._wrapper_list:
+                wrapper.set_calibrating(False)
+            for module, training in flags:
+                module.training = training
+            self._calibrating = False
+        with torch.no_grad():
+            for wrapper in self._wrapper_list:
+                for quant in (wrapper.weight_quant, wrapper.input_quant, wrapper.output_quant):
+                    if quant is not None:
+                        quant.end_calibration()
 
     @property
     def steps(self) -> int:

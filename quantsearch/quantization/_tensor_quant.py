@@ -51,6 +51,8 @@ class TensorQuant(nn.Module):
     bits: int
     #: How the codes map back to floats: "affine", "dorefa" or "sign" (see :func:`decode`).
     encoding: str = "affine"
+    #: The layer and role this quantizer serves, for error messages ("conv1 (output)").
+    owner: str = "a quantizer"
 
     def forward(self, x: Tensor, active: bool = True) -> Tensor:
         raise NotImplementedError
@@ -66,6 +68,14 @@ class TensorQuant(nn.Module):
     def calibration(self, role: str) -> dict[str, Any]:
         """NNI-style calibration keys (``weight_bits``, ``tracked_min_output``...)."""
         return {f"{role}_bits": self.bits}
+
+    def observe(self, x: Tensor) -> None:
+        """Update the statistics from ``x`` without quantizing it (``Quantizer.calibrate``).
+
+        Quantizers without statistics (weights, signs) ignore it."""
+
+    def end_calibration(self) -> None:
+        """Called once when a calibration ends: settle what the observed batches decided."""
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -186,8 +196,10 @@ class AffineWeightQuant(TensorQuant):
 class EmaActivationQuant(TensorQuant):
     """QAT activations: min/max tracked by an exponential moving average (decay 0.99).
 
-    Initialised from the first training batch; the average keeps updating before
-    ``quant_start_step``; eval mode never updates it. Per-channel schemes use dim 1.
+    Initialised from the first training (or calibration) batch; the average keeps updating
+    before ``quant_start_step`` and over calibration batches; eval mode never updates it. The
+    range is kept as float32, in the buffers and in their Python mirrors alike. Per-channel
+    schemes use dim 1.
     """
 
     def __init__(self, bits: int, *, scheme: str, dtype: str, decay: float = 0.99) -> None:
@@ -220,6 +232,9 @@ class EmaActivationQuant(TensorQuant):
             rmax = self.decay * self.tracked_max + (1 - self.decay) * rmax
         self.tracked_min, self.tracked_max = rmin, rmax
         self._mark_observed()
+
+    def observe(self, x: Tensor) -> None:
+        self._update(x.detach())
 
     def _observe(self, rmin: float, rmax: float) -> None:
         """The host path's EMA update from one batch's min and max."""
@@ -365,6 +380,11 @@ class LsqQuant(TensorQuant):
 
     def _after_load(self) -> None:
         self._observed = bool(self.observed)
+
+    def observe(self, x: Tensor) -> None:
+        # Calibration gives an activation's step size its start value; after that it is learned.
+        if not self._observed:
+            self._init_scale(x)
 
     @torch.no_grad()
     def _init_scale(self, x: Tensor) -> None:

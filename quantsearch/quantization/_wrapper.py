@@ -63,6 +63,11 @@ class QuantWrapper(nn.Module):
         self.quant_start_step = quant_start_step
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self._steps = 0
+        self._calibrating = False
+        for role, quant in (("weight", weight_quant), ("input", input_quant),
+                            ("output", output_quant)):
+            if quant is not None:
+                quant.owner = f"{name} ({role})"
         if isinstance(module, _CONV):
             self._kind = "conv"
         elif isinstance(module, nn.Linear):
@@ -139,7 +144,27 @@ class QuantWrapper(nn.Module):
             return F.linear(x, weight, bias)
         return torch.func.functional_call(self.module, {"weight": weight}, (x, *args), kwargs)
 
+    def set_calibrating(self, calibrating: bool) -> None:
+        """Switch the calibration forward on or off (see ``Quantizer.calibrate``)."""
+        self.__dict__["_calibrating"] = calibrating
+
+    def _calibration_forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The float layer (BatchNorm folded with its running statistics), every quantizer
+        observing its tensor and quantizing nothing."""
+        if self.input_quant is not None:
+            self.input_quant.observe(x)
+        if self.weight_quant is None:
+            out = self.module(x, *args, **kwargs)
+        else:
+            weight, bias = self._folded()
+            out = self._weighted(x, weight, bias, args, kwargs)
+        if self.output_quant is not None:
+            self.output_quant.observe(out)
+        return out
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self._calibrating:
+            return self._calibration_forward(x, *args, **kwargs)
         active = not self.training or self._steps >= self.quant_start_step
         module = self.module
         if self._clamp is not None and not (module._forward_hooks or module._forward_pre_hooks):
