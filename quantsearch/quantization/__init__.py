@@ -5,6 +5,9 @@
                     "op_types": ["Conv2d", "Linear", "ReLU6"]}]
     model = QAT_Quantizer(model, config_list, optimizer).compress()
 
+Post-training: ``PtqQuantizer(model, config_list, dummy_input=x).compress()``, then
+``with quantizer.calibrate(): model(batch)`` for a few batches, then evaluate.
+
 This package imports torch only: no search, no tasks.
 """
 
@@ -19,6 +22,7 @@ from ._algorithms import (
 from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
 from ._pack import load_packed, model_size_bytes, save_packed
+from ._ptq import NotCalibratedError, PtqQuantizer
 from ._registry import QUANTIZERS, get_quantizer, register_quantizer
 from ._wrapper import QuantWrapper
 
@@ -32,6 +36,8 @@ __all__ = [
     "Example",
     "LsqQuantizer",
     "NaiveQuantizer",
+    "NotCalibratedError",
+    "PtqQuantizer",
     "QATQuantizer",
     "QAT_Quantizer",
     "QuantWrapper",

@@ -60,6 +60,11 @@ class AlgorithmRules:
     max_bits: int
     # Extra keys: key -> (default, validator returning an error text or None).
     options: Mapping[str, tuple[Any, Callable[[Any], str | None]]] = field(default_factory=dict)
+    # Checks across keys, after each one passed alone: (given entry, normalised entry) ->
+    # (key, error text) or None.
+    entry_check: (
+        Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[str, str] | None] | None
+    ) = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,11 @@ def validate_config_list(
             if problem is not None:
                 raise _error(index, key, value, problem)
             out[key] = value
+        if rules.entry_check is not None:
+            problem = rules.entry_check(entry, out)
+            if problem is not None:
+                key, text = problem
+                raise _error(index, key, entry.get(key, out.get(key)), text)
         normalised.append(out)
     return normalised
 
