@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._base import Example, Quantizer
-from ._config import AlgorithmRules, LayerConfig
+from ._config import AlgorithmRules, LayerConfig, quantizable_weight
 from ._registry import register_quantizer
 from ._tensor_quant import (
     SCHEMES,
@@ -46,8 +46,8 @@ def _non_negative_int(value: Any) -> str | None:
 
 
 def _channels(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 1
+    weight = quantizable_weight(module)
+    return int(weight.shape[0]) if weight is not None and weight.dim() else 1
 
 
 @register_quantizer("naive")
@@ -195,8 +195,8 @@ class BNNQuantizer(Quantizer):
     @torch.no_grad()
     def _after_step(self) -> None:
         for wrapper in self._wrapper_list:
-            if wrapper.weight_quant is not None:
-                wrapper.module.weight.clamp_(-1.0, 1.0)
+            for key in wrapper.param_quants():
+                wrapper.module.get_parameter(key).clamp_(-1.0, 1.0)
 
 
 @register_quantizer("lsq")
@@ -233,7 +233,7 @@ class LsqQuantizer(Quantizer):
         for quant_type in layer.quant_types:
             bits = layer.bits[quant_type]
             if quant_type == "weight":
-                quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=module.weight)
+                quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=quantizable_weight(module))
             else:
                 quants[quant_type] = LsqQuant(bits, dtype=dtype)
         return quants

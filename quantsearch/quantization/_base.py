@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ._config import AlgorithmRules, ConfigError, LayerConfig, select_layers, validate_config_list
 from ._tensor_quant import TensorQuant
-from ._wrapper import QuantWrapper
+from ._wrapper import QuantWrapper, keep_transformers_on_slow_path
 
 __all__ = [
     "Example",
@@ -212,11 +212,26 @@ class Quantizer:
                 if conv in self.layers and "weight" in self.layers[conv].quant_types
             }
         new_params: list[nn.Parameter] = []
+        # A MultiheadAttention computes its out_proj itself: that weight's quantizer goes into
+        # the attention's wrapper (which exists even when only out_proj is selected).
+        out_projections = {
+            f"{name}.out_proj" if name else "out_proj": name
+            for name, module in modules.items()
+            if isinstance(module, nn.MultiheadAttention)
+        }
+        out_proj_quants: dict[str, TensorQuant] = {}
+        for out_name, attention in out_projections.items():
+            if out_name in self.layers:
+                quant = self._make_quants(self.layers[out_name], modules[out_name])["weight"]
+                out_proj_quants[attention] = quant
+                new_params.extend(quant.parameters())
+        to_wrap = [n for n in self.layers if n not in out_projections]
+        to_wrap += [n for n in out_proj_quants if n not in self.layers]
         # Deepest layers first, so a wrapped child keeps its path while its parent is wrapped.
-        for name in sorted(self.layers, key=lambda n: n.count("."), reverse=True):
-            layer = self.layers[name]
+        for name in sorted(to_wrap, key=lambda n: n.count("."), reverse=True):
+            layer = self.layers.get(name)
             module = modules[name]
-            quants = self._make_quants(layer, module)
+            quants = self._make_quants(layer, module) if layer is not None else {}
             bn_name = pairs.get(name)
             wrapper = QuantWrapper(
                 module,
@@ -224,7 +239,8 @@ class Quantizer:
                 weight_quant=quants.get("weight"),
                 input_quant=quants.get("input"),
                 output_quant=quants.get("output"),
-                quant_start_step=int(layer.options.get("quant_start_step", 0)),
+                out_proj_quant=out_proj_quants.get(name),
+                quant_start_step=int(layer.options.get("quant_start_step", 0)) if layer else 0,
                 bn=modules[bn_name] if bn_name else None,
                 bn_name=bn_name,
             )
@@ -244,6 +260,7 @@ class Quantizer:
                 lambda *_args, **_kwargs: self.step()
             )
         self._wrapper_list = list(wrappers_of(model).values())
+        keep_transformers_on_slow_path(model, set(to_wrap))
         self._compressed = True
         return model
 
@@ -322,7 +339,10 @@ class Quantizer:
                     entry.update(quant.calibration(role))
             if wrapper.bn_name is not None:
                 entry["folded_batch_norm"] = wrapper.bn_name
-            config[name] = entry
+            if entry:
+                config[name] = entry
+            if wrapper.out_proj_quant is not None:
+                config[f"{name}.out_proj"] = wrapper.out_proj_quant.calibration("weight")
         return config
 
     def export_model(

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import Example, Quantizer
-from ._config import AlgorithmRules, LayerConfig
+from ._config import AlgorithmRules, LayerConfig, quantizable_weight
 from ._math import affine_qparams, affine_qparams_float, fake_quantize
 from ._observers import (
     HISTOGRAM_BINS,
@@ -286,8 +286,8 @@ def _check_entry(
 
 
 def _channels(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 1
+    weight = quantizable_weight(module)
+    return int(weight.shape[0]) if weight is not None and weight.dim() else 1
 
 
 @register_quantizer("ptq")
