@@ -15,7 +15,6 @@ from ._tensor_quant import EmaActivationQuant, TensorQuant
 __all__ = ["QuantWrapper", "keep_transformers_on_slow_path"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_TINY = float(torch.finfo(torch.float32).tiny)
 
 
 def _clamp_range(module: nn.Module) -> tuple[float, float] | None:
@@ -264,15 +263,19 @@ class QuantWrapper(nn.Module):
             if bn.weight is not None:
                 factor.mul_(bn.weight)
             factor = factor.reshape(shape)
-            # |f| below float32's smallest normal (gamma = 0 in zero-initialised residual
-            # blocks): 1/f would be inf and q(0) * inf NaN.
-            vanishing = factor.abs() < _TINY
-            inverse = torch.where(vanishing, 0.0, torch.reciprocal(factor))
-        quantized = self.weight_quant(weight * factor, active)
-        # Those channels run the float weight: BatchNorm multiplies them by ~0 anyway, and gamma
-        # still gets its gradient through a meaningful conv output.
-        weight = torch.where(vanishing, weight, quantized * inverse)
-        return bn(self.module._conv_forward(x, weight, self.module.bias))
+            inverse = torch.reciprocal(factor)
+            # f = 0 (gamma = 0 in zero-initialised residual blocks) or tiny: 1/f is inf and
+            # q(0) * inf NaN. On the CPU the check is cheap, and most steps skip the fix-up.
+            vanishing = torch.isinf(inverse)
+            fix = x.device.type != "cpu" or bool(vanishing.any())
+            if fix:
+                inverse.masked_fill_(vanishing, 0.0)
+        quantized = self.weight_quant(weight * factor, active) * inverse
+        if fix:
+            # Those channels run the float weight: BatchNorm multiplies them by ~0 anyway, and
+            # gamma still gets its gradient through a meaningful conv output.
+            quantized = torch.where(vanishing, weight, quantized)
+        return bn(self.module._conv_forward(x, quantized, self.module.bias))
 
     def _attention_forward(self, args: tuple, kwargs: dict, active: bool | None) -> Any:
         """MultiheadAttention with quantized inputs and projection weights; ``active`` None is
