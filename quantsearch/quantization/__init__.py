@@ -5,22 +5,25 @@
                     "op_types": ["Conv2d", "Linear", "ReLU6"]}]
     model = QAT_Quantizer(model, config_list, optimizer).compress()
 
+Post-training: ``PtqQuantizer(model, config_list, dummy_input=x).compress()``, then
+``with quantizer.calibrate(): model(batch)`` for a few batches, then evaluate.
+
 This package imports torch only: no search, no tasks.
 """
 
 from ._algorithms import (
-    QUANTIZERS,
     BNNQuantizer,
     DoReFaQuantizer,
     LsqQuantizer,
     NaiveQuantizer,
     QAT_Quantizer,
     QATQuantizer,
-    get_quantizer,
 )
-from ._base import Quantizer, real_state_dict
+from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
 from ._pack import load_packed, model_size_bytes, save_packed
+from ._ptq import NotCalibratedError, PtqQuantizer
+from ._registry import QUANTIZERS, get_quantizer, register_quantizer
 from ._wrapper import QuantWrapper
 
 __all__ = [
@@ -30,8 +33,11 @@ __all__ = [
     "BNNQuantizer",
     "ConfigError",
     "DoReFaQuantizer",
+    "Example",
     "LsqQuantizer",
     "NaiveQuantizer",
+    "NotCalibratedError",
+    "PtqQuantizer",
     "QATQuantizer",
     "QAT_Quantizer",
     "QuantWrapper",
@@ -40,5 +46,6 @@ __all__ = [
     "load_packed",
     "model_size_bytes",
     "real_state_dict",
+    "register_quantizer",
     "save_packed",
 ]

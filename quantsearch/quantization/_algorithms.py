@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._base import Quantizer
-from ._config import AlgorithmRules, ConfigError, LayerConfig
+from ._base import Example, Quantizer
+from ._config import AlgorithmRules, LayerConfig, quantizable_weight
+from ._registry import register_quantizer
 from ._tensor_quant import (
     SCHEMES,
     AffineWeightQuant,
@@ -21,15 +22,16 @@ from ._tensor_quant import (
 )
 
 __all__ = [
-    "QUANTIZERS",
     "BNNQuantizer",
     "DoReFaQuantizer",
     "LsqQuantizer",
     "NaiveQuantizer",
     "QATQuantizer",
     "QAT_Quantizer",
-    "get_quantizer",
 ]
+
+# The conformance net's weighted layers (quantsearch.quantization.testing.ConformanceNet).
+_WEIGHTED = ("conv1", "conv2", "fc")
 
 _DTYPES = ("int", "uint")
 
@@ -44,16 +46,24 @@ def _non_negative_int(value: Any) -> str | None:
 
 
 def _channels(module: nn.Module) -> int:
-    weight = getattr(module, "weight", None)
-    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else 1
+    weight = quantizable_weight(module)
+    return int(weight.shape[0]) if weight is not None and weight.dim() else 1
 
 
+@register_quantizer("naive")
 class NaiveQuantizer(Quantizer):
     """Weights only, symmetric int per tensor (scale = max|w| / (2^(b-1) - 1)), rounded to the
     nearest level (NNI truncates toward zero). NNI takes only 8 bits; 2..16 are accepted here.
     Without a config_list every weighted layer gets 8 bits."""
 
     rules = AlgorithmRules(name="NaiveQuantizer", quant_types=("weight",), min_bits=2, max_bits=16)
+    examples = (
+        Example(
+            "w4",
+            [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["default"]}],
+            {name: {"weight": 4} for name in _WEIGHTED},
+        ),
+    )
 
     def __init__(
         self,
@@ -75,6 +85,7 @@ class NaiveQuantizer(Quantizer):
         }
 
 
+@register_quantizer("qat")
 class QAT_Quantizer(Quantizer):
     """Quantization-aware training (Jacob et al. 2018).
 
@@ -97,6 +108,24 @@ class QAT_Quantizer(Quantizer):
         },
     )
     folds_batch_norm = True
+    examples = (
+        Example(
+            "w4a8",
+            [
+                {"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"]},
+                {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
+            ],
+            {"conv1": {"weight": 4}, "conv2": {"weight": 4}, "fc": {"weight": 4},
+             "relu1": {"output": 8}, "relu2": {"output": 8}},
+        ),
+        Example(
+            "per-channel-int",
+            [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 3, "input": 6},
+              "op_types": ["Conv2d", "Linear"], "quant_scheme": "per_channel_symmetric",
+              "quant_dtype": "int"}],
+            {name: {"weight": 3} for name in _WEIGHTED},
+        ),
+    )
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
         scheme, dtype = layer.options["quant_scheme"], layer.options["quant_dtype"]
@@ -115,16 +144,25 @@ class QAT_Quantizer(Quantizer):
 QATQuantizer = QAT_Quantizer
 
 
+@register_quantizer("dorefa")
 class DoReFaQuantizer(Quantizer):
     """DoReFa-Net weights (Zhou et al. 2016): tanh, rescale to [0, 1], k-bit levels, back to
     [-1, 1]. Weights only, 1..16 bits."""
 
     rules = AlgorithmRules(name="DoReFaQuantizer", quant_types=("weight",), min_bits=1, max_bits=16)
+    examples = (
+        Example(
+            "w2",
+            [{"quant_types": ["weight"], "quant_bits": 2, "op_types": ["default"]}],
+            {name: {"weight": 2} for name in _WEIGHTED},
+        ),
+    )
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
         return {"weight": DoReFaWeightQuant(layer.bits["weight"])}
 
 
+@register_quantizer("bnn")
 class BNNQuantizer(Quantizer):
     """Binarized networks (Courbariaux/Hubara et al. 2016): sign of weights and outputs, 1 bit.
 
@@ -133,6 +171,17 @@ class BNNQuantizer(Quantizer):
 
     rules = AlgorithmRules(
         name="BNNQuantizer", quant_types=("weight", "output"), min_bits=1, max_bits=1
+    )
+    examples = (
+        Example(
+            "w1a1",
+            [
+                {"quant_types": ["weight"], "quant_bits": 1, "op_types": ["Conv2d", "Linear"]},
+                {"quant_types": ["output"], "quant_bits": 1, "op_names": ["relu2"]},
+            ],
+            {"conv1": {"weight": 1}, "conv2": {"weight": 1}, "fc": {"weight": 1},
+             "relu2": {"output": 1}},
+        ),
     )
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
@@ -146,10 +195,11 @@ class BNNQuantizer(Quantizer):
     @torch.no_grad()
     def _after_step(self) -> None:
         for wrapper in self._wrapper_list:
-            if wrapper.weight_quant is not None:
-                wrapper.module.weight.clamp_(-1.0, 1.0)
+            for key in wrapper.param_quants():
+                wrapper.module.get_parameter(key).clamp_(-1.0, 1.0)
 
 
+@register_quantizer("lsq")
 class LsqQuantizer(Quantizer):
     """Learned Step Size Quantization (Esser et al. 2019) for weights, inputs and outputs.
 
@@ -164,6 +214,18 @@ class LsqQuantizer(Quantizer):
         max_bits=16,
         options={"quant_dtype": ("int", _one_of(_DTYPES))},
     )
+    examples = (
+        Example(
+            "w3a4",
+            [
+                {"quant_types": ["weight"], "quant_bits": 3, "op_types": ["Conv2d", "Linear"]},
+                {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"],
+                 "quant_dtype": "uint"},
+            ],
+            {"conv1": {"weight": 3}, "conv2": {"weight": 3}, "fc": {"weight": 3},
+             "relu1": {"output": 4}, "relu2": {"output": 4}},
+        ),
+    )
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
         dtype = layer.options["quant_dtype"]
@@ -171,27 +233,7 @@ class LsqQuantizer(Quantizer):
         for quant_type in layer.quant_types:
             bits = layer.bits[quant_type]
             if quant_type == "weight":
-                quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=module.weight)
+                quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=quantizable_weight(module))
             else:
                 quants[quant_type] = LsqQuant(bits, dtype=dtype)
         return quants
-
-
-#: Algorithm name -> quantizer class.
-QUANTIZERS: dict[str, type[Quantizer]] = {
-    "naive": NaiveQuantizer,
-    "qat": QAT_Quantizer,
-    "dorefa": DoReFaQuantizer,
-    "bnn": BNNQuantizer,
-    "lsq": LsqQuantizer,
-}
-
-
-def get_quantizer(name: str) -> type[Quantizer]:
-    """The quantizer class registered under ``name`` (see :data:`QUANTIZERS`)."""
-    try:
-        return QUANTIZERS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown algorithm {name!r}: expected one of {', '.join(QUANTIZERS)}"
-        ) from None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,9 +15,10 @@ from torch import Tensor, nn
 
 from ._config import AlgorithmRules, ConfigError, LayerConfig, select_layers, validate_config_list
 from ._tensor_quant import TensorQuant
-from ._wrapper import QuantWrapper
+from ._wrapper import QuantWrapper, keep_transformers_on_slow_path
 
 __all__ = [
+    "Example",
     "Quantizer",
     "find_conv_bn_pairs",
     "real_state_dict",
@@ -50,8 +53,10 @@ def unwrapped_float_state(model: nn.Module) -> dict[str, Tensor]:
 def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:
     """Conv name -> BatchNorm name, for each BatchNorm whose input is exactly a conv's output.
 
-    Found by running ``dummy_input`` through the model in eval mode with forward hooks (nothing
-    in the model changes); the channel counts must agree.
+    Only modules whose type is exactly ``nn.BatchNorm1d/2d/3d`` are paired: subclasses (timm's
+    ``BatchNormAct2d``, which also applies an activation) stay separate layers. Found by
+    running ``dummy_input`` through the model in eval mode with forward hooks (nothing in the
+    model changes); the channel counts must agree.
     """
     # Outputs stay referenced during the trace, so no later tensor can reuse their id().
     produced: dict[int, tuple[str, Tensor]] = {}
@@ -74,7 +79,9 @@ def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:
     for module in model.modules():
         if isinstance(module, _CONVS):
             handles.append(module.register_forward_hook(after_conv))
-        elif isinstance(module, _BATCH_NORMS):
+        elif type(module) in _BATCH_NORMS:
+            # Exactly a torch BatchNorm: a subclass (timm's BatchNormAct2d) may do more than
+            # normalise, and folding would drop that.
             handles.append(module.register_forward_pre_hook(before_bn))
     was_training = model.training
     model.eval()
@@ -129,18 +136,38 @@ def real_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+@dataclass(frozen=True)
+class Example:
+    """A config_list an algorithm declares for the conformance suite.
+
+    It applies to :class:`quantsearch.quantization.testing.ConformanceNet` (conv1, bn1, relu1,
+    conv2, relu2, flatten, fc); ``bits`` is what the suite must find quantized, per layer and
+    quant type (``{"conv1": {"weight": 4}}``).
+    """
+
+    id: str
+    config_list: Sequence[Mapping[str, Any]]
+    bits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+
 class Quantizer:
     """Base of the NNI-style quantizers: ``Quantizer(model, config_list, optimizer, dummy_input)``.
 
     The config_list is validated on construction (:class:`ConfigError`); :meth:`compress` wraps
     the selected layers in place and returns the model. Steps are counted by a post-step hook on
     ``optimizer`` when one is given, or by calling :meth:`step` yourself; the count lives in the
-    model's state dict, so it survives a save and load.
+    model's state dict, so it survives a save and load. :meth:`calibrate` feeds data to the
+    activation observers without training.
+
+    A subclass declares ``rules`` (what its config_list accepts), ``_make_quants`` and
+    ``examples`` (its conformance cases; registering a class without them is an error).
     """
 
     rules: ClassVar[AlgorithmRules]
     #: Algorithms whose weights are quantized after BatchNorm folding.
     folds_batch_norm: ClassVar[bool] = False
+    #: The config_lists the conformance suite runs for this algorithm (declare your own).
+    examples: ClassVar[tuple[Example, ...]] = ()
 
     def __init__(
         self,
@@ -160,6 +187,7 @@ class Quantizer:
         entries = validate_config_list(self.config_list, self.rules)
         self.layers: dict[str, LayerConfig] = select_layers(model, entries, self.rules)
         self._compressed = False
+        self._calibrating = False
         self._wrapper_list: list[QuantWrapper] = []
         self._hook_handle: Any = None
 
@@ -184,11 +212,26 @@ class Quantizer:
                 if conv in self.layers and "weight" in self.layers[conv].quant_types
             }
         new_params: list[nn.Parameter] = []
+        # A MultiheadAttention computes its out_proj itself: that weight's quantizer goes into
+        # the attention's wrapper (which exists even when only out_proj is selected).
+        out_projections = {
+            f"{name}.out_proj" if name else "out_proj": name
+            for name, module in modules.items()
+            if isinstance(module, nn.MultiheadAttention)
+        }
+        out_proj_quants: dict[str, TensorQuant] = {}
+        for out_name, attention in out_projections.items():
+            if out_name in self.layers:
+                quant = self._make_quants(self.layers[out_name], modules[out_name])["weight"]
+                out_proj_quants[attention] = quant
+                new_params.extend(quant.parameters())
+        to_wrap = [n for n in self.layers if n not in out_projections]
+        to_wrap += [n for n in out_proj_quants if n not in self.layers]
         # Deepest layers first, so a wrapped child keeps its path while its parent is wrapped.
-        for name in sorted(self.layers, key=lambda n: n.count("."), reverse=True):
-            layer = self.layers[name]
+        for name in sorted(to_wrap, key=lambda n: n.count("."), reverse=True):
+            layer = self.layers.get(name)
             module = modules[name]
-            quants = self._make_quants(layer, module)
+            quants = self._make_quants(layer, module) if layer is not None else {}
             bn_name = pairs.get(name)
             wrapper = QuantWrapper(
                 module,
@@ -196,7 +239,8 @@ class Quantizer:
                 weight_quant=quants.get("weight"),
                 input_quant=quants.get("input"),
                 output_quant=quants.get("output"),
-                quant_start_step=int(layer.options.get("quant_start_step", 0)),
+                out_proj_quant=out_proj_quants.get(name),
+                quant_start_step=int(layer.options.get("quant_start_step", 0)) if layer else 0,
                 bn=modules[bn_name] if bn_name else None,
                 bn_name=bn_name,
             )
@@ -216,6 +260,7 @@ class Quantizer:
                 lambda *_args, **_kwargs: self.step()
             )
         self._wrapper_list = list(wrappers_of(model).values())
+        keep_transformers_on_slow_path(model, set(to_wrap))
         self._compressed = True
         return model
 
@@ -236,6 +281,41 @@ class Quantizer:
 
     def _after_step(self) -> None:
         """Per-algorithm work after each optimizer step."""
+
+    @contextlib.contextmanager
+    def calibrate(self) -> Iterator[nn.Module]:
+        """Run calibration batches through the compressed model: ``with q.calibrate(): model(x)``.
+
+        Inside the block every module is in eval mode (BatchNorm normalises with its running
+        statistics and never updates them, dropout is off), autograd is off, and each quantized
+        layer computes the float layer while its activation quantizers observe their inputs or
+        outputs (QAT: the moving average of min/max; LSQ: the initial step size, if not yet set;
+        PTQ: its observer). Nothing is quantized inside, so observers see float activations.
+        On leaving, the observers settle their ranges and every module gets back the training
+        flag it had; steps are not counted. Yields the model.
+        """
+        model = self._compressed_model()
+        if self._calibrating:
+            raise RuntimeError("calibrate() is already active for this quantizer")
+        flags = [(module, module.training) for module in model.modules()]
+        self._calibrating = True
+        try:
+            model.eval()
+            for wrapper in self._wrapper_list:
+                wrapper.set_calibrating(True)
+            with torch.no_grad():
+                yield model
+        finally:
+            for wrapper in self._wrapper_list:
+                wrapper.set_calibrating(False)
+            for module, training in flags:
+                module.training = training
+            self._calibrating = False
+        with torch.no_grad():
+            for wrapper in self._wrapper_list:
+                for quant in (wrapper.weight_quant, wrapper.input_quant, wrapper.output_quant):
+                    if quant is not None:
+                        quant.end_calibration()
 
     @property
     def steps(self) -> int:
@@ -259,7 +339,10 @@ class Quantizer:
                     entry.update(quant.calibration(role))
             if wrapper.bn_name is not None:
                 entry["folded_batch_norm"] = wrapper.bn_name
-            config[name] = entry
+            if entry:
+                config[name] = entry
+            if wrapper.out_proj_quant is not None:
+                config[f"{name}.out_proj"] = wrapper.out_proj_quant.calibration("weight")
         return config
 
     def export_model(

@@ -22,13 +22,15 @@ __all__ = [
     "AlgorithmRules",
     "ConfigError",
     "LayerConfig",
+    "quantizable_weight",
     "select_layers",
     "validate_config_list",
 ]
 
 QUANT_TYPES = ("weight", "input", "output")
 
-#: The class names that ``op_types: ['default']`` stands for: the layer types that own a weight.
+#: The class names that ``op_types: ['default']`` stands for: the layer types that own a weight
+#: (NNI's list, and MultiheadAttention, whose projections hold half a transformer's weights).
 DEFAULT_OP_TYPES = (
     "Conv1d",
     "Conv2d",
@@ -41,6 +43,7 @@ DEFAULT_OP_TYPES = (
     "PReLU",
     "Embedding",
     "EmbeddingBag",
+    "MultiheadAttention",
 )
 
 _COMMON_KEYS = ("quant_types", "quant_bits", "op_types", "op_names", "exclude")
@@ -60,6 +63,11 @@ class AlgorithmRules:
     max_bits: int
     # Extra keys: key -> (default, validator returning an error text or None).
     options: Mapping[str, tuple[Any, Callable[[Any], str | None]]] = field(default_factory=dict)
+    # Checks across keys, after each one passed alone: (given entry, normalised entry) ->
+    # (key, error text) or None.
+    entry_check: (
+        Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[str, str] | None] | None
+    ) = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,11 @@ def validate_config_list(
             if problem is not None:
                 raise _error(index, key, value, problem)
             out[key] = value
+        if rules.entry_check is not None:
+            problem = rules.entry_check(entry, out)
+            if problem is not None:
+                key, text = problem
+                raise _error(index, key, entry.get(key, out.get(key)), text)
         normalised.append(out)
     return normalised
 
@@ -248,6 +261,7 @@ def select_layers(
             )
     types = dict(modules)
     module_of = dict(model.named_modules())
+    _check_attention(module_of, entries, winners)
     layers: dict[str, LayerConfig] = {}
     for name in names:
         index = winners.get(name)
@@ -266,7 +280,67 @@ def select_layers(
             options={key: entry[key] for key in rules.options},
         )
     _check_weights(model, entries, layers)
-    return {name: layer for name, layer in layers.items() if layer.quant_types}
+    _attention_out_projections(module_of, winners, layers)
+    return {name: layers[name] for name in names if name in layers and layers[name].quant_types}
+
+
+def _out_projections(module_of: Mapping[str, nn.Module]) -> dict[str, str]:
+    """Name of each MultiheadAttention's out_proj -> the attention's name."""
+    return {
+        f"{name}.out_proj" if name else "out_proj": name
+        for name, module in module_of.items()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
+def _check_attention(
+    module_of: Mapping[str, nn.Module], entries: Sequence[Mapping[str, Any]],
+    winners: Mapping[str, int],
+) -> None:
+    """What MultiheadAttention cannot quantize is refused up front, naming the layer."""
+    for out_name, attention in _out_projections(module_of).items():
+        index = winners.get(out_name)
+        if index is not None and not entries[index]["exclude"]:
+            others = [t for t in entries[index]["quant_types"] if t != "weight"]
+            if others:
+                raise ConfigError(
+                    f"config_list[{index}]: '{out_name}' is the output projection of the "
+                    f"MultiheadAttention '{attention}', which computes its input and output "
+                    f"internally: only its 'weight' can be quantized, not {others} (quantize "
+                    f"the 'output' of '{attention}', the same tensor as out_proj's output)"
+                )
+        index = winners.get(attention)
+        mha = module_of[attention]
+        if (
+            index is not None and not entries[index]["exclude"]
+            and "weight" in entries[index]["quant_types"]
+            and getattr(mha, "in_proj_weight", None) is None
+        ):
+            raise ConfigError(
+                f"config_list[{index}]: the MultiheadAttention '{attention}' has separate "
+                "q/k/v projection weights (kdim or vdim differs from embed_dim): only a packed "
+                "in_proj_weight can be quantized; quantize its 'input' or 'output', or exclude it"
+            )
+
+
+def _attention_out_projections(
+    module_of: Mapping[str, nn.Module], winners: Mapping[str, int],
+    layers: dict[str, LayerConfig],
+) -> None:
+    """An attention whose weight is quantized quantizes its out_proj's weight too, at the same
+    bits, unless an entry of its own selects (or excludes) the out_proj."""
+    for out_name, attention in _out_projections(module_of).items():
+        parent = layers.get(attention)
+        if parent is None or "weight" not in parent.quant_types or out_name in winners:
+            continue
+        layers[out_name] = LayerConfig(
+            name=out_name,
+            op_type=type(module_of[out_name]).__name__,
+            entry_index=parent.entry_index,
+            quant_types=("weight",),
+            bits={"weight": parent.bits["weight"]},
+            options=parent.options,
+        )
 
 
 def _check_weights(
@@ -286,5 +360,13 @@ def _check_weights(
             )
 
 
+def quantizable_weight(module: nn.Module) -> nn.Parameter | None:
+    """The parameter a weight quantizer of ``module`` quantizes: ``weight``, or a
+    MultiheadAttention's packed ``in_proj_weight``; None when it has neither."""
+    name = "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+    weight = getattr(module, name, None)
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
 def _has_weight(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "weight", None), nn.Parameter)
+    return quantizable_weight(module) is not None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._base import unwrapped_float_state, wrappers_of
 from ._tensor_quant import TensorQuant, decode
-from ._wrapper import QuantWrapper
+from ._wrapper import keep_transformers_on_slow_path
 
 __all__ = ["load_packed", "model_size_bytes", "pack_codes", "save_packed", "unpack_codes"]
 
@@ -101,12 +101,14 @@ def save_packed(model: nn.Module, path: str | Path) -> int:
         for name, wrapper in wrappers_of(model).items():
             if wrapper.bn_name is not None:
                 folded[name] = wrapper.bn_name
+            quants = wrapper.param_quants()
+            quantized = wrapper.quantized_params() if quants else {}
             for key, tensor in wrapper.module.state_dict().items():
                 if not tensor.is_floating_point():
                     continue
                 full = f"{name}.{key}"
-                if key == "weight" and wrapper.weight_quant is not None:
-                    tensors.append(_pack_weight(payload, full, wrapper))
+                if key in quants:
+                    tensors.append(_pack_weight(payload, full, quants[key], quantized[key]))
                 elif key == "bias" and wrapper.bn is not None:
                     tensors.append(_float_record(payload, full, wrapper.deployed_bias()))
                 else:
@@ -136,10 +138,9 @@ def _float_record(payload: _Payload, name: str, tensor: Tensor) -> dict[str, Any
             **payload.add_float(tensor)}
 
 
-def _pack_weight(payload: _Payload, name: str, wrapper: QuantWrapper) -> dict[str, Any]:
-    quant = wrapper.weight_quant
-    assert quant is not None
-    x_hat = wrapper.quantized_weight()
+def _pack_weight(
+    payload: _Payload, name: str, quant: TensorQuant, x_hat: Tensor
+) -> dict[str, Any]:
     codes, meta = quant.codes(x_hat)
     if not torch.equal(decode(codes, quant.encoding, quant.bits, meta), x_hat):
         raise RuntimeError(f"{name}: integer codes do not reproduce the quantized weight")
@@ -249,10 +250,24 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     for record in header["activations"]:
         module = model.get_submodule(record["layer"])
         fixed = _FixedActivation(record, blob)
+        # An attention's input is its query, key and value; its output the first of two.
+        count = 3 if isinstance(module, nn.MultiheadAttention) else 1
         if record["role"] == "input":
             module.register_forward_pre_hook(
-                lambda _m, args, fixed=fixed: (fixed(args[0]), *args[1:])
+                lambda _m, args, fixed=fixed, count=count: (
+                    *(fixed(a) if isinstance(a, Tensor) else a for a in args[:count]),
+                    *args[count:],
+                )
             )
+        elif count == 3:
+            module.register_forward_hook(lambda _m, _args, out, fixed=fixed: (
+                fixed(out[0]), *out[1:]
+            ))
         else:
             module.register_forward_hook(lambda _m, _args, out, fixed=fixed: fixed(out))
+    quantized = {r["layer"] for r in header["activations"]}
+    quantized |= {
+        r["name"].rsplit(".", 1)[0] for r in header["tensors"] if r["encoding"] != "float32"
+    }
+    keep_transformers_on_slow_path(model, quantized)
     return model.eval()

@@ -23,6 +23,7 @@ from ._math import (
     fake_quantize_clamped,
     quant_range,
     round_ste,
+    to_float32,
 )
 
 __all__ = [
@@ -50,6 +51,8 @@ class TensorQuant(nn.Module):
     bits: int
     #: How the codes map back to floats: "affine", "dorefa" or "sign" (see :func:`decode`).
     encoding: str = "affine"
+    #: The layer and role this quantizer serves, for error messages ("conv1 (output)").
+    owner: str = "a quantizer"
 
     def forward(self, x: Tensor, active: bool = True) -> Tensor:
         raise NotImplementedError
@@ -65,6 +68,14 @@ class TensorQuant(nn.Module):
     def calibration(self, role: str) -> dict[str, Any]:
         """NNI-style calibration keys (``weight_bits``, ``tracked_min_output``...)."""
         return {f"{role}_bits": self.bits}
+
+    def observe(self, x: Tensor) -> None:
+        """Update the statistics from ``x`` without quantizing it (``Quantizer.calibrate``).
+
+        Quantizers without statistics (weights, signs) ignore it."""
+
+    def end_calibration(self) -> None:
+        """Called once when a calibration ends: settle what the observed batches decided."""
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -185,8 +196,10 @@ class AffineWeightQuant(TensorQuant):
 class EmaActivationQuant(TensorQuant):
     """QAT activations: min/max tracked by an exponential moving average (decay 0.99).
 
-    Initialised from the first training batch; the average keeps updating before
-    ``quant_start_step``; eval mode never updates it. Per-channel schemes use dim 1.
+    Initialised from the first training (or calibration) batch; the average keeps updating
+    before ``quant_start_step`` and over calibration batches; eval mode never updates it. The
+    range is kept as float32, in the buffers and in their Python mirrors alike. Per-channel
+    schemes use dim 1.
     """
 
     def __init__(self, bits: int, *, scheme: str, dtype: str, decay: float = 0.99) -> None:
@@ -220,11 +233,16 @@ class EmaActivationQuant(TensorQuant):
         self.tracked_min, self.tracked_max = rmin, rmax
         self._mark_observed()
 
+    def observe(self, x: Tensor) -> None:
+        self._update(x.detach())
+
     def _observe(self, rmin: float, rmax: float) -> None:
         """The host path's EMA update from one batch's min and max."""
         if self._observed:
             rmin = self.decay * self._min + (1 - self.decay) * rmin
             rmax = self.decay * self._max + (1 - self.decay) * rmax
+        # The mirrors hold exactly the float32 the buffers store: a state dict load changes nothing.
+        rmin, rmax = to_float32(rmin), to_float32(rmax)
         # Straight into __dict__: nn.Module.__setattr__ costs microseconds per call.
         self.__dict__.update(_min=rmin, _max=rmax)
         self.tracked_min.fill_(rmin)
@@ -362,6 +380,11 @@ class LsqQuant(TensorQuant):
 
     def _after_load(self) -> None:
         self._observed = bool(self.observed)
+
+    def observe(self, x: Tensor) -> None:
+        # Calibration gives an activation's step size its start value; after that it is learned.
+        if not self._observed:
+            self._init_scale(x)
 
     @torch.no_grad()
     def _init_scale(self, x: Tensor) -> None:

@@ -117,7 +117,10 @@ def test_overrides_from_the_command_line() -> None:
         (None, "space.yaml: the file is empty"),
         ([1, 2], "space.yaml: (top level): expected a mapping"),
         ({**MINIMAL, "epochs": 3}, "space.yaml: epochs: unknown key 'epochs'; allowed: study_name"),
-        ({"params": {}}, "space.yaml: algorithm: missing; allowed: naive, qat, dorefa, bnn, lsq"),
+        (
+            {"params": {}},
+            "space.yaml: algorithm: missing; allowed: naive, qat, dorefa, bnn, lsq, ptq",
+        ),
         ({**MINIMAL, "algorithm": "qta"}, "algorithm: 'qta' is not an algorithm; allowed: naive"),
         ({**MINIMAL, "train": {"epochs": 0}}, "train.epochs: 0 is not an integer >= 1"),
         ({**MINIMAL, "train": {"optimizer": "rms"}}, "train.optimizer: 'rms' is not one of sgd"),

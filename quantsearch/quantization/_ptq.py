@@ -1,0 +1,377 @@
+"""Post-training quantization: observers calibrated on data, no training needed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import Example, Quantizer
+from ._config import AlgorithmRules, LayerConfig, quantizable_weight
+from ._math import affine_qparams, affine_qparams_float, fake_quantize
+from ._observers import (
+    HISTOGRAM_BINS,
+    OBSERVERS,
+    channel_rows,
+    histogram_add,
+    histogram_start,
+    mse_range,
+    percentile_range,
+    weight_range,
+)
+from ._registry import register_quantizer
+from ._tensor_quant import SCHEMES, AffineWeightQuant, TensorQuant
+
+__all__ = ["NotCalibratedError", "PtqActivationQuant", "PtqQuantizer", "PtqWeightQuant"]
+
+_DTYPES = ("int", "uint")
+_WEIGHTED = ("conv1", "conv2", "fc")
+
+
+class NotCalibratedError(RuntimeError):
+    """A post-training quantizer was asked to quantize before it observed any data."""
+
+
+class PtqWeightQuant(AffineWeightQuant):
+    """A weight's range from its observer: min/max, percentile or MSE (see ``_observers``).
+
+    Computed from the current weight on every training forward; in eval mode it is computed
+    again only when the weight changed (a percentile or MSE search costs more than a forward).
+    Per-channel schemes use dim 0.
+    """
+
+    def __init__(
+        self, bits: int, *, scheme: str, dtype: str, channels: int, observer: str,
+        percentile: float,
+    ) -> None:
+        super().__init__(bits, scheme=scheme, dtype=dtype, channels=channels)
+        self.observer = observer
+        self.percentile = percentile
+        self._source: Tensor | None = None
+
+    def _after_load(self) -> None:
+        self.__dict__["_source"] = None
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        if self.observer == "minmax" or not active:
+            return super().forward(x, active)
+        detached = x.detach()
+        source = self._source
+        if self.training or source is None or source.shape != detached.shape or not (
+            torch.equal(source, detached)
+        ):
+            lo, hi = weight_range(
+                detached, 0 if self.per_channel else None, self.observer, self.percentile,
+                self.qmin, self.qmax, self.symmetric,
+            )
+            scale, zero_point = affine_qparams(
+                lo.float(), hi.float(), self.qmin, self.qmax, self.symmetric
+            )
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+            self.__dict__["_source"] = None if self.training else detached.clone()
+        if self.per_channel:
+            return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, axis=0)
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def calibration(self, role: str) -> dict[str, Any]:
+        return {**super().calibration(role), f"{role}_observer": self.observer}
+
+
+class PtqActivationQuant(TensorQuant):
+    """An input's or output's range from its observer, over every batch it has seen.
+
+    ``minmax``: the smallest and largest value observed. ``percentile``: the (100 - p)-th and
+    p-th percentiles of all observed values. ``mse``: the clipping range with the least expected
+    squared quantization error. Percentile and MSE read a histogram of 2048 bins per channel.
+    Observes during ``Quantizer.calibrate()`` and in training mode (then quantizes with the
+    range so far); eval mode never updates it, and raises :class:`NotCalibratedError` when
+    nothing was observed. Per-channel schemes use dim 1.
+    """
+
+    def __init__(
+        self, bits: int, *, scheme: str, dtype: str, observer: str, percentile: float
+    ) -> None:
+        super().__init__()
+        self._set_scheme(bits, scheme, dtype)
+        self.observer = observer
+        self.percentile = percentile
+        shape: tuple[int, ...] = (0,) if self.per_channel else ()
+        for name in ("data_min", "data_max", "range_min", "range_max"):
+            self.register_buffer(name, torch.zeros(shape))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        if observer != "minmax":
+            rows = 0 if self.per_channel else 1
+            self.register_buffer(
+                "hist", torch.zeros(rows, HISTOGRAM_BINS, dtype=torch.float64)
+            )
+            self.register_buffer("hist_low", torch.zeros(rows, dtype=torch.float64))
+            self.register_buffer("hist_width", torch.zeros(rows, dtype=torch.float64))
+        self._observed = False
+        self._dirty = False
+        self._host: tuple[float, int] | None = None
+
+    # -- statistics -------------------------------------------------------------------
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        rows = channel_rows(x.detach(), 1 if self.per_channel else None)
+        lo, hi = torch.aminmax(rows, dim=1)
+        lo, hi = lo.float(), hi.float()
+        if not self.per_channel:
+            lo, hi = lo.reshape(()), hi.reshape(())
+        if self._observed:
+            lo, hi = torch.minimum(self.data_min, lo), torch.maximum(self.data_max, hi)
+        self.data_min, self.data_max = lo, hi
+        if self.observer != "minmax":
+            if self._observed:
+                counts, low, width = histogram_add(self.hist, self.hist_low, self.hist_width, rows)
+            else:
+                counts, low, width = histogram_start(rows, HISTOGRAM_BINS)
+            self.hist, self.hist_low, self.hist_width = counts, low, width
+        if not self._observed:
+            self._observed = True
+            self.observed.fill_(True)
+        self._dirty = True
+
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """The range the observer chooses from what it has seen."""
+        if self.observer == "minmax":
+            lo, hi = self.data_min.double(), self.data_max.double()
+        elif self.observer == "percentile":
+            lo, hi = percentile_range(
+                self.hist, self.hist_low, self.hist_width, self.percentile,
+                self.data_min, self.data_max,
+            )
+        else:
+            lo, hi = mse_range(
+                self.hist, self.hist_low, self.hist_width, self.data_min, self.data_max,
+                self.qmin, self.qmax, self.symmetric,
+            )
+        self.range_min = lo.float().reshape(self.data_min.shape)
+        self.range_max = hi.float().reshape(self.data_max.shape)
+        self._dirty = False
+        self._mirror()
+
+    def _mirror(self) -> None:
+        # Per-tensor qparams as Python numbers, derived from the float32 buffers only.
+        self._host = (
+            None
+            if self.per_channel or not self._observed
+            else affine_qparams_float(
+                float(self.range_min), float(self.range_max), self.qmin, self.qmax,
+                self.symmetric,
+            )
+        )
+
+    def end_calibration(self) -> None:
+        if self._dirty:
+            self._settle()
+
+    def _after_load(self) -> None:
+        self._observed = bool(self.observed)
+        self._dirty = False
+        self._mirror()
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        if self._dirty:
+            self._settle()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    # -- quantization -----------------------------------------------------------------
+    def _require_observed(self) -> None:
+        if not self._observed:
+            raise NotCalibratedError(
+                f"{self.owner}: the post-training quantizer has observed no data; run batches "
+                "through the model inside `with quantizer.calibrate():` (or train it) first"
+            )
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """Scale (float32) and zero point (int32) from the settled range."""
+        self._require_observed()
+        if self._dirty:
+            self._settle()
+        if self._host is not None:
+            scale, zero_point = self._host
+            return torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32)
+        return affine_qparams(
+            self.range_min, self.range_max, self.qmin, self.qmax, self.symmetric
+        )
+
+    def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        if self.training:
+            self.observe(x)
+            self._settle()
+        if not active:
+            return x
+        self._require_observed()
+        if self._dirty:
+            self._settle()
+        if self._host is not None and x.device.type == "cpu":
+            scale, zero_point = self._host
+            return fake_quantize(x, scale, zero_point, self.qmin, self.qmax)
+        scale, zero_point = self.qparams()
+        axis = 1 if self.per_channel else None
+        return fake_quantize(x, scale, zero_point, self.qmin, self.qmax, axis=axis)
+
+    def param_bytes(self) -> int:
+        return 8 * max(self.range_min.numel(), 1)
+
+    def fixed_params(self) -> dict[str, Any]:
+        """What a deployed model needs to reproduce this quantizer in eval mode."""
+        scale, zero_point = self.qparams()
+        return {
+            "scale": scale.reshape(-1).float(),
+            "zero_point": zero_point.reshape(-1).to(torch.int32),
+            "axis": 1 if self.per_channel else None,
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+        }
+
+    def calibration(self, role: str) -> dict[str, Any]:
+        if self._dirty:
+            self._settle()
+        return {
+            f"{role}_bits": self.bits,
+            f"tracked_min_{role}": self.range_min.tolist(),
+            f"tracked_max_{role}": self.range_max.tolist(),
+            f"{role}_observer": self.observer,
+        }
+
+
+def _one_of(allowed: tuple[str, ...]) -> Any:
+    return lambda v: None if v in allowed else f"expected one of {list(allowed)}"
+
+
+def _observer_value(value: Any) -> str | None:
+    if isinstance(value, str) and value in OBSERVERS:
+        return None
+    if isinstance(value, Mapping) and value and all(
+        isinstance(v, str) and v in OBSERVERS for v in value.values()
+    ):
+        return None
+    return f"expected one of {list(OBSERVERS)}, or a dict of them per quant type"
+
+
+def _percentile_value(value: Any) -> str | None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if number and 50 < value <= 100 else "expected a number in (50, 100]"
+
+
+def _observers_of(entry: Mapping[str, Any]) -> dict[str, str]:
+    observer = entry["observer"]
+    if isinstance(observer, str):
+        return dict.fromkeys(entry["quant_types"], observer)
+    return dict(observer)
+
+
+def _check_entry(
+    given: Mapping[str, Any], entry: Mapping[str, Any]
+) -> tuple[str, str] | None:
+    observer = entry["observer"]
+    if isinstance(observer, Mapping):
+        quant_types = list(entry["quant_types"])
+        for key in observer:
+            if key not in quant_types:
+                return "observer", f"key {key!r} is not in quant_types {quant_types}"
+        missing = [t for t in quant_types if t not in observer]
+        if missing:
+            return "observer", f"no observer given for {missing}"
+    if "percentile" in given and "percentile" not in _observers_of(entry).values():
+        chosen = sorted(set(_observers_of(entry).values()))
+        return "percentile", f"only used with observer 'percentile' (this entry's: {chosen})"
+    return None
+
+
+def _channels(module: nn.Module) -> int:
+    weight = quantizable_weight(module)
+    return int(weight.shape[0]) if weight is not None and weight.dim() else 1
+
+
+@register_quantizer("ptq")
+class PtqQuantizer(Quantizer):
+    """Post-training quantization of weights, inputs and outputs, 2..16 bits.
+
+    Compress, run a few batches through the model inside ``with quantizer.calibrate():``, then
+    evaluate: no training. Options per entry: ``quant_scheme`` (default ``per_tensor_affine``),
+    ``quant_dtype`` (default ``uint``; ``int`` is the restricted symmetric range, as in QAT),
+    ``observer`` (``minmax``, the default; ``percentile``; ``mse``; or a dict per quant type,
+    ``{"weight": "mse", "output": "percentile"}``) and ``percentile`` (default 99.99, in
+    (50, 100]; only with the percentile observer). BatchNorm is folded into the conv before it
+    when a ``dummy_input`` is given, as in QAT. Weights need no data: their ranges come from the
+    weights themselves. Evaluating an activation quantizer that has observed nothing raises
+    :class:`NotCalibratedError`. Training also works (observers keep observing, gradients pass
+    straight through), as a QAT with these observers.
+    """
+
+    rules = AlgorithmRules(
+        name="PtqQuantizer",
+        quant_types=("weight", "input", "output"),
+        min_bits=2,
+        max_bits=16,
+        options={
+            "quant_scheme": ("per_tensor_affine", _one_of(SCHEMES)),
+            "quant_dtype": ("uint", _one_of(_DTYPES)),
+            "observer": ("minmax", _observer_value),
+            "percentile": (99.99, _percentile_value),
+        },
+        entry_check=_check_entry,
+    )
+    folds_batch_norm = True
+    examples = (
+        Example(
+            "w8a8-minmax",
+            [
+                {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+                {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
+            ],
+            {"conv1": {"weight": 8}, "conv2": {"weight": 8}, "fc": {"weight": 8},
+             "relu1": {"output": 8}, "relu2": {"output": 8}},
+        ),
+        Example(
+            "w4a6-per-channel-percentile",
+            [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 4, "input": 6},
+              "op_types": ["Conv2d", "Linear"], "quant_scheme": "per_channel_symmetric",
+              "quant_dtype": "int", "observer": "percentile", "percentile": 99.0}],
+            {name: {"weight": 4} for name in _WEIGHTED},
+        ),
+        Example(
+            "w3a4-mse",
+            [
+                {"quant_types": ["weight"], "quant_bits": 3, "op_types": ["Conv2d", "Linear"],
+                 "observer": "mse", "quant_scheme": "per_tensor_symmetric", "quant_dtype": "int"},
+                {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"],
+                 "observer": "mse"},
+            ],
+            {"conv1": {"weight": 3}, "conv2": {"weight": 3}, "fc": {"weight": 3},
+             "relu1": {"output": 4}, "relu2": {"output": 4}},
+        ),
+        Example(
+            "mixed-observers",
+            [{"quant_types": ["weight", "output"], "quant_bits": {"weight": 5, "output": 7},
+              "op_types": ["Conv2d", "Linear"],
+              "observer": {"weight": "mse", "output": "percentile"}}],
+            {name: {"weight": 5, "output": 7} for name in _WEIGHTED},
+        ),
+    )
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        scheme, dtype = layer.options["quant_scheme"], layer.options["quant_dtype"]
+        percentile = float(layer.options["percentile"])
+        observers = _observers_of({**layer.options, "quant_types": layer.quant_types})
+        quants: dict[str, TensorQuant] = {}
+        for quant_type in layer.quant_types:
+            bits = layer.bits[quant_type]
+            observer = observers[quant_type]
+            if quant_type == "weight":
+                quants["weight"] = PtqWeightQuant(
+                    bits, scheme=scheme, dtype=dtype, channels=_channels(module),
+                    observer=observer, percentile=percentile,
+                )
+            else:
+                quants[quant_type] = PtqActivationQuant(
+                    bits, scheme=scheme, dtype=dtype, observer=observer, percentile=percentile
+                )
+        return quants
