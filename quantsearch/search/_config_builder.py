@@ -26,7 +26,7 @@ __all__ = ["FLOAT", "ModelLayers", "SpacePlan", "config_key"]
 
 FLOAT = "float"
 # Config keys taken from global parameters and written into every config_list entry.
-_ENTRY_KEYS = ("quant_start_step", "quant_scheme", "quant_dtype")
+_ENTRY_KEYS = ("quant_start_step", "quant_scheme", "quant_dtype", "observer", "percentile")
 
 
 @dataclass(frozen=True)

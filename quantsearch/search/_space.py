@@ -46,6 +46,7 @@ QUANT_SCHEMES: tuple[str, ...] = (
     "per_channel_affine",
     "per_channel_symmetric",
 )
+OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
 OBJECTIVES: tuple[str, ...] = ("accuracy", "size_bytes")
 # Names a space may use for a metric besides its own.
 _METRIC_ALIASES = {"size": "size_bytes"}
@@ -358,12 +359,18 @@ _PARAM_RULES: dict[str, _Rule] = {
     "quant_start_step": _Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0, integral=True),
     "quant_scheme": _Rule(f"one of {', '.join(QUANT_SCHEMES)}", lambda v: v in QUANT_SCHEMES),
     "quant_dtype": _Rule("'int' or 'uint'", lambda v: v in ("int", "uint")),
+    "observer": _Rule(f"one of {', '.join(OBSERVERS)}", lambda v: v in OBSERVERS),
+    "percentile": _Rule(
+        "a number in (50, 100]", lambda v: _is_real(v) and 50 < v <= 100
+    ),
     "lr": _Rule("a number > 0", lambda v: _is_real(v) and v > 0),
     "weight_decay": _Rule("a number >= 0", lambda v: _is_real(v) and v >= 0),
     "momentum": _Rule("a number in [0, 1)", lambda v: _is_real(v) and 0 <= v < 1),
     "batch_size": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1, integral=True),
 }
 TRAIN_PARAMS: tuple[str, ...] = ("lr", "weight_decay", "momentum", "batch_size")
+# Parameters only one algorithm takes.
+_ALGORITHM_PARAMS = {"quant_start_step": "qat", "observer": "ptq", "percentile": "ptq"}
 _TRAIN_RULES: dict[str, _Rule] = {
     "epochs": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "steps": _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1),
@@ -646,9 +653,10 @@ class _Parser:
         params = _mapping(value, key="params", allowed=tuple(_PARAM_RULES))
         out: dict[str, Param] = {}
         for name, item in params.items():
-            if name == "quant_start_step" and algorithm != "qat":
+            owner = _ALGORITHM_PARAMS.get(name)
+            if owner is not None and algorithm != owner:
                 raise SpaceError(
-                    f"only the qat algorithm has quant_start_step, not {algorithm}",
+                    f"only the {owner} algorithm has {name}, not {algorithm}",
                     key=f"params.{name}",
                 )
             out[name] = self.param(name, item, key=f"params.{name}")

@@ -379,3 +379,31 @@ def test_three_objectives_are_the_study_values_in_order(space_file: SpaceFile) -
         assert record.float_bitops == context.profile.bitops({})
     float_trial = TrialRecord.of(study.trials[0])
     assert float_trial.bitops == float_trial.float_bitops
+
+
+def test_a_ptq_study_calibrates_every_trial_without_training(space_file: SpaceFile) -> None:
+    path = space_file(
+        n_trials=4,
+        algorithm="ptq",
+        calibration={"batches": 2},
+        baselines={"float": True, "uniform_bits": [8]},
+        params={
+            "output_bits": {"_type": "choice", "_value": [6, 8]},
+            "observer": {"_type": "choice", "_value": ["minmax", "mse"]},
+        },
+    )
+    study = _run(path)
+    records = [TrialRecord.of(t) for t in study.get_trials()]
+    assert _states(study) == ["COMPLETE"] * 4
+    assert [r.mode for r in records] == ["float", "ptq", "ptq", "ptq"]
+    assert all(r.steps == 0 for r in records)
+    assert {e["observer"] for r in records[1:] for e in r.config_list} <= {"minmax", "mse"}
+    # Calibrated 8-bit weights and activations stay close to the float model.
+    assert records[1].baseline == "uniform-8"
+    assert records[1].val_accuracy >= records[0].val_accuracy - 0.05
+
+
+def test_ptq_options_belong_to_the_ptq_algorithm(space_file: SpaceFile) -> None:
+    path = space_file(params={"quant_bits": 8, "observer": "mse"})
+    with pytest.raises(SpaceError, match="params.observer: only the ptq algorithm has observer"):
+        load_space(path)
