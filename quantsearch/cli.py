@@ -273,6 +273,7 @@ def _cmd_trials(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from quantsearch.pipeline import get_metric
     from quantsearch.search import prepare
 
     spec = _load_spec(args)
@@ -284,6 +285,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"  task       {spec.task.name}: {context.task.description or context.task.name}")
     print(f"  layers     {', '.join(context.layers)}")
     print(f"  algorithm  {spec.algorithm}")
+    print(f"  trials     {_start_of(spec)}")
+    print(
+        "  objectives "
+        + ", ".join(f"{name} ({get_metric(name).direction})" for name in spec.objectives)
+    )
     print(f"  sampler    {spec.sampler.name} (seed {spec.seed})")
     for name, param in spec.params.items():
         print(f"  param      {name}: {_describe(param)}")
@@ -294,6 +300,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"  searched   {len(searched)} parameter(s)")
     print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
     return 0
+
+
+def _start_of(spec: Any) -> str:
+    """How the space's trials get their weights, in words."""
+    if spec.from_scratch:
+        return "train a fresh model each (from_scratch)"
+    source = (
+        f"the weights in {spec.task.pretrained}"
+        if spec.task.pretrained
+        else "a float model trained once (float_train)"
+    )
+    ptq = spec.algorithm == "ptq"
+    how = f"calibrate {spec.calibration_batches} batches" if ptq else "fine-tune"
+    return f"start from {source}, then {how}"
 
 
 def _describe(param: Any) -> str:
