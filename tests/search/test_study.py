@@ -405,5 +405,5 @@ def test_a_ptq_study_calibrates_every_trial_without_training(space_file: SpaceFi
 
 def test_ptq_options_belong_to_the_ptq_algorithm(space_file: SpaceFile) -> None:
     path = space_file(params={"quant_bits": 8, "observer": "mse"})
-    with pytest.raises(SpaceError, match="params.observer: only the ptq algorithm has observer"):
+    with pytest.raises(SpaceError, match=r"params\.observer: only the ptq algorithm has observer"):
         load_space(path)
