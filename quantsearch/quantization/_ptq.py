@@ -54,6 +54,9 @@ class PtqWeightQuant(AffineWeightQuant):
     def _after_load(self) -> None:
         self.__dict__["_source"] = None
 
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, observer={self.observer}"
+
     def forward(self, x: Tensor, active: bool = True) -> Tensor:
         if self.observer == "minmax" or not active:
             return super().forward(x, active)
@@ -112,6 +115,9 @@ class PtqActivationQuant(TensorQuant):
         self._observed = False
         self._dirty = False
         self._host: tuple[float, int] | None = None
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, observer={self.observer}"
 
     # -- statistics -------------------------------------------------------------------
     @torch.no_grad()

@@ -116,6 +116,7 @@ class QuantWrapper(nn.Module):
                 ("input", self.input_quant),
                 ("weight", self.weight_quant),
                 ("output", self.output_quant),
+                ("out_proj", self.out_proj_quant),
             )
             if quant is not None
         ]
