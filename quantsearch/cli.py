@@ -297,6 +297,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         for name, param in spec.per_layer.params.items():
             layers = ", ".join(plan.per_layer_names)
             print(f"  per layer  {name}: {_describe(param)} on {layers}")
+    dry = context.dry_run
+    if dry is not None:
+        folded = ", ".join(f"{bn} into {conv}" for conv, bn in dry.folded.items()) or "none"
+        print(f"  folded     {folded}")
+        print(f"  outputs    {', '.join(dry.quantized_outputs) or 'none quantized'}")
+        if dry.difference_at_16_bits is not None:
+            print(
+                f"  checked    forward passes in training and eval mode; at 16 bits the outputs "
+                f"are within {dry.difference_at_16_bits:.1e} of the float model's"
+            )
     print(f"  searched   {len(searched)} parameter(s)")
     print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
     return 0

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from quantsearch._studydata import sqlite_path
 from quantsearch.pipeline import (
+    Compressed,
     FloatModel,
     FloatModelError,
     ModelProfile,
@@ -45,7 +46,7 @@ from quantsearch.search._objective import (
     train_config,
     trial_seed,
 )
-from quantsearch.search._space import SearchSpec, changed_keys
+from quantsearch.search._space import BITS_PARAMS, SearchSpec, changed_keys
 from quantsearch.search._workers import (
     Heartbeat,
     InlinePool,
@@ -119,6 +120,7 @@ class StudyContext:
     plan: SpacePlan
     float_size_bytes: int
     profile: ModelProfile
+    dry_run: DryRun | None = None
 
     @property
     def layers(self) -> list[str]:
@@ -156,17 +158,20 @@ def prepare(spec: SearchSpec) -> StudyContext:
     seed_everything(spec.seed)
     model = task.build_model()
     float_size = model_size_bytes(model)
+    pretrained = None
     if spec.task.pretrained is not None and not spec.from_scratch:
         try:
-            state = load_state(spec.task.pretrained)
-            load_weights(task.build_model(), state, spec.task.pretrained)
+            pretrained = load_state(spec.task.pretrained)
+            load_weights(task.build_model(), pretrained, spec.task.pretrained)
         except FloatModelError as error:
             raise SpaceError(str(error), key="task.pretrained", source=spec.source) from None
     try:
         plan = SpacePlan(spec, ModelLayers.of(model))
     except SpaceError as error:
         raise error.with_source(spec.source) from None
+    base: dict[str, Any] | None = None
     for key, value, values in plan.candidate_points():
+        base = base or values
         config_list = plan.config_list(values)
         if not config_list:
             continue
@@ -191,7 +196,98 @@ def prepare(spec: SearchSpec) -> StudyContext:
         plan=plan,
         float_size_bytes=float_size,
         profile=model_profile(task),
+        dry_run=_dry_run(spec, task, plan, base or {}, pretrained),
     )
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What forward passes of a compressed model showed before the study ran."""
+
+    folded: dict[str, str]
+    """Conv name -> the BatchNorm folded into it."""
+    quantized_outputs: list[str]
+    difference_at_16_bits: float | None
+    """Largest |output - float output| / max |float output| with every searched tensor at 16
+    bits (affine quantizers only), in eval mode."""
+
+
+# Algorithms whose 16-bit quantization is the float model to within rounding.
+_AFFINE = ("qat", "ptq", "naive")
+# Largest relative output difference tolerated at 16 bits.
+_TOLERANCE_16_BITS = 1e-2
+
+
+def _sample_batch(task: Task) -> torch.Tensor:
+    """Two training inputs as one batch (BatchNorm cannot train on one)."""
+    count = min(2, len(task.train_set))  # type: ignore[arg-type]
+    return torch.stack([torch.as_tensor(task.train_set[i][0]) for i in range(count)])
+
+
+def _forward(compressed: Compressed, batch: torch.Tensor, *, train: bool) -> torch.Tensor:
+    model = compressed.model
+    if compressed.quantizer is not None and not train:
+        with compressed.quantizer.calibrate():
+            model(batch)
+    model.train(train)
+    with torch.no_grad():
+        return model(batch)
+
+
+def _dry_run(
+    spec: SearchSpec,
+    task: Task,
+    plan: SpacePlan,
+    values: dict[str, Any],
+    pretrained: dict[str, torch.Tensor] | None,
+) -> DryRun:
+    """One train-mode and one eval-mode forward of a compressed model, and the 16-bit one
+    against the float model (the pretrained weights when given): a quantizer that breaks the
+    model is found here, not in trials."""
+    config_list = plan.config_list(values)
+    if not config_list:
+        return DryRun(folded={}, quantized_outputs=[], difference_at_16_bits=None)
+    batch = _sample_batch(task)
+    seed_everything(spec.seed)
+    state = pretrained if pretrained is not None else task.build_model().state_dict()
+    compressed = build_compressed(task, spec.algorithm, config_list, float_state=state)
+    for train in (True, False):
+        try:
+            _forward(compressed, batch, train=train)
+        except Exception as error:
+            mode = "training" if train else "eval"
+            raise SpaceError(
+                f"the {spec.algorithm}-compressed model fails a forward pass in {mode} mode: "
+                f"{type(error).__name__}: {error}",
+                source=spec.source,
+            ) from None
+    quantizer = compressed.quantizer
+    assert quantizer is not None
+    folded = {
+        name: entry["folded_batch_norm"]
+        for name, entry in quantizer.calibration_config().items()
+        if "folded_batch_norm" in entry
+    }
+    outputs = [name for name, bits in quantizer.layer_bits().items() if "output" in bits]
+    difference = None
+    reference = build_compressed(task, spec.algorithm, [], float_state=state)
+    expected = _forward(reference, batch, train=False)
+    # A float model that is not finite already fails on its own (its trials say so).
+    if spec.algorithm in _AFFINE and bool(torch.isfinite(expected).all()):
+        at_16 = {k: 16 if k.rsplit(".", 1)[-1] in BITS_PARAMS and v != "float" else v
+                 for k, v in values.items()}
+        sixteen = build_compressed(task, spec.algorithm, plan.config_list(at_16), float_state=state)
+        got = _forward(sixteen, batch, train=False)
+        scale = float(expected.abs().max()) or 1.0
+        difference = float((got - expected).abs().max()) / scale
+        if not difference <= _TOLERANCE_16_BITS:
+            raise SpaceError(
+                f"with every searched tensor at 16 bits the {spec.algorithm}-compressed model's "
+                f"outputs differ from the float model's by {difference:.3g} of their range (at "
+                f"most {_TOLERANCE_16_BITS} expected): the quantizer does not fit this model",
+                source=spec.source,
+            )
+    return DryRun(folded=folded, quantized_outputs=outputs, difference_at_16_bits=difference)
 
 
 def _sqlite_connector(path: Path) -> Callable[[], sqlite3.Connection]:

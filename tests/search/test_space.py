@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from quantsearch.quantization import QUANTIZERS
 from quantsearch.search import NniParam, SpaceError, load_space, parse_space
 from quantsearch.search._space import changed_keys
 
@@ -232,4 +233,4 @@ def test_shipped_spaces_parse(name: str) -> None:
 
 def test_every_algorithm_has_a_shipped_space() -> None:
     algorithms = {load_space(p).algorithm for p in (REPO / "search_spaces").glob("*.yaml")}
-    assert algorithms == {"naive", "qat", "dorefa", "bnn", "lsq"}
+    assert algorithms == set(QUANTIZERS)

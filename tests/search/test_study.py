@@ -407,3 +407,79 @@ def test_ptq_options_belong_to_the_ptq_algorithm(space_file: SpaceFile) -> None:
     path = space_file(params={"quant_bits": 8, "observer": "mse"})
     with pytest.raises(SpaceError, match=r"params\.observer: only the ptq algorithm has observer"):
         load_space(path)
+
+
+SHARED_CONV_TASK = """
+from dataclasses import replace
+
+from torch import nn
+
+from quantsearch.tasks import get_task
+
+
+class SharedConvNet(nn.Module):
+    # The conv's output feeds its BatchNorm and, unnormalised, a residual sum.
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.running_mean.fill_(0.5)  # statistics as after training, not the identity
+        self.bn.running_var.fill_(4.0)
+        self.fc = nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc((self.bn(y) + USE * y).flatten(1))
+
+
+def make_task(data_dir=None, options=None, seed=0):
+    return replace(get_task("digits", options={"limit": 100}, seed=seed), build_model=SharedConvNet)
+"""
+
+RAW_WEIGHT_TASK = SHARED_CONV_TASK.replace(
+    "return self.fc((self.bn(y) + USE * y).flatten(1))",
+    "return (self.bn(y).flatten(1) @ self.fc.weight.t())",
+)
+
+
+def _user_space(space_file: SpaceFile, tmp_path: Path, source: str, **changes: object) -> Path:
+    task_file = tmp_path / "user_task.py"
+    task_file.write_text(source)
+    return space_file(
+        task=f"{task_file}:make_task",
+        quantize={"weight": {"op_types": ["Conv2d", "Linear"]}},
+        per_layer=None,
+        params={"quant_bits": {"_type": "choice", "_value": [4, 8]}},
+        **changes,
+    )
+
+
+def test_the_dry_run_lists_folded_batch_norms_and_checks_16_bits(
+    space_file: SpaceFile, tmp_path: Path
+) -> None:
+    path = _user_space(space_file, tmp_path, SHARED_CONV_TASK.replace("USE", "0"))
+    dry = prepare(load_space(path)).dry_run
+    assert dry is not None
+    assert dry.folded == {"conv": "bn"}
+    assert dry.quantized_outputs == []
+    assert dry.difference_at_16_bits < 1e-3
+
+
+def test_a_quantizer_that_changes_the_model_is_refused_before_any_trial(
+    space_file: SpaceFile, tmp_path: Path
+) -> None:
+    # Folding the BatchNorm into the conv also normalises the residual branch's input.
+    path = _user_space(space_file, tmp_path, SHARED_CONV_TASK.replace("USE", "1"))
+    with pytest.raises(SpaceError, match=r"with every searched tensor at 16 bits the "
+                       r"qat-compressed model's outputs differ from the float model's by "):
+        prepare(load_space(path))
+    assert not (tmp_path / "studies").exists()
+
+
+def test_a_model_that_reads_a_quantized_weight_directly_is_refused_up_front(
+    space_file: SpaceFile, tmp_path: Path
+) -> None:
+    path = _user_space(space_file, tmp_path, RAW_WEIGHT_TASK)
+    with pytest.raises(SpaceError, match="the qat-compressed model fails a forward pass in "
+                       "training mode: AttributeError"):
+        prepare(load_space(path))
