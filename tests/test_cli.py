@@ -93,6 +93,9 @@ def test_study_then_trials_then_report(workdir: Path, capsys: pytest.CaptureFixt
     ]
     assert len(rows) == 3
     assert "baseline float" in rows[0]
+    # Ratios read as in the front table; the float baseline's bits parameters show "-".
+    assert "1.00x" in rows[0].split()
+    assert rows[0].split()[-4:] == ["-", "-", "-", "-"]
 
     storage = "sqlite:///studies/small.db"
     code, out, _ = _run(["trials", "--storage", storage, "--study", "small"], capsys)

@@ -16,6 +16,7 @@ from quantsearch._studydata import layer_order
 from quantsearch._units import format_size
 from quantsearch.pipeline import TrialRecord, accuracy_interval
 from quantsearch.quantization import QUANT_TYPES
+from quantsearch.search._space import BITS_PARAMS
 from quantsearch.search._study import TrialReport
 
 __all__ = ["ConsoleProgress", "format_size", "front_table", "trial_line", "trials_table"]
@@ -125,8 +126,16 @@ def _common_row(trial: FrozenTrial) -> dict[str, Any]:
         "val_acc": _interval(record.val_accuracy, record.val_samples),
         "test_acc": _interval(record.test_accuracy, record.test_samples),
         "size": format_size(_number(record.size_bytes)),
-        "ratio": _number(record.compression_ratio),
+        "ratio": _ratio(record.compression_ratio),
     }
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+# Beyond this many layers the front table shows their bits in one column.
+_WIDE_MODEL_LAYERS = 12
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
@@ -148,7 +157,11 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
         if with_bitops:
             row["bitops"] = f"{_number(record.bitops):.3g}"
         row["baseline"] = record.baseline or ""
-        row.update({layer: _bits_cell(record.layer_bits.get(layer)) for layer in layers})
+        cells = {layer: _bits_cell(record.layer_bits.get(layer)) for layer in layers}
+        if len(layers) > _WIDE_MODEL_LAYERS:
+            row["bits (model order)"] = " ".join(cells.values())
+        else:
+            row.update(cells)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -161,8 +174,15 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["state"] = trial.state.name
         row["seconds"] = _number(TrialRecord.of(trial).train_seconds)
         row["note"] = _note(trial)
-        # Parameters as sampled (4, not 4.0000), short for floats.
-        row.update({k: _param_cell(v) for k, v in trial.params.items()})
+        # Parameters as sampled (4, not 4.0000), short for floats; the float baseline's bits
+        # parameters only hold a point of the space: its model is not quantized.
+        unquantized = TrialRecord.of(trial).config_list == []
+        row.update(
+            {
+                k: "-" if unquantized and k.rsplit(".", 1)[-1] in BITS_PARAMS else _param_cell(v)
+                for k, v in trial.params.items()
+            }
+        )
         rows.append(row)
     columns = ["trial", "state", "val_acc", "test_acc", "size", "ratio", "seconds", "note"]
     frame = pd.DataFrame(rows)
