@@ -12,7 +12,13 @@ from quantsearch.search._display import ConsoleProgress, front_table, trials_tab
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
-from quantsearch.search._space import SearchSpec, load_space, parse_space, storage_url
+from quantsearch.search._space import (
+    SearchSpec,
+    check_study_name,
+    load_space,
+    parse_space,
+    storage_url,
+)
 from quantsearch.search._study import (
     DIRECTIONS,
     METRIC_NAMES,
@@ -47,6 +53,7 @@ __all__ = [
     "TrialJob",
     "TrialOutcome",
     "TrialReport",
+    "check_study_name",
     "config_key",
     "counted_trials",
     "front_table",
