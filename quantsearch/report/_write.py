@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import optuna
 
+from quantsearch._paths import replacing
+from quantsearch._studydata import mask_url
 from quantsearch.report._markdown import ReportContext, render_markdown
 from quantsearch.report._plots import (
     bits_heatmap_figure,
@@ -24,8 +27,8 @@ __all__ = ["default_study_args", "write_report"]
 def default_study_args(study: optuna.Study) -> str:
     """Command-line arguments that open ``study`` again: ``--storage URL --study NAME``."""
     url = storage_url(study)
-    storage = f"--storage {url} " if url else ""
-    return f"{storage}--study {study.study_name}"
+    storage = f"--storage {shlex.quote(mask_url(url))} " if url else ""
+    return f"{storage}--study {shlex.quote(study.study_name)}"
 
 
 def write_report(
@@ -61,7 +64,8 @@ def write_report(
     save_figure(figure, out / "pareto.svg")
     save_figure(bits_heatmap_figure(frame, layers=attrs.get("layers")), out / "bits.png")
     save_figure(history_figure(frame, float_size_bytes=float_size), out / "history.png")
-    frame.to_csv(out / "trials.csv", index=False)
+    with replacing(out / "trials.csv") as temporary:
+        frame.to_csv(temporary, index=False)
 
     history = hypervolume_history(frame, float_size_bytes=float_size)
     context = ReportContext(
@@ -80,5 +84,6 @@ def write_report(
         },
     )
     report = out / "report.md"
-    report.write_text(render_markdown(frame, front, context), encoding="utf-8")
+    with replacing(report) as temporary:
+        temporary.write_text(render_markdown(frame, front, context), encoding="utf-8")
     return report
