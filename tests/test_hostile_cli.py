@@ -352,3 +352,36 @@ def test_a_task_that_calls_sys_exit_does_not_end_the_study_silently(
         "quantsearch: error: the task's code called sys.exit(0); the study stopped there "
         "(its unfinished trials were queued again)"
     )
+
+
+# --- Checkpoints ------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Runs code when unpickled: what a tampered checkpoint might hold."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("unpickled",))
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(
+    study_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = Path("studies/small_artifacts/small/trial_1.pt")
+    data = checkpoint.read_bytes()
+    export = ["export", "--space", "space.yaml", "--trial", "1", "--out", "e"]
+    damaged = (
+        f"quantsearch: error: checkpoint of trial 1 at {checkpoint} is damaged or is not a "
+        "checkpoint (truncated or changed since the trial wrote it): run the trial again"
+    )
+    for content in (data[: len(data) // 2], b"", b"not a checkpoint"):
+        checkpoint.write_bytes(content)
+        assert _refused(export, capsys) == damaged
+    torch.save({"weight": _Payload()}, checkpoint)
+    assert _refused(export, capsys) == damaged  # never unpickled
+    torch.save({"fc9.weight": torch.zeros(3)}, checkpoint)
+    assert _refused(export, capsys) == (
+        f"quantsearch: error: checkpoint of trial 1 at {checkpoint} does not fit the trial's "
+        "model (its tensors' names or shapes differ): it was changed or belongs to another study"
+    )
+    assert not Path("e").exists()
