@@ -68,9 +68,6 @@ METRIC_NAMES = ["accuracy", "size_bytes"]
 # long a trial may go without one before another machine fails and re-queues it.
 HEARTBEAT_SECONDS = 20
 GRACE_SECONDS = 90
-_STALE_REASON = (
-    f"interrupted: no heartbeat for {GRACE_SECONDS} s (its machine or process died) mid-trial"
-)
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # How often a process with nothing to train but trials waiting on other machines reads again.
 _ELSEWHERE_POLL_SECONDS = 2.0
@@ -335,7 +332,11 @@ def _fail_stale_trials(study: optuna.Study) -> None:
         return
     for trial_id in storage._get_stale_trial_ids(study._study_id):
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", _STALE_REASON)
+            reason = (
+                f"interrupted: no heartbeat for {GRACE_SECONDS} s (its machine or process "
+                "died) mid-trial"
+            )
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
