@@ -3,14 +3,17 @@ byte of an existing database and no file outside the folders the user gave."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -385,3 +388,126 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(
         "model (its tensors' names or shapes differ): it was changed or belongs to another study"
     )
     assert not Path("e").exists()
+
+
+# --- Real processes ---------------------------------------------------------------------------
+
+
+def _popen(folder: Path, *args: str, **options: object) -> subprocess.Popen[str]:
+    pipes: dict[str, object] = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen(  # type: ignore[call-overload]
+        [sys.executable, "-m", "quantsearch", *args], cwd=folder, env=ENV, text=True,
+        **{**pipes, **options},
+    )
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _running_trials(storage: Path) -> list[int]:
+    if not storage.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{storage}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT number FROM trials WHERE state = 'RUNNING' AND trial_id IN "
+                "(SELECT trial_id FROM trial_params)"
+            ).fetchall()
+    except sqlite3.Error:
+        return []  # the tables are being created
+    return [r[0] for r in rows]
+
+
+def _wait(condition: Callable[[], bool], process: subprocess.Popen[str]) -> None:
+    for _ in range(1200):  # polls, not a measured time: the study only has to get there
+        if condition():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    raise AssertionError("the study never got there")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_die_with_a_killed_study_and_their_checkpoints_are_not_taken(
+    tmp_path: Path,
+) -> None:
+    _space(tmp_path, n_trials=12, train={"epochs": 30, "batch_size": 64, "lr": 0.003})
+    storage = tmp_path / "studies" / "small.db"
+    # No pipes: a worker that outlived the study would hold them open.
+    process = _popen(tmp_path, "study", "--space", "space.yaml", "--jobs", "2", "--quiet",
+                     "--no-report", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait(lambda: len(_running_trials(storage)) == 2, process)
+    children = _children(process.pid)
+    assert len(children) >= 2  # two workers (and the resource tracker)
+    running = _running_trials(storage)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    for _ in range(300):
+        if not any(_alive(pid) for pid in children):
+            break
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)]
+
+    # A worker killed mid-trial may have left a checkpoint: the resumed study deletes it.
+    folder = tmp_path / "studies" / "small_artifacts" / "small"
+    for number in running:
+        (folder / f"trial_{number}.pt").write_bytes(b"left by a dead worker")
+    resumed = subprocess.run(
+        [sys.executable, "-m", "quantsearch", "study", "--space", "space.yaml", "--n-trials",
+         "4", "--quiet", "--no-report"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for number in running:
+        assert not (folder / f"trial_{number}.pt").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_creating_one_new_study_at_once(tmp_path: Path) -> None:
+    _space(tmp_path, n_trials=3)
+    processes = [
+        _popen(tmp_path, "study", "--space", "space.yaml", "--quiet", "--no-report")
+        for _ in range(2)
+    ]
+    results = [(p, *p.communicate(timeout=600)) for p in processes]
+    for process, _, err in results:
+        assert "Traceback" not in err
+        assert process.returncode in (0, 2), err
+        if process.returncode == 2:
+            assert err.startswith("quantsearch: error: the study is already running in process ")
+    assert any(p.returncode == 0 for p, _, _ in results)
+    import optuna
+
+    trials = optuna.load_study(study_name="small", storage="sqlite:///studies/small.db"
+                               .replace("studies", str(tmp_path / "studies"))).get_trials()
+    assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["float", "uniform-8"]
+    assert len(trials) == 3
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_study_started_with_sigint_ignored(tmp_path: Path) -> None:
+    _space(tmp_path, n_trials=6, train={"epochs": 30, "batch_size": 64, "lr": 0.003})
+    storage = tmp_path / "studies" / "small.db"
+    # What a shell does for a background job (`quantsearch study ... &`).
+    process = _popen(tmp_path, "study", "--space", "space.yaml", "--quiet", "--no-report",
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    _wait(lambda: bool(_running_trials(storage)), process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert err.strip().endswith(
+        "quantsearch: interrupted; unfinished trials were queued again: run the same command "
+        "to resume"
+    )

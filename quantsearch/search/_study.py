@@ -691,6 +691,7 @@ class _Loop:
         if "retry_of" in trial.user_attrs:
             return
         self.study.enqueue_trial(trial.params, user_attrs=_retry_attrs(trial))
+        self._read_trials()  # the failure no longer counts; its retry does, once asked
 
     def _running_elsewhere(self, ticket: _Ticket) -> int | None:
         """The number of a RUNNING trial of another process with this ticket's parameters."""
