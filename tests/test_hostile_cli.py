@@ -511,3 +511,26 @@ def test_sigint_stops_a_study_started_with_sigint_ignored(tmp_path: Path) -> Non
         "quantsearch: interrupted; unfinished trials were queued again: run the same command "
         "to resume"
     )
+
+
+def test_report_files_are_replaced_whole_and_the_export_line_is_quoted(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quantsearch._paths import replacing
+
+    folder = workdir / "my spaces"
+    folder.mkdir()
+    space = _space(folder, n_trials=2, baselines={"float": True, "uniform_bits": []})
+    code, _, err = _run(["study", "--space", str(space.relative_to(workdir)), "--quiet",
+                         "--report-dir", "my report"], capsys)
+    assert code == 0, err
+    report = (workdir / "my report" / "report.md").read_text()
+    assert "quantsearch export --space 'my spaces/space.yaml' --trial " in report
+    # A write that dies half-way leaves the previous file whole, and no temporary file.
+    target = workdir / "my report" / "pareto.png"
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError), replacing(target) as temporary:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in target.parent.iterdir() if p.name.startswith(".")) == []
