@@ -27,7 +27,16 @@ class _UserError(Exception):
     """A message for the user, without traceback."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported like every other user error: one line."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from quantsearch._paths import FolderError
     from quantsearch.pipeline import FloatModelError
     from quantsearch.quantization import ConfigError
     from quantsearch.search import SpaceError, StorageError, StudyBusyError, StudyNotFoundError
@@ -42,6 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StudyBusyError,
         StudyNotFoundError,
         FloatModelError,
+        FolderError,
     ]
     try:
         from quantsearch.report import ExportError, ReportError
@@ -75,7 +85,7 @@ def _add_study_source(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="quantsearch",
         description="Quantize PyTorch models with NNI-style quantizers and search their "
         "settings for the best accuracy/size trade-off.",
@@ -147,6 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
+    except SystemExit as stop:
+        # A task (user code) that calls sys.exit must not end the study as if it had finished.
+        print(
+            f"quantsearch: error: the task's code called sys.exit({stop.code!r}); the study "
+            "stopped there (its unfinished trials were queued again)",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(
             "quantsearch: interrupted; unfinished trials were queued again: run the same "
@@ -155,8 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_INTERRUPTED
     except _user_errors() as error:
-        print(f"quantsearch: error: {error}", file=sys.stderr)
+        print(f"quantsearch: error: {_mask(str(error))}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _mask(text: str) -> str:
+    from quantsearch._studydata import mask_text
+
+    return mask_text(text)
+
+
+def _command_line() -> str:
+    """This command as typed (shell-quoted), any password in it masked."""
+    return _mask("quantsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
 def _load_spec(args: argparse.Namespace) -> Any:
@@ -171,10 +200,22 @@ def _load_spec(args: argparse.Namespace) -> Any:
 
 
 def _output_folder(path: Path, option: str) -> Path:
-    """A folder to write into: refused up front when a file stands in its place."""
-    if path.exists() and not path.is_dir():
-        raise _UserError(f"{option} {path}: is a file, not a folder")
+    """A folder to write into: refused up front when it cannot be created or written."""
+    from quantsearch._paths import check_writable_folder
+
+    check_writable_folder(path, option)
     return path
+
+
+def _default_folder(study_name: str, option: str) -> Path:
+    """``reports/<study name>``, for a name that can be a folder's (else: give ``option``)."""
+    from quantsearch.search import SpaceError, check_study_name
+
+    try:
+        check_study_name(study_name, key="--study")
+    except SpaceError as error:
+        raise _UserError(f"{error}; give the folder with {option}") from None
+    return Path("reports") / study_name
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> NoReturn:
@@ -195,21 +236,24 @@ def _cmd_study(args: argparse.Namespace) -> int:
     )
 
     spec = _load_spec(args)
-    default_dir = Path("reports") / spec.study_name
-    report_dir = _output_folder(args.report_dir or default_dir, "--report-dir")
+    report_dir = args.report_dir or Path("reports") / spec.study_name
+    if not args.no_report:
+        _output_folder(report_dir, "--report-dir")  # known now, not after the whole study
     if args.jobs > 1:
         # The study's own process only samples and records: the workers get the cores.
         torch.set_num_threads(1)
     context = prepare(spec)
     keep_freed_memory()  # trials train in this process (or its workers, which do the same)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # A shell starts background jobs with SIGINT ignored: `kill -INT` must still stop the study.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     progress = ConsoleProgress(quiet=args.quiet)
     start = "trained from scratch" if spec.from_scratch else "from the float model"
     threads = study_threads(spec, args.jobs, args.threads)
     print(
         f"study {spec.study_name!r}: {spec.algorithm} on {spec.task.name} ({start}), "
         f"objectives {', '.join(spec.objectives)}, {spec.n_trials} trials, {args.jobs} job(s) "
-        f"x {threads} thread(s) on {available_cores()} cores, storage {spec.storage}",
+        f"x {threads} thread(s) on {available_cores()} cores, storage {_mask(spec.storage)}",
         flush=True,
     )
     study = run_study(context, jobs=args.jobs, threads=args.threads, progress=progress)
@@ -230,9 +274,10 @@ def _write_report(study: optuna.Study, out_dir: Path, args: argparse.Namespace) 
     except ImportError:
         print("(no report: the quantsearch.report package is not available)", file=sys.stderr)
         return
-    command = "quantsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        path = write_report(study, out_dir, command=command, study_args=_study_args(args))
+        path = write_report(
+            study, out_dir, command=_command_line(), study_args=_study_args(args)
+        )
     except ReportError as error:
         print(f"quantsearch: no report: {error}", file=sys.stderr)
         return
@@ -240,10 +285,13 @@ def _write_report(study: optuna.Study, out_dir: Path, args: argparse.Namespace) 
 
 
 def _study_args(args: argparse.Namespace) -> str:
+    """The arguments naming this study, shell-quoted, any password masked."""
     if args.space is None:
-        return f"--storage {args.storage} --study {args.study_name}"
-    extra = f" --storage {args.storage}" if getattr(args, "storage", None) else ""
-    return f"--space {args.space}{extra}"
+        words = ["--storage", args.storage, "--study", args.study_name]
+    else:
+        storage = getattr(args, "storage", None)
+        words = ["--space", str(args.space), *(["--storage", storage] if storage else [])]
+    return _mask(" ".join(shlex.quote(w) for w in words))
 
 
 def _open_study(args: argparse.Namespace) -> tuple[optuna.Study, str]:
@@ -281,7 +329,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     plan = context.plan
     searched = plan.distributions
     print(f"{args.space}: valid")
-    print(f"  study      {spec.study_name} ({spec.n_trials} trials, storage {spec.storage})")
+    storage = _mask(spec.storage)
+    print(f"  study      {spec.study_name} ({spec.n_trials} trials, storage {storage})")
     print(f"  task       {spec.task.name}: {context.task.description or context.task.name}")
     print(f"  layers     {', '.join(context.layers)}")
     print(f"  algorithm  {spec.algorithm}")
@@ -338,9 +387,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except ImportError:
         raise _UserError("the quantsearch.report package is not available") from None
     study, name = _open_study(args)
-    out = _output_folder(args.out or Path("reports") / name, "--out")
-    command = "quantsearch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = write_report(study, out, command=command, study_args=_study_args(args))
+    out = _output_folder(args.out or _default_folder(name, "--out"), "--out")
+    path = write_report(study, out, command=_command_line(), study_args=_study_args(args))
     print(f"report: {path}")
     return 0
 

@@ -9,6 +9,7 @@ followed by its float32 scales and int32 zero points. The payload's size is exac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
@@ -23,7 +24,14 @@ from ._base import unwrapped_float_state, wrappers_of
 from ._tensor_quant import TensorQuant, decode
 from ._wrapper import keep_transformers_on_slow_path
 
-__all__ = ["load_packed", "model_size_bytes", "pack_codes", "save_packed", "unpack_codes"]
+__all__ = [
+    "PackedFileError",
+    "load_packed",
+    "model_size_bytes",
+    "pack_codes",
+    "save_packed",
+    "unpack_codes",
+]
 
 _MAGIC = b"QSPACK1\n"
 
@@ -211,6 +219,93 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
+class PackedFileError(ValueError):
+    """A packed file that is damaged, or is not one of this model (the message names it)."""
+
+
+def _fail(path: str | Path, detail: str) -> PackedFileError:
+    return PackedFileError(f"{path}: not a packed model of the given architecture: {detail}")
+
+
+def _read_header(path: str | Path, data: bytes) -> tuple[dict[str, Any], bytes]:
+    if not data.startswith(_MAGIC):
+        raise PackedFileError(f"{path}: not a quantsearch packed model (bad magic bytes)")
+    start = len(_MAGIC) + 4
+    if len(data) < start:
+        raise _fail(path, "the file ends inside its header")
+    (length,) = struct.unpack("<I", data[len(_MAGIC) : start])
+    if start + length > len(data):
+        raise _fail(path, f"its header of {length} bytes runs past the end of the file")
+    try:
+        header = json.loads(data[start : start + length])
+    except (ValueError, UnicodeDecodeError):
+        raise _fail(path, "its header is not JSON") from None
+    if not (
+        isinstance(header, dict)
+        and isinstance(header.get("tensors"), list)
+        and isinstance(header.get("activations"), list)
+        and isinstance(header.get("folded"), dict)
+    ):
+        raise _fail(path, "its header lacks the tensors, activations or folded entries")
+    return header, data[start + length :]
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_span(path: str | Path, where: Any, size: int, what: str, expected: int | None) -> None:
+    """``where`` (offset, nbytes) lies inside the payload and holds ``expected`` bytes."""
+    if not (isinstance(where, dict) and _is_count(where.get("offset"))
+            and _is_count(where.get("nbytes"))):
+        raise _fail(path, f"{what} has no valid offset and nbytes")
+    if where["offset"] + where["nbytes"] > size:
+        raise _fail(path, f"{what} runs past the end of the payload ({size} bytes)")
+    if expected is not None and where["nbytes"] != expected:
+        raise _fail(path, f"{what} holds {where['nbytes']} bytes, its shape needs {expected}")
+
+
+def _check_meta(path: str | Path, meta: Any, size: int, what: str) -> None:
+    if not isinstance(meta, dict):
+        raise _fail(path, f"{what} has no quantization parameters")
+    for key in ("scale", "zero_point"):
+        if key in meta:
+            _check_span(path, meta[key], size, f"{what}'s {key}", None)
+            if meta[key]["nbytes"] % 4:
+                raise _fail(path, f"{what}'s {key} is not a whole number of 4-byte values")
+
+
+def _check_tensor(
+    path: str | Path, record: Any, targets: dict[str, Tensor], size: int
+) -> None:
+    """Every number of a tensor record against the model and the payload, before allocating."""
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise _fail(path, "a tensor record has no name")
+    name = record["name"]
+    if name not in targets:
+        raise _fail(path, f"tensor {name!r} has no place in the given model")
+    expected = list(targets[name].shape)
+    if record.get("shape") != expected:
+        raise _fail(path, f"tensor {name!r} has shape {record.get('shape')!r}, the model's is "
+                          f"{expected}")
+    count = math.prod(expected)
+    if record.get("encoding") == "float32":
+        _check_span(path, record, size, f"tensor {name!r}", 4 * count)
+        return
+    bits = record.get("bits")
+    if not (_is_count(bits) and 1 <= bits <= 32):
+        raise _fail(path, f"tensor {name!r} has no bit width in 1..32")
+    _check_span(path, record, size, f"tensor {name!r}", math.ceil(count * bits / 8))
+    _check_meta(path, record.get("meta"), size, f"tensor {name!r}")
+
+
+def _module(path: str | Path, model: nn.Module, name: Any) -> nn.Module:
+    if isinstance(name, str):
+        with contextlib.suppress(AttributeError):
+            return model.get_submodule(name)
+    raise _fail(path, f"the model has no layer {name!r}")
+
+
 @torch.no_grad()
 def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     """Load a packed file into ``model``, a fresh float instance of the original architecture.
@@ -218,38 +313,52 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     Weights are decoded bit-exactly; folded BatchNorms become ``nn.Identity`` (their effect is in
     the conv's weight and bias); quantized inputs and outputs get fixed quantization hooks.
     Returns the model in eval mode; its outputs equal the compressed model's in eval mode.
+
+    The header is checked against the model (every tensor's name and shape) and the payload
+    (every offset and size) before anything is decoded: a damaged or foreign file raises
+    :class:`PackedFileError` naming it, and never makes this allocate more than the model holds.
     """
     data = Path(path).read_bytes()
-    if not data.startswith(_MAGIC):
-        raise ValueError(f"{path}: not a quantsearch packed model (bad magic bytes)")
-    (length,) = struct.unpack("<I", data[len(_MAGIC) : len(_MAGIC) + 4])
-    start = len(_MAGIC) + 4
-    header = json.loads(data[start : start + length])
-    blob = data[start + length :]
+    header, blob = _read_header(path, data)
     for conv_name, bn_name in header["folded"].items():
+        conv = _module(path, model, conv_name)
+        _module(path, model, bn_name)
+        if not isinstance(getattr(conv, "out_channels", None), int):
+            raise _fail(path, f"folded layer {conv_name!r} is not a convolution")
         _set_module(model, bn_name, nn.Identity())
-        conv = model.get_submodule(conv_name)
         if getattr(conv, "bias", None) is None:
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels))
     targets = model.state_dict(keep_vars=True)
     for record in header["tensors"]:
+        _check_tensor(path, record, targets, len(blob))
+    for record in header["activations"]:
+        if not isinstance(record, dict) or record.get("role") not in ("input", "output"):
+            raise _fail(path, "an activation record has no role input or output")
+        _module(path, model, record.get("layer"))
+        if "meta" in record:
+            _check_meta(path, record["meta"], len(blob), f"activation {record['layer']!r}")
+    for record in header["tensors"]:
         name = record["name"]
-        if name not in targets:
-            raise ValueError(f"{path}: tensor {name!r} has no place in the given model")
         shape = record["shape"]
         chunk = blob[record["offset"] : record["offset"] + record["nbytes"]]
-        if record["encoding"] == "float32":
-            value = torch.from_numpy(np.frombuffer(chunk, dtype=np.float32).copy())
-        else:
-            count = math.prod(shape)
-            codes = unpack_codes(chunk, record["bits"], count).reshape(shape)
-            value = decode(codes, record["encoding"], record["bits"],
-                           _decode_meta(blob, record["meta"]))
-        target = targets[name]
-        target.copy_(value.reshape(shape).to(target.dtype))
+        try:
+            if record["encoding"] == "float32":
+                value = torch.from_numpy(np.frombuffer(chunk, dtype=np.float32).copy())
+            else:
+                count = math.prod(shape)
+                codes = unpack_codes(chunk, record["bits"], count).reshape(shape)
+                value = decode(codes, record["encoding"], record["bits"],
+                               _decode_meta(blob, record["meta"]))
+            target = targets[name]
+            target.copy_(value.reshape(shape).to(target.dtype))
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise _fail(path, f"tensor {name!r} cannot be decoded ({error})") from None
     for record in header["activations"]:
         module = model.get_submodule(record["layer"])
-        fixed = _FixedActivation(record, blob)
+        try:
+            fixed = _FixedActivation(record, blob)
+        except (KeyError, TypeError, ValueError) as error:
+            raise _fail(path, f"activation {record['layer']!r} cannot be read ({error})") from None
         # An attention's input is its query, key and value; its output the first of two.
         count = 3 if isinstance(module, nn.MultiheadAttention) else 1
         if record["role"] == "input":

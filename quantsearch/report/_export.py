@@ -203,7 +203,13 @@ def export_trial(
     # A float trial (empty config_list) holds the bare model: no quantizer to rebuild.
     compressed = build_compressed(task, algorithm, config_list)
     model, quantizer = compressed.model, compressed.quantizer
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    try:
+        model.load_state_dict(_load_checkpoint(checkpoint, trial_number))
+    except RuntimeError:  # names or shapes that are not this model's
+        raise ExportError(
+            f"checkpoint of trial {trial_number} at {checkpoint} does not fit the trial's model "
+            "(its tensors' names or shapes differ): it was changed or belongs to another study"
+        ) from None
     checkpoint_accuracy = evaluate(model, task.test_set)
 
     out = Path(out_dir)
@@ -253,6 +259,30 @@ def export_trial(
             f"{result.stored_test_accuracy:.4%}"
         )
     return result
+
+
+def _load_checkpoint(path: Path, trial_number: int) -> dict[str, Any]:
+    """The state dict stored at ``path``; ExportError (one line naming it) if unreadable.
+
+    torch's own message for a damaged file spans lines and suggests ``weights_only=False``,
+    which would run whatever the file holds: never that.
+    """
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile,
+            ValueError, KeyError, AttributeError, TypeError):
+        state = None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ExportError(
+            f"checkpoint of trial {trial_number} at {path} is damaged or is not a checkpoint "
+            "(truncated or changed since the trial wrote it): run the trial again"
+        )
+    return state
 
 
 def _summary(result: ExportResult) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from matplotlib.ticker import (
     PercentFormatter,
 )
 
+from quantsearch._paths import replacing
 from quantsearch._units import format_size
 from quantsearch.report._objectives import Axis, front_mask, hypervolume, objective_axes
 from quantsearch.report._table import BITS_PREFIX, bits_columns, pareto_frame
@@ -58,11 +59,12 @@ def _new_figure(width: float, height: float) -> Figure:
 def save_figure(fig: Figure, path: Path) -> Path:
     """Write ``fig`` as PNG or SVG (by suffix) without timestamps, so reruns give the same file."""
     path = Path(path)
-    if path.suffix == ".svg":
-        with matplotlib.rc_context({"svg.hashsalt": "quantsearch", "svg.fonttype": "none"}):
-            fig.savefig(path, format="svg", metadata={"Date": None})
-    else:
-        fig.savefig(path, format="png", dpi=150, metadata={"Software": None})
+    with replacing(path) as temporary:
+        if path.suffix == ".svg":
+            with matplotlib.rc_context({"svg.hashsalt": "quantsearch", "svg.fonttype": "none"}):
+                fig.savefig(temporary, format="svg", metadata={"Date": None})
+        else:
+            fig.savefig(temporary, format="png", dpi=150, metadata={"Software": None})
     return path
 
 

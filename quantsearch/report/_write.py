@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
 from itertools import combinations
 from pathlib import Path
 
 import optuna
 import pandas as pd
 
+from quantsearch._paths import replacing
+from quantsearch._studydata import mask_url
 from quantsearch.report._markdown import ReportContext, render_markdown
 from quantsearch.report._objectives import Axis, objective_axes, study_axes
 from quantsearch.report._plots import (
@@ -27,8 +30,8 @@ __all__ = ["default_study_args", "write_report"]
 def default_study_args(study: optuna.Study) -> str:
     """Command-line arguments that open ``study`` again: ``--storage URL --study NAME``."""
     url = storage_url(study)
-    storage = f"--storage {url} " if url else ""
-    return f"{storage}--study {study.study_name}"
+    storage = f"--storage {shlex.quote(mask_url(url))} " if url else ""
+    return f"{storage}--study {shlex.quote(study.study_name)}"
 
 
 def _plot_pairs(axes: list[Axis]) -> list[tuple[Axis, Axis]]:
@@ -88,7 +91,8 @@ def write_report(
     save_figure(bits_heatmap_figure(frame, layers=attrs.get("layers")), out / "bits.png")
     save_figure(history_figure(frame, axes=axes), out / "history.png")
     images.update(bits="bits.png", history="history.png")
-    frame.to_csv(out / "trials.csv", index=False)
+    with replacing(out / "trials.csv") as temporary:
+        frame.to_csv(temporary, index=False)
 
     history = hypervolume_history(frame, axes=axes)
     context = ReportContext(
@@ -104,5 +108,6 @@ def write_report(
         pareto_plots=tuple(plots),
     )
     report = out / "report.md"
-    report.write_text(render_markdown(frame, front, context), encoding="utf-8")
+    with replacing(report) as temporary:
+        temporary.write_text(render_markdown(frame, front, context), encoding="utf-8")
     return report

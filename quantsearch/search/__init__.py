@@ -12,7 +12,13 @@ from quantsearch.search._display import ConsoleProgress, front_table, trials_tab
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
-from quantsearch.search._space import SearchSpec, load_space, parse_space, storage_url
+from quantsearch.search._space import (
+    SearchSpec,
+    check_study_name,
+    load_space,
+    parse_space,
+    storage_url,
+)
 from quantsearch.search._study import (
     FLOAT_MODEL_FILE,
     StorageError,
@@ -49,6 +55,7 @@ __all__ = [
     "TrialOutcome",
     "TrialReport",
     "available_cores",
+    "check_study_name",
     "config_key",
     "counted_trials",
     "ensure_float_model",

@@ -40,7 +40,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from quantsearch.search._errors import SpaceError
+from quantsearch.search._errors import SpaceError, shown
 
 __all__ = ["NNI_TYPES", "NniParam", "is_nni_param", "parse_nni_param"]
 
@@ -181,6 +181,8 @@ def _check_choices(values: list[Any], *, key: str) -> tuple[Any, ...]:
     if not values:
         raise SpaceError("a choice needs at least one value", key=key)
     for index, choice in enumerate(values):
+        if isinstance(choice, float) and not math.isfinite(choice):
+            raise SpaceError(f"{choice!r} is not a finite number", key=f"{key}[{index}]")
         if choice is not None and not isinstance(choice, (bool, int, float, str)):
             raise SpaceError(
                 f"{choice!r} is not allowed; choices are numbers, strings, booleans or null"
@@ -195,7 +197,10 @@ def _check_choices(values: list[Any], *, key: str) -> tuple[Any, ...]:
 def _check_range(kind: str, values: list[Any], *, key: str) -> tuple[Any, ...]:
     shape = _VALUE_SHAPES[kind]
     if len(values) != _VALUE_LENGTHS[kind] or not all(_is_number(v) for v in values):
-        raise SpaceError(f"{values!r} is not {shape}", key=key)
+        raise SpaceError(f"{shown(values)} is not {shape}", key=key)
+    if not all(math.isfinite(v) for v in values):
+        # The sampler refuses an infinite range only when the first trial asks for it.
+        raise SpaceError(f"{shown(values)}: every bound must be a finite number", key=key)
     low, high = values[0], values[1]
     if kind == "randint" and not all(isinstance(v, int) for v in values):
         raise SpaceError(f"{values!r} is not {shape}", key=key)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -14,9 +15,10 @@ import yaml
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from quantsearch._studydata import mask_url
 from quantsearch.pipeline import METRICS
 from quantsearch.quantization import QUANT_TYPES, QUANTIZERS
-from quantsearch.search._errors import SpaceError
+from quantsearch.search._errors import SpaceError, shown
 from quantsearch.search._nni_syntax import NniParam, is_nni_param, parse_nni_param
 from quantsearch.tasks import LR_SCHEDULES, OPTIMIZERS
 
@@ -32,8 +34,10 @@ __all__ = [
     "SearchSpec",
     "TaskSpec",
     "changed_keys",
+    "check_study_name",
     "load_space",
     "parse_space",
+    "storage_url",
 ]
 
 BITS_PARAMS: tuple[str, ...] = ("quant_bits", "weight_bits", "input_bits", "output_bits")
@@ -52,6 +56,20 @@ OBJECTIVES: tuple[str, ...] = ("accuracy", "size_bytes")
 _METRIC_ALIASES = {"size": "size_bytes"}
 # Keys whose change does not change what a trial means: a study may grow or move.
 _UNHASHED_KEYS = ("study_name", "n_trials", "storage")
+# A study name names files and folders (studies/<name>.db, <name>_artifacts/, reports/<name>/):
+# no separator, no leading dot (so no "." or ".."), short enough for any file system.
+STUDY_NAME_RULE = (
+    "1 to 100 ASCII letters, digits, '.', '_' or '-', starting with a letter or a digit "
+    "(it names the study's files and folders)"
+)
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Seeds reach numpy and scikit-learn, which take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+# What a space file may hold: a space is a few kilobytes; these stop a file that would take
+# unbounded time or memory (a device, an alias bomb, thousands of nested brackets).
+MAX_SPACE_BYTES = 1 << 20
+MAX_DEPTH = 64
+MAX_NODES = 100_000
 
 # A parameter is either a fixed value or a distribution in NNI's syntax.
 Param = NniParam | int | float | str
@@ -185,7 +203,7 @@ class SearchSpec:
             "objectives": list(self.objectives),
             "sampler": self.sampler.to_dict(),
             "n_trials": self.n_trials,
-            "storage": self.storage,
+            "storage": mask_url(self.storage),  # stored with the study: never its password
             "baselines": self.baselines.to_dict(),
             "constraints": self.constraints.to_dict(),
             "hopeless": None if self.hopeless is None else self.hopeless.to_dict(),
@@ -262,15 +280,28 @@ def load_space(path: str | Path) -> SearchSpec:
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # Read one byte past the limit, never more: the path may be /dev/zero or a pipe.
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPACE_BYTES + 1)
     except FileNotFoundError:
         raise SpaceError("no such file", source=source) from None
     except IsADirectoryError:
         raise SpaceError("is a folder, expected a YAML file", source=source) from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
+        raise SpaceError(f"cannot be read ({error})", source=source) from None
+    if len(raw) > MAX_SPACE_BYTES:
+        raise SpaceError(
+            f"is larger than {MAX_SPACE_BYTES} bytes; a search space is a small YAML file",
+            source=source,
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
         raise SpaceError(f"cannot be read ({error})", source=source) from None
     try:
-        data = yaml.load(text, Loader=_YamlLoader)
+        data = _load_yaml(text)
+    except _TooLarge as error:
+        raise SpaceError(f"too large: {error}", source=source) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -279,8 +310,86 @@ def load_space(path: str | Path) -> SearchSpec:
     return parse_space(data, source=source, default_name=path.stem)
 
 
+class _TooLarge(Exception):
+    """A YAML document past MAX_DEPTH levels or MAX_NODES nodes (aliases expanded)."""
+
+
+def _load_yaml(text: str) -> Any:
+    """The YAML data of ``text``, refused (_TooLarge) past the depth and node limits."""
+    loader = _YamlLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_expanded(root: yaml.Node) -> None:
+    """Refuse a node graph whose aliases expand past MAX_NODES nodes or MAX_DEPTH levels.
+
+    Aliases share nodes, so the graph is small while its expansion (what every later walk of
+    the data visits) may be exponential: sizes and depths are summed per distinct node.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, depth) once expanded
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if expanded:
+            on_path.discard(key)
+            done = [sizes[id(child)] for child in children]
+            count = 1 + sum(c for c, _ in done)
+            depth = 1 + max((d for _, d in done), default=0)
+            if count > MAX_NODES:
+                raise _TooLarge(f"more than {MAX_NODES} values once its aliases are expanded")
+            if depth > MAX_DEPTH:
+                raise _TooLarge(f"nested deeper than {MAX_DEPTH} levels")
+            sizes[key] = (count, depth)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise _TooLarge("an alias refers to a value that contains it (endless nesting)")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.2) instead of a string."""
+    """PyYAML's safe loader, reading ``1e-3`` as a number (YAML 1.2) instead of a string.
+
+    Composing is recursive: nesting past MAX_DEPTH is refused before Python's stack runs out.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise _TooLarge(
+                    f"nested deeper than {MAX_DEPTH} levels "
+                    f"(line {mark.line + 1}, column {mark.column + 1})"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _YamlLoader.add_implicit_resolver(
@@ -346,7 +455,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Finite only: .inf and .nan pass no range check a trial could use.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _BITS_RULE = _Rule(
@@ -408,12 +518,15 @@ class _Parser:
                 f"({', '.join(baselines.labels)})",
                 key="n_trials",
             )
-        study_name = top.get("study_name", default_name)
-        if not isinstance(study_name, str) or not study_name.strip():
-            raise SpaceError(f"{study_name!r} is not a non-empty string", key="study_name")
+        if "study_name" in top:
+            study_name = check_study_name(top["study_name"], key="study_name")
+        else:
+            study_name = check_study_name(
+                default_name, key="study_name", hint=" (by default the space file's name)"
+            )
         seed = top.get("seed", 0)
-        if not _is_int(seed) or seed < 0:
-            raise SpaceError(f"{seed!r} is not an integer >= 0", key="seed")
+        if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+            raise SpaceError(f"{shown(seed)} is not an integer in 0..{MAX_SEED}", key="seed")
         storage = storage_url(top.get("storage", f"studies/{study_name}.db"), key="storage")
         return SearchSpec(
             source=self.source,
@@ -749,11 +862,19 @@ def _mapping(value: Any, *, key: str, allowed: tuple[str, ...]) -> dict[str, Any
     return dict(value)
 
 
+def check_study_name(name: Any, *, key: str = "study_name", hint: str = "") -> str:
+    """``name`` if it can name the study's files and folders, else SpaceError with the rule."""
+    if not isinstance(name, str) or not _STUDY_NAME.fullmatch(name):
+        raise SpaceError(f"{shown(name)}{hint} is not a study name: use {STUDY_NAME_RULE}", key=key)
+    return name
+
+
 def storage_url(value: Any, *, key: str = "--storage") -> str:
     """A storage URL from a SQLite file path or a database URL (SpaceError naming ``key``)."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        shown_value = shown(mask_url(value)) if isinstance(value, str) else shown(value)
         raise SpaceError(
-            f"{value!r} is not a storage: give a SQLite file path or a database URL "
+            f"{shown_value} is not a storage: give a SQLite file path or a database URL "
             "(sqlite:///path.db, postgresql://...)",
             key=key,
         )
@@ -762,7 +883,8 @@ def storage_url(value: Any, *, key: str = "--storage") -> str:
         make_url(url)
     except ArgumentError:
         raise SpaceError(
-            f"{value!r} is not a database URL (sqlite:///path.db, postgresql://user@host/db)",
+            f"{shown(mask_url(value))} is not a database URL (sqlite:///path.db, "
+            "postgresql://user@host/db)",
             key=key,
         ) from None
     return url

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import time
@@ -18,9 +19,11 @@ import optuna
 import sqlalchemy
 import torch
 from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from quantsearch._studydata import sqlite_path
+from quantsearch._paths import check_writable_folder
+from quantsearch._studydata import mask_url, sqlite_path
 from quantsearch.pipeline import (
     Compressed,
     FloatModel,
@@ -46,8 +49,9 @@ from quantsearch.search._objective import (
     train_config,
     trial_seed,
 )
-from quantsearch.search._space import BITS_PARAMS, SearchSpec, changed_keys
+from quantsearch.search._space import BITS_PARAMS, SearchSpec, changed_keys, check_study_name
 from quantsearch.search._workers import (
+    WORKER_DIED,
     Heartbeat,
     InlinePool,
     ProcessPool,
@@ -82,6 +86,8 @@ FLOAT_MODEL_FILE = "float_model.pt"
 HEARTBEAT_SECONDS = 20
 GRACE_SECONDS = 90
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# How often a process with nothing to train but trials waiting on other machines reads again.
+_ELSEWHERE_POLL_SECONDS = 2.0
 
 
 class StudyNotFoundError(ValueError):
@@ -103,11 +109,13 @@ def artifacts_dir(spec: SearchSpec) -> tuple[Path, Path]:
     With a shared database: ``./studies/<study name>_artifacts/`` on each machine, stored as
     absolute paths.
     """
+    # The name becomes a path component: never one that leaves the folder (``..``, ``/``).
+    name = check_study_name(spec.study_name)
     path = sqlite_path(spec.storage)
     if path is not None:
         root = path.parent
-        return root, root / f"{path.stem}_artifacts" / spec.study_name
-    folder = (Path("studies") / f"{spec.study_name}_artifacts").resolve()
+        return root, root / f"{path.stem}_artifacts" / name
+    folder = (Path("studies") / f"{name}_artifacts").resolve()
     return folder, folder
 
 
@@ -303,10 +311,95 @@ def _sqlite_connector(path: Path) -> Callable[[], sqlite3.Connection]:
     return connect
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+# Tables a quantsearch (optuna) database holds; a SQLite file with tables but not these is
+# someone else's, and is refused before anything (tables, WAL mode) is written to it.
+_OPTUNA_TABLES = {"studies", "trials", "alembic_version"}
+
+
+@functools.cache
+def _optuna_schema_head() -> str:
+    """The alembic revision of the tables this optuna creates."""
+    from alembic.script import ScriptDirectory
+
+    folder = Path(optuna.storages._rdb.__file__).parent / "alembic"
+    head = ScriptDirectory(str(folder)).get_current_head()
+    assert head is not None
+    return head
+
+
+def check_sqlite_file(path: Path, *, write: bool) -> None:
+    """Refuse (StorageError naming ``path``) what cannot be this study's SQLite database.
+
+    Reads only, through a read-only connection, so a refused file keeps every byte: a folder,
+    a file that is not SQLite, a corrupt database, another program's database, tables of
+    another optuna version; with ``write``, a read-only file or folder.
+    """
+    if path.is_dir():
+        raise StorageError(f"{path}: is a folder, not a SQLite database file")
+    if not path.exists():
+        if write:
+            _check_folder(path.parent, "the database's folder")
+        return
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(len(_SQLITE_HEADER))
+    except OSError as error:
+        raise StorageError(f"{path}: cannot be read ({error.strerror})") from None
+    if header and header != _SQLITE_HEADER:
+        raise StorageError(f"{path}: is not a SQLite database (it lacks SQLite's file header)")
+    if header:
+        tables, revision = _read_sqlite_schema(path)
+        if tables and not tables >= _OPTUNA_TABLES:
+            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise StorageError(
+                f"{path}: is a SQLite database that quantsearch did not create (its tables: "
+                f"{shown}); give another --storage"
+            )
+        if revision is not None and revision != _optuna_schema_head():
+            raise StorageError(
+                f"{path}: its study tables are of another optuna version (schema {revision}, "
+                f"this optuna {optuna.__version__} uses {_optuna_schema_head()}); upgrade it "
+                "with `optuna storage upgrade --storage sqlite:///PATH`, or use another --storage"
+            )
+    if write:
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StorageError(f"{path}: is read-only, and the study writes its trials to it")
+        _check_folder(path.parent, "the database's folder")
+
+
+def _check_folder(folder: Path, label: str) -> None:
+    try:
+        check_writable_folder(folder, label)
+    except ValueError as error:
+        raise StorageError(f"{error} (SQLite writes its journal beside the database)") from None
+
+
+def _read_sqlite_schema(path: Path) -> tuple[set[str], str | None]:
+    """The table names of a SQLite file and its alembic revision, read without writing."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                # SQLite's report spans lines under a banner: one line, without the banner.
+                problem = " ".join(problem.replace("*** in database main ***", "").split())
+                raise StorageError(f"{path}: is a corrupt SQLite database ({problem})")
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+            revision = None
+            if "alembic_version" in tables:
+                row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+                revision = row[0] if row else None
+    except sqlite3.DatabaseError as error:
+        raise StorageError(f"{path}: is a corrupt SQLite database ({error})") from None
+    return tables, revision
+
+
 def _storage(spec: SearchSpec) -> RDBStorage:
     path = sqlite_path(spec.storage)
     if path is not None:
-        return RDBStorage(spec.storage, engine_kwargs={"creator": _sqlite_connector(path)})
+        check_sqlite_file(path, write=True)
+        return _open_rdb(spec.storage, engine_kwargs={"creator": _sqlite_connector(path)})
     return _open_rdb(
         spec.storage,
         heartbeat_interval=HEARTBEAT_SECONDS,
@@ -325,7 +418,9 @@ def _open_rdb(url: str, **options: Any) -> RDBStorage:
             # What another machine creating the same tables this instant looks like: retry.
             if not waits:
                 reason = _reason(error)
-                raise StorageError(f"{url}: cannot set up the study tables: {reason}") from None
+                raise StorageError(
+                    f"{mask_url(url)}: cannot set up the study tables: {reason}"
+                ) from None
             time.sleep(waits.pop(0))
 
 
@@ -335,18 +430,24 @@ def _reason(error: sqlalchemy.exc.DBAPIError) -> str:
 
 
 def _open_rdb_once(url: str, **options: Any) -> RDBStorage:
+    shown = mask_url(url)
     try:
         return RDBStorage(url, **options)
     except ImportError as error:
         missing = error.__cause__ or error
         raise StorageError(
-            f"{url}: no database driver for this URL is installed ({missing}); for PostgreSQL: "
-            "pip install 'quantsearch[postgres]'"
+            f"{shown}: no database driver for this URL is installed ({missing}); for "
+            "PostgreSQL: pip install 'quantsearch[postgres]'"
         ) from None
-    except sqlalchemy.exc.OperationalError as error:
-        raise StorageError(f"{url}: cannot open the database: {_reason(error)}") from None
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+        raise  # retried by _open_rdb
+    except sqlalchemy.exc.DatabaseError as error:  # unreachable, refused, corrupt, read-only
+        raise StorageError(f"{shown}: cannot open the database: {_reason(error)}") from None
     except sqlalchemy.exc.ArgumentError as error:  # e.g. an unknown dialect such as foo://
-        raise StorageError(f"{url}: not a database URL sqlalchemy knows: {error}") from None
+        raise StorageError(f"{shown}: not a database URL sqlalchemy knows: {error}") from None
+    except RuntimeError as error:  # optuna: tables of another optuna version
+        reason = str(error).strip().splitlines()[0]
+        raise StorageError(f"{shown}: the study tables cannot be used: {reason}") from None
 
 
 def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -354,17 +455,47 @@ def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     study.enqueue_trial(trial.params, user_attrs=_retry_attrs(trial))
 
 
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """optuna's fail_stale_trials, writing each trial's fail_reason while it is still RUNNING.
+
+    A finished trial takes no attribute, so optuna's own function leaves it without a reason.
+    Whichever process moves the trial to FAIL queues it again; the others skip it.
+    """
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            reason = (
+                f"interrupted: no heartbeat for {GRACE_SECONDS} s (its machine or process "
+                "died) mid-trial"
+            )
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another process failed it first
+        _requeue_stale(study, storage.get_trial(trial_id))
+
+
 def _retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
     retry = TrialRecord(retry_of=trial.number, baseline=TrialRecord.of(trial).baseline)
     return retry.model_dump(include={"retry_of", "baseline"}, exclude_none=True)
 
 
-def _sampler(spec: SearchSpec, resume_index: int) -> optuna.samplers.BaseSampler:
+def _sampler(
+    spec: SearchSpec, resume_index: int, *, shared: bool = False
+) -> optuna.samplers.BaseSampler:
     """The space's sampler, seeded from the study seed and the number of trials so far.
 
     A resumed study continues with fresh random draws instead of replaying the first run's.
+    On a shared database (``shared``) each process adds entropy of its own: processes joining
+    at the same trial count would otherwise draw the same parameters.
     """
-    state = np.random.SeedSequence([spec.seed, resume_index, 1]).generate_state(1)
+    words = [spec.seed, resume_index, 1]
+    if shared:
+        words.append(int.from_bytes(os.urandom(8), "little"))
+    state = np.random.SeedSequence(words).generate_state(1)
     seed = int(state[0])
     # A quarter of the trials per generation / at random, within 4..50.
     default_size = min(50, max(4, spec.n_trials // 4))
@@ -397,7 +528,7 @@ def _check_space(study: optuna.Study, spec: SearchSpec) -> None:
     old = {k: v for k, v in stored.items() if k in spec.search_dict()}
     changed = changed_keys(old, spec.search_dict()) or ["(unknown)"]
     raise SpaceError(
-        f"the study {spec.study_name!r} in {spec.storage} was created from a different "
+        f"the study {spec.study_name!r} in {mask_url(spec.storage)} was created from a different "
         f"space (changed: {', '.join(changed)}); a study never mixes two spaces: give the "
         "space a new study_name, or use another --storage",
         source=spec.source,
@@ -412,8 +543,32 @@ def open_study(context: StudyContext) -> optuna.Study:
     """
     spec = context.spec
     path = sqlite_path(spec.storage)
-    if path is not None:
+    if path is None:
+        return _open_or_create(context)
+    check_sqlite_file(path, write=True)  # before the folder is made: a refusal writes nothing
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(f"{path.parent}: cannot create the folder ({error.strerror})") from None
+    # Two processes creating a new SQLite study at once: the second waits, then loads it.
+    with _folder_lock(path.parent):
+        return _open_or_create(context)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (no lock file), released when its process dies."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def _open_or_create(context: StudyContext) -> optuna.Study:
+    spec = context.spec
+    shared = sqlite_path(spec.storage) is None
     storage = _storage(spec)
     existing = _existing_study_id(storage, spec.study_name)
     if existing is None:
@@ -422,7 +577,7 @@ def open_study(context: StudyContext) -> optuna.Study:
                 storage=storage,
                 study_name=spec.study_name,
                 directions=context.directions,
-                sampler=_sampler(spec, 0),
+                sampler=_sampler(spec, 0, shared=shared),
             )
         except optuna.exceptions.DuplicatedStudyError:
             existing = _existing_study_id(storage, spec.study_name)  # another machine won
@@ -431,15 +586,17 @@ def open_study(context: StudyContext) -> optuna.Study:
             return study
     resume_index = len(storage.get_all_trials(existing, deepcopy=False))
     study = optuna.load_study(
-        study_name=spec.study_name, storage=storage, sampler=_sampler(spec, resume_index)
+        study_name=spec.study_name,
+        storage=storage,
+        sampler=_sampler(spec, resume_index, shared=shared),
     )
     _check_space(study, spec)
     if "space_hash" not in study.user_attrs:
         # Created a moment ago by another machine, which is still writing its attributes.
         if study.trials or [d.name.lower() for d in study.directions] != context.directions:
             raise SpaceError(
-                f"{spec.storage} already holds a study {spec.study_name!r} that quantsearch "
-                "did not create; give the space another study_name",
+                f"{mask_url(spec.storage)} already holds a study {spec.study_name!r} that "
+                "quantsearch did not create; give the space another study_name",
                 source=spec.source,
             )
         _set_study_attrs(study, context)
@@ -526,11 +683,13 @@ def load_study_from(url: str, study_name: str, *, hint: str = "") -> optuna.Stud
     path = sqlite_path(url)
     if path is not None and not path.exists():
         raise StudyNotFoundError(f"no study database at {path}" + (f"; {hint}" if hint else ""))
+    if path is not None:
+        check_sqlite_file(path, write=False)
     storage = _open_rdb(url)
     if _existing_study_id(storage, study_name) is None:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         held = f"it holds: {', '.join(names)}" if names else "it holds none"
-        raise StudyNotFoundError(f"{url} holds no study {study_name!r} ({held})")
+        raise StudyNotFoundError(f"{mask_url(url)} holds no study {study_name!r} ({held})")
     return optuna.load_study(study_name=study_name, storage=storage)
 
 
@@ -655,6 +814,9 @@ class _Loop:
     parked: dict[str, list[_Ticket]] = field(default_factory=dict)
     # Parked trials whose twin failed: they train after all.
     unparked: list[_Ticket] = field(default_factory=list)
+    # Shared database: trials whose parameters another process is training right now, by the
+    # number of that running trial; they take its result once it lands.
+    parked_elsewhere: dict[int, list[_Ticket]] = field(default_factory=dict)
     # The finished trial of each config key (the lowest-numbered one): a repeated key reuses
     # its result. Filled from every read of the trials, each finished trial keyed once.
     finished: dict[str, FrozenTrial] = field(default_factory=dict)
@@ -677,9 +839,16 @@ class _Loop:
             while True:
                 self._fill(pool)
                 if not self.in_flight:
-                    break
+                    if not self.parked_elsewhere:
+                        break
+                    time.sleep(_ELSEWHERE_POLL_SECONDS)  # nothing here to wait on but others
+                    self._read_trials()
+                    self._take_elsewhere()
+                    continue
                 number, outcome = pool.next_result()
-                self._finish(self.in_flight.pop(number), outcome)
+                ticket = self.in_flight.pop(number)
+                self._finish(ticket, outcome)
+                self._retry_died(ticket, outcome)
         except BaseException:
             pool.terminate()
             self._abandon("interrupted: the study process stopped before the trial finished")
@@ -687,6 +856,47 @@ class _Loop:
 
     def _front(self, trials: Sequence[FrozenTrial]) -> int:
         return front_size(trials, self.context.directions)
+
+    def _retry_died(self, ticket: _Ticket, outcome: TrialOutcome) -> None:
+        """A trial whose worker died runs once more (not a retry's retry: that is the trial)."""
+        trial = ticket.trial
+        reason = outcome.record.fail_reason or ""
+        if outcome.state != "FAIL" or not reason.startswith(WORKER_DIED):
+            return
+        if TrialRecord.of(trial).retry_of is not None:
+            return
+        self.study.enqueue_trial(trial.params, user_attrs=_retry_attrs(trial))
+        self._read_trials()  # the failure no longer counts; its retry does, once asked
+
+    def _running_elsewhere(self, ticket: _Ticket) -> int | None:
+        """The number of a RUNNING trial of another process with this ticket's parameters."""
+        if self.heartbeat is None:
+            return None
+        number = ticket.trial.number
+        params = ticket.trial.params
+        for trial in self._trials:
+            if (
+                trial.state == TrialState.RUNNING
+                and trial.number != number
+                and trial.number not in self.in_flight
+                and trial.params == params
+                and TrialRecord.of(trial).baseline == ticket.baseline
+            ):
+                return trial.number
+        return None
+
+    def _take_elsewhere(self) -> None:
+        """Parked tickets whose twin elsewhere finished: take its result, or train after all."""
+        states = {t.number: t.state for t in self._trials}
+        for number in list(self.parked_elsewhere):
+            if states.get(number) == TrialState.RUNNING:
+                continue
+            for ticket in self.parked_elsewhere.pop(number):
+                original = self.finished.get(ticket.key)
+                if original is not None:
+                    self._tell_duplicate(ticket, original)
+                else:
+                    self.unparked.append(ticket)
 
     def _done(self, trials: Sequence[FrozenTrial]) -> int:
         return counted_trials(trials) - sum(t.state == TrialState.RUNNING for t in trials)
@@ -721,20 +931,26 @@ class _Loop:
         return self._counted + self._asked_since_read
 
     def _fill(self, pool: InlinePool | ProcessPool) -> None:
+        if self.parked_elsewhere:
+            self._take_elsewhere()
         while self.unparked and pool.has_capacity:
             self._submit(pool, self.unparked.pop(0))
         while pool.has_capacity:
             if self.heartbeat is not None:
-                optuna.storages.fail_stale_trials(self.study)
+                _fail_stale_trials(self.study)
             if self._counted_now() >= self.spec.n_trials:
                 return
             ticket = self._ask()
             original = self.finished.get(ticket.key)
+            elsewhere = None if original is not None else self._running_elsewhere(ticket)
             if original is not None:
                 self._tell_duplicate(ticket, original)
             elif any(t.key == ticket.key for t in self.in_flight.values()):
                 # The same config_list is training right now: take its result when it lands.
                 self.parked.setdefault(ticket.key, []).append(ticket)
+            elif elsewhere is not None:
+                # Another machine trains these parameters now: wait for its result instead.
+                self.parked_elsewhere.setdefault(elsewhere, []).append(ticket)
             else:
                 self._submit(pool, ticket)
 
@@ -787,9 +1003,17 @@ class _Loop:
 
     def _finish(self, ticket: _Ticket, outcome: TrialOutcome) -> None:
         trial = ticket.trial
-        record = outcome.record.model_copy(
-            update={"baseline": ticket.baseline, "retry_of": ticket.retry_of}
-        )
+        spec = self.spec
+        identity = {"baseline": ticket.baseline, "retry_of": ticket.retry_of}
+        if outcome.record.config_list is None:  # a worker that died reports only why
+            identity.update(
+                algorithm=spec.algorithm,
+                mode=trial_mode(spec.algorithm, ticket.config_list, from_scratch=spec.from_scratch),
+                config_list=ticket.config_list,
+                train=ticket.train,
+                seed=ticket.seed,
+            )
+        record = outcome.record.model_copy(update=identity)
         if outcome.state == "COMPLETE":
             root, folder = artifacts_dir(self.spec)
             checkpoint = folder / f"trial_{trial.number}.pt"
@@ -864,10 +1088,12 @@ class _Loop:
         tickets = [
             *self.in_flight.values(),
             *(t for ts in self.parked.values() for t in ts),
+            *(t for ts in self.parked_elsewhere.values() for t in ts),
             *self.unparked,
         ]
         self.in_flight.clear()
         self.parked.clear()
+        self.parked_elsewhere.clear()
         self.unparked.clear()
         for ticket in tickets:
             with contextlib.suppress(Exception):
@@ -888,16 +1114,20 @@ def _fail_and_requeue(study: optuna.Study, trial: Trial | FrozenTrial, reason: s
     study.enqueue_trial(frozen.params, user_attrs=_retry_attrs(frozen))
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
+def requeue_interrupted(study: optuna.Study, folder: Path | None = None) -> list[int]:
     """Fail the RUNNING trials of a dead process and queue their parameters again.
 
-    Call only while holding the study's lock (so no live process owns those trials).
+    Call only while holding the study's lock (so no live process owns those trials). A
+    checkpoint such a trial left in ``folder`` (the artifacts folder) is deleted: no trial the
+    study holds wrote it, so nothing may ever take it.
     """
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         _fail_and_requeue(
             study, trial, "interrupted: its process stopped (killed or crashed) mid-trial"
         )
+        if folder is not None:
+            (folder / f"trial_{trial.number}.pt").unlink(missing_ok=True)
     return [t.number for t in stale]
 
 
@@ -922,15 +1152,20 @@ def run_study(
     spec = context.spec
     num_threads = study_threads(spec, jobs, threads)
     progress = progress or _Silent()
-    study = open_study(context)
     _, folder = artifacts_dir(spec)
+    # Found now, not as a failure of every trial: checkpoints go to this folder.
+    try:
+        check_writable_folder(folder, "the artifacts folder")
+    except ValueError as error:
+        raise StorageError(str(error)) from None
+    study = open_study(context)
     local = sqlite_path(spec.storage) is not None
     heartbeat: Heartbeat | None = None
     with _study_lock(folder) if local else contextlib.nullcontext():
         if local:
-            requeue_interrupted(study)
+            requeue_interrupted(study, folder)
         else:
-            optuna.storages.fail_stale_trials(study)
+            _fail_stale_trials(study)
             heartbeat = Heartbeat(_beat(study), HEARTBEAT_SECONDS)
         loop = _Loop(study, context, progress, heartbeat)
         # The float model trains here, on every thread the jobs will share.

@@ -6,22 +6,38 @@ worker receives a :class:`TrialJob`, trains it and sends back a :class:`TrialOut
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from quantsearch._malloc import keep_freed_memory
+from quantsearch.pipeline import TrialRecord
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial
 
-__all__ = ["Heartbeat", "InlinePool", "ProcessPool", "available_cores", "threads_per_worker"]
+__all__ = [
+    "WORKER_DIED",
+    "Heartbeat",
+    "InlinePool",
+    "ProcessPool",
+    "available_cores",
+    "threads_per_worker",
+]
 
-# How often a waiting study checks that its workers are still alive, in seconds.
+# How often a waiting study checks that its workers are still alive, and a worker that its
+# study's process is, in seconds.
 _POLL_SECONDS = 1.0
+# Linux's prctl option: the signal the kernel sends this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+# The start of a trial's fail_reason when its worker process died under it.
+WORKER_DIED = "worker process died"
 
 
 def available_cores() -> int:
@@ -65,7 +81,28 @@ class InlinePool:
         self._job = None
 
 
-def _worker_main(inbox: Any, outbox: Any, index: int, num_threads: int) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the study's process ends, even by SIGKILL (no orphan trains on).
+
+    On Linux the kernel sends SIGKILL at the parent's death; everywhere a thread also watches
+    the parent's pid, which changes (to a reaper's) once the parent is gone.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="quantsearch-parent-watch", daemon=True).start()
+
+
+def _worker_main(inbox: Any, outbox: Any, index: int, num_threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     # Ctrl-C reaches the whole process group: the study's process decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
@@ -103,7 +140,7 @@ class ProcessPool:
         inbox = self._context.Queue()
         process = self._context.Process(
             target=_worker_main,
-            args=(inbox, self._outbox, index, self._num_threads),
+            args=(inbox, self._outbox, index, self._num_threads, os.getpid()),
             name=f"quantsearch-worker-{index}",
             daemon=True,
         )
@@ -144,8 +181,8 @@ class ProcessPool:
             number, code = worker.job, worker.process.exitcode
             self._workers[index] = self._start(index)
             if number is not None:
-                reason = f"worker process died (exit code {code}) while training"
-                return number, TrialOutcome(state="FAIL", reason=reason)
+                reason = f"{WORKER_DIED} (exit code {code}) while training"
+                return number, TrialOutcome(state="FAIL", record=TrialRecord(fail_reason=reason))
         return None
 
     def close(self) -> None:

@@ -38,8 +38,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+PASSWORD = "s3cret-Pw"
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
+    yield from _server(password=None)
+
+
+@pytest.fixture
+def password_url() -> Iterator[str]:
+    """A server that asks for PASSWORD: the URL it yields holds none."""
+    yield from _server(password=PASSWORD)
+
+
+def _server(password: str | None) -> Iterator[str]:
     pytest.importorskip("psycopg")
     server_bin = _server_bin()
     if server_bin is None:
@@ -51,9 +64,16 @@ def postgres_url() -> Iterator[str]:
         shutil.chown(folder, "postgres")
     data, port = folder / "data", _free_port()
     quiet = {"check": True, "capture_output": True, "timeout": 120}
+    auth = ["--auth=trust"]
+    if password is not None:
+        pwfile = folder / "pwfile"
+        pwfile.write_text(password + "\n")
+        if as_user:
+            shutil.chown(pwfile, "postgres")
+        auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
     subprocess.run(
-        [*as_user, str(server_bin / "initdb"), "-D", str(data), "-U", "quantsearch",
-         "--auth=trust", "-E", "UTF8"],
+        [*as_user, str(server_bin / "initdb"), "-D", str(data), "-U", "quantsearch", *auth,
+         "-E", "UTF8"],
         **quiet,
     )
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
@@ -150,6 +170,101 @@ def test_a_dead_machines_trial_is_failed_by_heartbeat_and_run_again(
 
     trials = run_study(context).get_trials()
     assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["fail_reason"] == (
+        "interrupted: no heartbeat for 1 s (its machine or process died) mid-trial"
+    )
     (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == 0]
     assert retry.params == trials[0].params and retry.state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+
+
+def _quantsearch(folder: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quantsearch", *args],
+        cwd=folder, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+
+
+@pytest.mark.slow
+def test_the_password_comes_from_the_environment_and_is_never_printed_or_stored(
+    tmp_path: Path, password_url: str
+) -> None:
+    import psycopg
+
+    with_password = password_url.replace("quantsearch@", f"quantsearch:{PASSWORD}@")
+    space = write_space(tmp_path, n_trials=2, baselines={"float": True, "uniform_bits": []})
+    run = _quantsearch(tmp_path, "study", "--space", str(space), "--storage", with_password)
+    assert run.returncode == 0, run.stderr
+    masked = password_url.replace("quantsearch@", "quantsearch:***@")
+    assert f"storage {masked}" in run.stdout
+    report = tmp_path / "reports" / "small"
+    written = [run.stdout, run.stderr, *(p.read_text() for p in report.glob("*.md")),
+               (report / "trials.csv").read_text()]
+    assert not [text for text in written if PASSWORD in text]
+    assert f"--storage {masked}" in (report / "report.md").read_text()
+    with psycopg.connect(with_password) as connection:
+        stored = [row[0] for table in ("study_user_attributes", "trial_user_attributes")
+                  for row in connection.execute(f"SELECT value_json FROM {table}")]
+    assert stored and not [value for value in stored if PASSWORD in value]
+    study = optuna.load_study(study_name="small", storage=with_password)
+    assert study.user_attrs["space"]["storage"] == masked
+
+    # No password in the URL: PGPASSWORD, or a password file, as for any PostgreSQL client.
+    reading = ("trials", "--storage", password_url, "--study", "small")
+    refused = _quantsearch(tmp_path, *reading, PGPASSFILE=str(tmp_path / "none"))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"quantsearch: error: {password_url}: cannot open the ")
+    assert len(refused.stderr.splitlines()) == 1
+    by_env = _quantsearch(tmp_path, *reading, PGPASSWORD=PASSWORD)
+    assert by_env.returncode == 0, by_env.stderr
+    assert by_env.stdout.count(" COMPLETE ") == 2
+    pgpass = tmp_path / "pgpass"
+    port = password_url.rsplit(":", 1)[1].split("/")[0]
+    pgpass.write_text(f"127.0.0.1:{port}:*:quantsearch:{PASSWORD}\n")
+    pgpass.chmod(0o600)
+    by_file = _quantsearch(tmp_path, *reading, PGPASSFILE=str(pgpass))
+    assert by_file.returncode == 0, by_file.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_trial_running_on_another_machine_is_not_trained_twice(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(_study, "_ELSEWHERE_POLL_SECONDS", 0.1)
+    space = write_space(tmp_path, n_trials=2, storage=postgres_url,
+                        baselines={"float": False, "uniform_bits": [8]})
+    context = prepare(load_space(space))
+    study = open_study(context)
+    # The other machine holds the baseline (trial 0); the same parameters are queued again.
+    elsewhere = study.ask(context.plan.distributions)
+    study._storage.record_heartbeat(elsewhere._trial_id)
+    study.enqueue_trial(elsewhere.params, user_attrs={"baseline": "uniform-8"})
+    plan = context.plan
+    values = plan.values(elsewhere.params)
+    attrs = {"config_list": plan.config_list(values), "train": plan.train_overrides(values),
+             "val_accuracy": 0.5, "test_accuracy": 0.5, "size_bytes": 1000,
+             "algorithm": "qat", "train_seconds": 1.0}
+
+    def finish_elsewhere() -> None:
+        # Once this process has parked trial 1, the other machine finishes trial 0.
+        other = optuna.load_study(study_name="small", storage=postgres_url)
+        while len(other.get_trials()) < 2 or other.get_trials()[1].state != TrialState.RUNNING:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        for key, value in attrs.items():
+            other._storage.set_trial_user_attr(elsewhere._trial_id, key, value)
+        other.tell(0, [0.5, 1000.0])
+
+    import threading
+
+    thread = threading.Thread(target=finish_elsewhere)
+    thread.start()
+    trials = run_study(context).get_trials()
+    thread.join()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["duplicate_of"] == 0
+    assert trials[1].user_attrs["train_seconds"] == 0.0
+    assert trials[1].values == [0.5, 1000.0]

@@ -73,7 +73,14 @@ def test_a_dying_worker_fails_its_trial_and_is_replaced(
     )
     study = run_study(prepare(spec), jobs=2)
     trials = study.get_trials()
-    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    # Each of the 3 trials ran once more after its worker died, and died again.
+    assert [t.state.name for t in trials] == ["FAIL"] * 6
     assert {t.user_attrs["fail_reason"] for t in trials} == {
         "worker process died (exit code 3) while training"
     }
+    retries = [t for t in trials if "retry_of" in t.user_attrs]
+    assert len(retries) == 3
+    originals = {t.user_attrs["retry_of"] for t in retries}
+    assert len(originals) == 3
+    assert all("retry_of" not in trials[n].user_attrs for n in originals)
+    assert all(t.params == trials[t.user_attrs["retry_of"]].params for t in retries)
