@@ -20,6 +20,7 @@ from ._algorithms import (
 )
 from ._base import Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
+from ._onnx import OnnxExport, OnnxExportError, OnnxTensor, export_onnx
 from ._pack import load_packed, model_size_bytes, save_packed
 from ._wrapper import QuantWrapper
 
@@ -32,10 +33,14 @@ __all__ = [
     "DoReFaQuantizer",
     "LsqQuantizer",
     "NaiveQuantizer",
+    "OnnxExport",
+    "OnnxExportError",
+    "OnnxTensor",
     "QATQuantizer",
     "QAT_Quantizer",
     "QuantWrapper",
     "Quantizer",
+    "export_onnx",
     "get_quantizer",
     "load_packed",
     "model_size_bytes",
