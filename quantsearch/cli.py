@@ -114,6 +114,13 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_study_source(export)
     export.add_argument("--trial", type=int, required=True, help="the trial number")
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
+    export.add_argument(
+        "--format",
+        choices=("packed", "onnx"),
+        default="packed",
+        help="packed: state dict, calibration and packed model (default); onnx: those and an "
+        "ONNX QDQ model, checked in onnxruntime and timed",
+    )
     return parser
 
 
@@ -293,5 +300,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     except ImportError:
         raise _UserError("the quantsearch.report package is not available") from None
     study, _ = _open_study(args)
-    print(describe_export(export_trial(study, args.trial, _output_folder(args.out, "--out"))))
+    out = _output_folder(args.out, "--out")
+    print(describe_export(export_trial(study, args.trial, out, format=args.format)))
     return 0
