@@ -9,8 +9,8 @@ a private domain, and a pass over the ONNX graph replaces each one with standard
 * a weight: its codes as an initializer of the narrowest ONNX integer type that holds them,
   then ``DequantizeLinear`` (per tensor, or per output channel with ``axis=0``);
 * an activation: ``QuantizeLinear`` then ``DequantizeLinear`` with the trial's scale and zero
-  point, after Min/Max bounds when the quantizer's integer range is
-  narrower than the ONNX type's (QuantizeLinear saturates to the type's range only).
+  point, in an 8-bit (or 16-bit) type, after Min/Max bounds when the quantizer's integer range
+  is narrower than the type's (QuantizeLinear saturates to the type's range only).
 
 onnx and onnxscript are imported only inside :func:`export_onnx` (the ``quantsearch[onnx]``
 extra); importing this module needs torch alone.
@@ -520,14 +520,15 @@ class _GraphEditor:
         make = self.onnx.helper.make_node
         x, scale_name, zero_name, low, high = node.input
         qmin, qmax, axis = attrs["qmin"], attrs["qmax"], attrs.get("axis")
-        kind = _int_type(qmin, qmax, self.opset, self.sub_byte, weight=False)
+        # 8 bits at least: onnxruntime 1.32's graph optimizations fail on 2- and 4-bit
+        # activations (its Clip-QuantizeLinear check, its QDQ propagation through MaxPool).
+        kind = _int_type(qmin, qmax, self.opset, sub_byte=False, weight=False)
         out, tag = node.output[0], attrs["name"]
         zero = self.add_initializer(f"{tag}.zero_point", self.typed(self.array(zero_name), kind))
         clipped = (qmin, qmax) != (kind.low, kind.high)
         nodes = []
         if clipped:
-            # Min and Max rather than Clip: they broadcast per-channel bounds, and onnxruntime
-            # 1.32's Clip-QuantizeLinear fusion fails on an int4 zero point.
+            # Min and Max rather than Clip: they broadcast per-channel bounds.
             nodes.append(make("Min", [x, high], [f"{tag}.below"], name=f"{tag}.min"))
             nodes.append(make("Max", [f"{tag}.below", low], [f"{tag}.clipped"], name=f"{tag}.max"))
             x = f"{tag}.clipped"
@@ -590,11 +591,12 @@ def export_onnx(
 
     Weights become integer codes and ``DequantizeLinear``; quantized inputs and outputs become
     ``QuantizeLinear``/``DequantizeLinear`` pairs; scales and zero points are the model's own
-    (per tensor or per channel), and BatchNorm is folded as in eval mode. Codes are stored in the
-    narrowest integer type the opset has: int2/uint2 (opset 25), int4/uint4, int8/uint8,
+    (per tensor or per channel), and BatchNorm is folded as in eval mode. Weight codes are stored
+    in the narrowest integer type the opset has: int2/uint2 (opset 25), int4/uint4, int8/uint8,
     int16/uint16, int32 (DoReFa's 16 bits); ``sub_byte_types=False`` keeps 8-bit containers for
-    runtimes without the 2- and 4-bit types. A range narrower than its type (-127..127 in int8,
-    3-bit codes in int4) is kept by Min/Max before QuantizeLinear.
+    runtimes without the 2- and 4-bit types. Activations use int8/uint8 (int16/uint16 above 8
+    bits): onnxruntime's graph optimizations fail on 2- and 4-bit activations. A range narrower
+    than its type (-127..127 or 4-bit codes in int8) is kept by Min/Max before QuantizeLinear.
 
     ``dummy_input`` is an example batch (a tensor or a tuple of tensors); with ``dynamic_batch``
     the batch dimension of every input is left free. The model is copied, never changed, and

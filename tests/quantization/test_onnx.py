@@ -36,8 +36,8 @@ QAT_PER_TENSOR_8 = [
 QAT_PER_CHANNEL_4 = [
     {"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
      "quant_scheme": "per_channel_symmetric", "quant_dtype": "int"},
-    {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"],
-     "quant_scheme": "per_channel_affine"},
+    # Per tensor after Conv and ReLU6: the pattern whose 4-bit type onnxruntime cannot optimize.
+    {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"]},
 ]
 LSQ_3_4 = [
     {"quant_types": ["weight", "output"], "quant_bits": {"weight": 3, "output": 4},
@@ -129,7 +129,7 @@ def test_qat_8_bit_file_holds_the_integer_codes(qat8: Any) -> None:
     assert result.size_bytes < result.file_bytes < result.size_bytes + 4096
 
 
-def test_qat_4_bit_per_channel_uses_int4_and_clips_the_narrow_range(tmp_path: Path) -> None:
+def test_qat_4_bit_per_channel_weights_are_int4_activations_clipped_int8(tmp_path: Path) -> None:
     _, model = _trained(QAT_Quantizer, QAT_PER_CHANNEL_4)
     result = export_onnx(model, tmp_path / "model.onnx", batch(n=1)[0])
     expected, got = _compare(model, result.path)
@@ -137,16 +137,17 @@ def test_qat_4_bit_per_channel_uses_int4_and_clips_the_narrow_range(tmp_path: Pa
     np.testing.assert_allclose(got, expected, atol=5e-2 * np.abs(expected).max())
     assert np.median(np.abs(got - expected)) < 1e-5
     by_name = {t.name: t for t in result.tensors}
-    # Symmetric int: -7..7, in int4 (-8..7), per output channel; the inputs are clipped to it.
+    # Symmetric int: -7..7, in int4 (-8..7), per output channel. Activations take 8-bit types,
+    # clipped to their 4-bit range: the inputs per channel to -7..7, the ReLU6 outputs to 0..15.
     for layer in ("conv1", "conv2", "fc"):
         weight = by_name[f"{layer}.weight"]
         assert (weight.onnx_type, weight.qmin, weight.qmax, weight.per_channel) == (
             "int4", -7, 7, True
         )
-        assert by_name[f"{layer}.input"].clipped
-    # Affine uint over the full 0..15: uint4, no clip.
+        inputs = by_name[f"{layer}.input"]
+        assert (inputs.onnx_type, inputs.per_channel, inputs.clipped) == ("int8", True, True)
     relu = by_name["relu1.output"]
-    assert (relu.onnx_type, relu.per_channel, relu.clipped) == ("uint4", True, False)
+    assert (relu.onnx_type, relu.qmin, relu.qmax, relu.clipped) == ("uint8", 0, 15, True)
     graph = onnx.load(str(result.path)).graph
     dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear"]
     assert any(a.name == "axis" and a.i == 0 for n in dequantize for a in n.attribute)
@@ -163,10 +164,10 @@ def test_lsq_exports_its_learned_step_sizes(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-4)
     by_name = {t.name: t for t in result.tensors}
     # 3-bit signed codes -4..3 sit in int4 (the file stores them at 4 bits); 4-bit outputs
-    # fill int4's -8..7 exactly.
+    # -8..7 in int8, clipped.
     assert (by_name["conv1.weight"].onnx_type, by_name["conv1.weight"].qmin) == ("int4", -4)
-    assert by_name["conv1.output"].onnx_type == "int4"
-    assert not by_name["conv1.output"].clipped and by_name["conv1.output"].bits == 4
+    output = by_name["conv1.output"]
+    assert (output.onnx_type, output.qmin, output.clipped, output.bits) == ("int8", -8, True, 4)
     graph = onnx.load(str(result.path)).graph
     scales = {t.name: float(onnx.numpy_helper.to_array(t)) for t in graph.initializer
               if t.name.endswith("output_qdq.scale")}
