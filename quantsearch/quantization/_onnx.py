@@ -19,6 +19,7 @@ extra); importing this module needs torch alone.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -111,15 +112,8 @@ def _along(values: Tensor, axis: int | None, rank: int) -> Tensor:
     return values.reshape(shape)
 
 
-@torch.library.custom_op("quantsearch_onnx::dequantize", mutates_args=())
-def _dequantize_op(
-    codes: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    name: str,
-    bits: int,
-    qmin: int,
-    qmax: int,
+def _dequantize(
+    codes: Tensor, scale: Tensor, zero_point: Tensor, name: str, bits: int, qmin: int, qmax: int,
     axis: int | None,
 ) -> Tensor:
     """DequantizeLinear's arithmetic: (codes - zero_point) * scale."""
@@ -128,34 +122,29 @@ def _dequantize_op(
     return shifted * _along(scale, axis, rank)
 
 
-@_dequantize_op.register_fake
-def _(codes: Tensor, scale: Tensor, zero_point: Tensor, name: str, bits: int, qmin: int,
-      qmax: int, axis: int | None) -> Tensor:
-    return torch.empty_like(codes, dtype=torch.float32)
-
-
-@torch.library.custom_op("quantsearch_onnx::fake_quantize", mutates_args=())
-def _fake_quantize_op(
-    x: Tensor,
-    scale: Tensor,
-    zero_point: Tensor,
-    low: Tensor,
-    high: Tensor,
-    name: str,
-    bits: int,
-    qmin: int,
-    qmax: int,
-    axis: int | None,
+def _fake_quantize(
+    x: Tensor, scale: Tensor, zero_point: Tensor, low: Tensor, high: Tensor, name: str,
+    bits: int, qmin: int, qmax: int, axis: int | None,
 ) -> Tensor:
     """QuantizeLinear then DequantizeLinear, as ONNX computes them (x / scale, half to even)."""
     s, z = _along(scale, axis, x.dim()), _along(zero_point, axis, x.dim()).float()
     return (torch.clamp(torch.round(x / s) + z, qmin, qmax) - z) * s
 
 
-@_fake_quantize_op.register_fake
-def _(x: Tensor, scale: Tensor, zero_point: Tensor, low: Tensor, high: Tensor, name: str,
-      bits: int, qmin: int, qmax: int, axis: int | None) -> Tensor:
-    return torch.empty_like(x)
+@functools.cache
+def _register_ops() -> None:
+    """The two markers as torch custom ops, registered on the first export (not at import:
+    registering costs tens of milliseconds)."""
+    dequantize = torch.library.custom_op(
+        "quantsearch_onnx::dequantize", _dequantize, mutates_args=()
+    )
+    dequantize.register_fake(
+        lambda codes, *_args: torch.empty_like(codes, dtype=torch.float32)
+    )
+    fake_quantize = torch.library.custom_op(
+        "quantsearch_onnx::fake_quantize", _fake_quantize, mutates_args=()
+    )
+    fake_quantize.register_fake(lambda x, *_args: torch.empty_like(x))
 
 
 class _WeightCodes(nn.Module):
@@ -615,6 +604,7 @@ def export_onnx(
         )
     inputs = _input_tuple(dummy_input)
     onnx, onnxscript = _import_onnx()
+    _register_ops()
     deployed, unquantized = _deployed_copy(model)
     size_bytes = model_size_bytes(model)
     _register_schemas(onnx)
