@@ -180,7 +180,7 @@ class _ActivationQDQ(nn.Module):
         zero_point = zero_point.to(torch.int32).reshape(scale.shape)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
-        # The float values of codes qmin and qmax, which a Clip before QuantizeLinear keeps.
+        # The float values of codes qmin and qmax: the bounds of Min/Max before QuantizeLinear.
         self.register_buffer("low", (qmin - zero_point).float() * scale)
         self.register_buffer("high", (qmax - zero_point).float() * scale)
 
