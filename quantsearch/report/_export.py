@@ -240,7 +240,9 @@ def export_trial(
     if format == "onnx":
         from quantsearch.report._onnx import export_onnx_files
 
-        onnx_report = export_onnx_files(model, float_model, task, out)
+        onnx_report = export_onnx_files(
+            model, float_model, task, out, stored_accuracy=float(stored)
+        )
 
     samples = len(task.test_set)  # type: ignore[arg-type]
     result = ExportResult(

@@ -63,6 +63,8 @@ class OnnxReport:
     float_file_bytes: int
     onnx_accuracy: float
     """Test accuracy of model.onnx in onnxruntime."""
+    stored_test_accuracy: float
+    """The trial's test accuracy as the study stored it (the PyTorch model's)."""
     agreement: float
     """Share of test images where onnxruntime's class equals the PyTorch model's."""
     differences: tuple[tuple[int, int, int, int], ...]
@@ -93,6 +95,7 @@ class OnnxReport:
             "unquantized": list(export.unquantized),
             "checker": "passed",
             "onnx_accuracy": self.onnx_accuracy,
+            "stored_test_accuracy": self.stored_test_accuracy,
             "agreement": self.agreement,
             "min_agreement": MIN_AGREEMENT,
             "differences": [
@@ -111,11 +114,13 @@ class OnnxReport:
     def check(self, trial_number: int) -> None:
         """Raise ExportError unless onnxruntime agrees with PyTorch on enough test images."""
         if not self.agrees:
-            raise ExportError(
+            raise ExportError("\n".join([
                 f"the ONNX model {self.export.path} of trial {trial_number} picks the PyTorch "
                 f"model's class on {self.agreement:.3%} of the test images, below "
-                f"{MIN_AGREEMENT:.1%} ({len(self.differences)} differ)"
-            )
+                f"{MIN_AGREEMENT:.1%} (test accuracy {self.onnx_accuracy:.4%}, stored "
+                f"{self.stored_test_accuracy:.4%}); {len(self.differences)} differ:",
+                *_difference_lines(self.differences),
+            ]))
 
 
 def _session(path: Path, threads: int = 1) -> Any:
@@ -167,10 +172,12 @@ def export_onnx_files(
     task: Task,
     out_dir: Path,
     *,
+    stored_accuracy: float,
     latency_seconds: float = 0.5,
 ) -> OnnxReport:
     """Write model.onnx (QDQ) and model_float.onnx to ``out_dir``, run model.onnx on the test
-    split against ``model``'s own predictions, and time both files on batches of 1 and 64.
+    split against ``model``'s own predictions (whose accuracy the study stored as
+    ``stored_accuracy``), and time both files on batches of 1 and 64.
 
     ``model`` is the trial's model (compressed, or float for a float trial), ``float_model`` the
     same architecture with the trained float weights. Raises ExportError when a quantizer has no
@@ -229,6 +236,7 @@ def export_onnx_files(
         float_path=float_path,
         float_file_bytes=float_path.stat().st_size,
         onnx_accuracy=float((onnx_classes == label_array).mean()),
+        stored_test_accuracy=stored_accuracy,
         agreement=1.0 - len(differ) / samples,
         differences=tuple(
             (int(i), int(label_array[i]), int(torch_classes[i]), int(onnx_classes[i]))
@@ -256,6 +264,16 @@ def _types_line(export: OnnxExport) -> str:
     return "; ".join(parts) or "no quantized tensor (float model)"
 
 
+def _difference_lines(differences: tuple[tuple[int, int, int, int], ...]) -> list[str]:
+    lines = [
+        f"  test image {index} (label {label}): PyTorch {ours}, onnxruntime {theirs}"
+        for index, label, ours, theirs in differences[:_MAX_LISTED]
+    ]
+    if len(differences) > _MAX_LISTED:
+        lines.append(f"  ... and {len(differences) - _MAX_LISTED} more (export.json)")
+    return lines
+
+
 def describe_onnx(report: OnnxReport) -> list[str]:
     """Terminal lines for an ONNX export."""
     export = report.export
@@ -270,14 +288,12 @@ def describe_onnx(report: OnnxReport) -> list[str]:
     same = report.test_samples - len(report.differences)
     verdict = "agree" if report.agrees else "DISAGREE"
     lines.append(
-        f"onnxruntime: test accuracy {report.onnx_accuracy:.4%}; same class as PyTorch on "
+        f"onnxruntime: test accuracy {report.onnx_accuracy:.4%} (stored: "
+        f"{report.stored_test_accuracy:.4%}); same class as PyTorch on "
         f"{same}/{report.test_samples} test images ({report.agreement:.2%}, "
         f"at least {MIN_AGREEMENT:.1%} needed): {verdict}; onnx.checker passed"
     )
-    for index, label, ours, theirs in report.differences[:_MAX_LISTED]:
-        lines.append(f"  test image {index} (label {label}): PyTorch {ours}, onnxruntime {theirs}")
-    if len(report.differences) > _MAX_LISTED:
-        lines.append(f"  ... and {len(report.differences) - _MAX_LISTED} more (export.json)")
+    lines += _difference_lines(report.differences)
     lines.append(
         f"latency (onnxruntime {report.onnxruntime_version}, CPU, 1 thread, median per batch):"
     )

@@ -10,8 +10,9 @@ import optuna
 import pytest
 
 from quantsearch.cli import main
-from quantsearch.report import ExportError, describe_export, export_trial
-from quantsearch.report._onnx import MIN_AGREEMENT
+from quantsearch.quantization import OnnxExport
+from quantsearch.report import ExportError, Latency, OnnxReport, describe_export, export_trial
+from quantsearch.report._onnx import MIN_AGREEMENT, describe_onnx
 from quantsearch.tasks import Task, get_task
 
 from .test_report_export import _study
@@ -66,9 +67,34 @@ def test_cli_exports_onnx_that_agrees_with_the_study(
     # The terminal shows the same facts.
     assert "model.onnx        ONNX QDQ model (opset 25)" in text
     assert "weights uint4 x4; activations uint8 x3" in text
+    accuracy = summary["onnx_accuracy"]
+    assert f"onnxruntime: test accuracy {accuracy:.4%} (stored: {stored:.4%})" in text
     assert f"same class as PyTorch on {samples - len(summary['differences'])}/{samples}" in text
     assert "onnx.checker passed" in text
     assert "batch   1: QDQ " in text and "batch  64: QDQ " in text
+
+
+def test_too_many_differences_fail_the_export_and_are_listed(tmp_path: Path) -> None:
+    export = OnnxExport(path=tmp_path / "model.onnx", file_bytes=900, size_bytes=800, opset=25,
+                        tensors=(), unquantized=())
+    differences = tuple((i, 1, 1, 7) for i in range(25))
+    report = OnnxReport(
+        export=export, float_path=tmp_path / "model_float.onnx", float_file_bytes=4000,
+        onnx_accuracy=0.9, stored_test_accuracy=0.95, agreement=1 - 25 / 1000,
+        differences=differences, latency=(Latency(batch=1, qdq_ms=0.2, float_ms=0.1),),
+        test_samples=1000, onnxruntime_version="1.32.0",
+    )
+    assert not report.agrees
+    lines = describe_onnx(report)
+    assert "  test image 3 (label 1): PyTorch 1, onnxruntime 7" in lines
+    assert "  ... and 5 more (export.json)" in lines
+    assert any(line.endswith("(float/QDQ 0.50x)") for line in lines)
+    with pytest.raises(ExportError) as raised:
+        report.check(4)
+    message = str(raised.value)
+    assert "of trial 4 picks the PyTorch model's class on 97.500% of the test images" in message
+    assert "below 99.9% (test accuracy 90.0000%, stored 95.0000%); 25 differ:" in message
+    assert "test image 19 (label 1): PyTorch 1, onnxruntime 7" in message
 
 
 def test_an_unknown_format_is_refused(tmp_path: Path, task: Task) -> None:
