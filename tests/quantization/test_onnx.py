@@ -33,12 +33,19 @@ QAT_PER_TENSOR_8 = [
     {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
     {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
 ]
-QAT_PER_CHANNEL_4 = [
-    {"quant_types": ["weight", "input"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
-     "quant_scheme": "per_channel_symmetric", "quant_dtype": "int"},
-    # Per tensor after Conv and ReLU6: the pattern whose 4-bit type onnxruntime cannot optimize.
-    {"quant_types": ["output"], "quant_bits": 4, "op_types": ["ReLU6"]},
-]
+
+
+def _qat_per_channel(bits: int) -> list[dict[str, Any]]:
+    return [
+        {"quant_types": ["weight", "input"], "quant_bits": bits, "op_types": ["Conv2d", "Linear"],
+         "quant_scheme": "per_channel_symmetric", "quant_dtype": "int"},
+        # Per tensor after Conv and ReLU6: the pattern whose 4-bit type onnxruntime cannot
+        # optimize.
+        {"quant_types": ["output"], "quant_bits": bits, "op_types": ["ReLU6"]},
+    ]
+
+
+QAT_PER_CHANNEL_4 = _qat_per_channel(4)
 LSQ_3_4 = [
     {"quant_types": ["weight", "output"], "quant_bits": {"weight": 3, "output": 4},
      "op_types": ["Conv2d", "Linear"]},
@@ -129,25 +136,29 @@ def test_qat_8_bit_file_holds_the_integer_codes(qat8: Any) -> None:
     assert result.size_bytes < result.file_bytes < result.size_bytes + 4096
 
 
-def test_qat_4_bit_per_channel_weights_are_int4_activations_clipped_int8(tmp_path: Path) -> None:
-    _, model = _trained(QAT_Quantizer, QAT_PER_CHANNEL_4)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qat_per_channel_weights_and_clipped_activations(tmp_path: Path, bits: int) -> None:
+    _, model = _trained(QAT_Quantizer, _qat_per_channel(bits))
     result = export_onnx(model, tmp_path / "model.onnx", batch(n=1)[0])
     expected, got = _compare(model, result.path)
     assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.99
     np.testing.assert_allclose(got, expected, atol=5e-2 * np.abs(expected).max())
     assert np.median(np.abs(got - expected)) < 1e-5
     by_name = {t.name: t for t in result.tensors}
-    # Symmetric int: -7..7, in int4 (-8..7), per output channel. Activations take 8-bit types,
-    # clipped to their 4-bit range: the inputs per channel to -7..7, the ReLU6 outputs to 0..15.
+    # Symmetric int: -(2^(b-1) - 1)..2^(b-1) - 1 per output channel, 4 bits in int4 (-8..7).
+    # Activations take 8-bit types, clipped to a narrower range: the inputs per channel to
+    # -7..7 or -127..127, the 4-bit ReLU6 outputs to 0..15.
+    top = 2 ** (bits - 1) - 1
     for layer in ("conv1", "conv2", "fc"):
         weight = by_name[f"{layer}.weight"]
         assert (weight.onnx_type, weight.qmin, weight.qmax, weight.per_channel) == (
-            "int4", -7, 7, True
+            f"int{bits}", -top, top, True
         )
         inputs = by_name[f"{layer}.input"]
         assert (inputs.onnx_type, inputs.per_channel, inputs.clipped) == ("int8", True, True)
     relu = by_name["relu1.output"]
-    assert (relu.onnx_type, relu.qmin, relu.qmax, relu.clipped) == ("uint8", 0, 15, True)
+    assert (relu.onnx_type, relu.qmin, relu.qmax) == ("uint8", 0, 2**bits - 1)
+    assert relu.clipped == (bits == 4) and not relu.per_channel
     graph = onnx.load(str(result.path)).graph
     dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear"]
     assert any(a.name == "axis" and a.i == 0 for n in dequantize for a in n.attribute)

@@ -105,7 +105,7 @@ def test_an_unknown_format_is_refused(tmp_path: Path, task: Task) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["float", "lsq", "dorefa", "bnn"])
+@pytest.mark.parametrize("algorithm", ["float", "naive", "lsq", "dorefa", "bnn"])
 def test_other_algorithms_export_to_onnx(tmp_path: Path, task: Task, algorithm: str) -> None:
     study = _study(tmp_path, task, [algorithm])
     result = export_trial(study, 0, tmp_path / "export", task=task, format="onnx")
