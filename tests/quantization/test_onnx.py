@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import os
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,15 @@ def _node_types(path: Path) -> list[str]:
 def qat8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, torch.nn.Module, OnnxExport]:
     quantizer, model = _trained(QAT_Quantizer, QAT_PER_TENSOR_8)
     path = tmp_path_factory.mktemp("qat8") / "model.onnx"
-    return quantizer, model, export_onnx(model, path, batch(n=1)[0])
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    cwd = os.getcwd()
+    os.chdir(elsewhere)  # the exporter must not leave files in the current folder either
+    try:
+        result = export_onnx(model, path, batch(n=1)[0])
+    finally:
+        os.chdir(cwd)
+    assert list(elsewhere.iterdir()) == [] and list(path.parent.iterdir()) == [path]
+    return quantizer, model, result
 
 
 def test_qat_8_bit_per_tensor_runs_in_onnxruntime(qat8: Any) -> None:
