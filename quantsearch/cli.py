@@ -134,6 +134,13 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--trial", type=int, required=True, help="the trial number")
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
     _add_data_dir(export)
+    export.add_argument(
+        "--format",
+        choices=("packed", "onnx"),
+        default="packed",
+        help="packed: state dict, calibration and packed model (default); onnx: those and an "
+        "ONNX QDQ model, checked in onnxruntime and timed",
+    )
     return parser
 
 
@@ -401,5 +408,5 @@ def _cmd_export(args: argparse.Namespace) -> int:
     study, _ = _open_study(args)
     out = _output_folder(args.out, "--out")
     task = task_from_study(study, data_dir=args.data_dir) if args.data_dir else None
-    print(describe_export(export_trial(study, args.trial, out, task=task)))
+    print(describe_export(export_trial(study, args.trial, out, task=task, format=args.format)))
     return 0

@@ -21,6 +21,7 @@ from ._algorithms import (
 )
 from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
+from ._onnx import OnnxExport, OnnxExportError, OnnxTensor, export_onnx
 from ._pack import load_packed, model_size_bytes, save_packed
 from ._ptq import NotCalibratedError, PtqQuantizer
 from ._registry import QUANTIZERS, get_quantizer, register_quantizer
@@ -37,11 +38,15 @@ __all__ = [
     "LsqQuantizer",
     "NaiveQuantizer",
     "NotCalibratedError",
+    "OnnxExport",
+    "OnnxExportError",
+    "OnnxTensor",
     "PtqQuantizer",
     "QATQuantizer",
     "QAT_Quantizer",
     "QuantWrapper",
     "Quantizer",
+    "export_onnx",
     "get_quantizer",
     "load_packed",
     "model_size_bytes",

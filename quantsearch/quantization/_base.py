@@ -346,16 +346,49 @@ class Quantizer:
         return config
 
     def export_model(
-        self, model_path: str | Path, calibration_path: str | Path | None = None
+        self,
+        model_path: str | Path,
+        calibration_path: str | Path | None = None,
+        onnx_path: str | Path | None = None,
+        input_shape: Sequence[int] | None = None,
+        device: str | torch.device | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Save the real state dict (unwrapped, BatchNorm unfolded: it loads strictly into a
         fresh model) and, if asked, the calibration as JSON. Can be called any number of times;
-        returns the calibration dict."""
-        torch.save(real_state_dict(self._compressed_model()), model_path)
+        returns the calibration dict.
+
+        NNI's signature: with ``onnx_path`` the model is also written as an ONNX QDQ model
+        (:func:`export_onnx`; NNI wrote the float model), traced on a random batch of
+        ``input_shape`` placed on ``device`` (default: the model's device), or on the
+        quantizer's ``dummy_input`` when no shape is given.
+        """
+        model = self._compressed_model()
+        dummy = None
+        if onnx_path is not None:  # checked first, so nothing is written for a bad call
+            dummy = self._onnx_input(input_shape, device)
+        torch.save(real_state_dict(model), model_path)
         calibration = self.calibration_config()
         if calibration_path is not None:
             Path(calibration_path).write_text(json.dumps(calibration, indent=2) + "\n")
+        if onnx_path is not None:
+            from ._onnx import export_onnx
+
+            export_onnx(model, onnx_path, dummy)
         return calibration
+
+    def _onnx_input(
+        self, input_shape: Sequence[int] | None, device: str | torch.device | None
+    ) -> Any:
+        if input_shape is not None:
+            if device is None:
+                device = next(self.bound_model.parameters(), torch.empty(0)).device
+            return torch.randn(*input_shape, device=device)
+        if self.dummy_input is None:
+            raise ConfigError(
+                "export_model(onnx_path=...) needs input_shape, or a dummy_input given to the "
+                "quantizer, to trace the model"
+            )
+        return self.dummy_input
 
     def export_packed(self, path: str | Path) -> int:
         """Write the deployed model with integer weights packed at their bit width; returns the

@@ -10,6 +10,7 @@ from quantsearch.report._export import (
     resolve_checkpoint,
     task_from_study,
 )
+from quantsearch.report._onnx import Latency, OnnxReport
 from quantsearch.report._plots import (
     bits_heatmap_figure,
     format_size,
@@ -24,6 +25,8 @@ from quantsearch.report._write import write_report
 __all__ = [
     "ExportError",
     "ExportResult",
+    "Latency",
+    "OnnxReport",
     "ReportError",
     "bits_heatmap_figure",
     "describe_export",

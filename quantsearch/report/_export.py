@@ -16,6 +16,7 @@ from quantsearch.report._errors import ExportError
 from quantsearch.report._storage import sqlite_folder, storage_url
 
 if TYPE_CHECKING:
+    from quantsearch.report._onnx import OnnxReport
     from quantsearch.tasks import Task
 
 __all__ = [
@@ -30,6 +31,8 @@ MODEL_FILE = "model.pt"
 CALIBRATION_FILE = "calibration.json"
 PACKED_FILE = "model.qpk"
 SUMMARY_FILE = "export.json"
+#: ``packed``: model.pt, calibration.json, model.qpk; ``onnx``: those and the ONNX files.
+FORMATS = ("packed", "onnx")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class ExportResult:
     size_bytes: int
     packed_file_bytes: int
     test_samples: int
+    onnx: OnnxReport | None = None
+    """The ONNX export, checked in onnxruntime (``format="onnx"``)."""
 
     @property
     def matches(self) -> bool:
@@ -158,6 +163,7 @@ def export_trial(
     *,
     task: Task | None = None,
     checkpoint_root: str | Path | None = None,
+    format: str = "packed",
 ) -> ExportResult:
     """Write ``trial_number``'s model to ``out_dir`` from its checkpoint, reload it, evaluate it.
 
@@ -167,6 +173,11 @@ def export_trial(
     loaded into a fresh float model and evaluated on the test split; an :class:`ExportError` is
     raised unless it gets the trial's stored test accuracy exactly (the files stay written, for
     inspection).
+
+    ``format="onnx"`` also writes ``model.onnx`` (QDQ) and ``model_float.onnx``, runs the first
+    in onnxruntime on the test split and times both (see :mod:`quantsearch.report._onnx`); an
+    ExportError is raised unless it picks the PyTorch model's class on at least 99.9% of the
+    test images.
     """
     import torch
 
@@ -174,6 +185,8 @@ def export_trial(
     from quantsearch.quantization import load_packed, save_packed
     from quantsearch.tasks import evaluate
 
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}: expected one of {list(FORMATS)}")
     trial = _find_trial(study, trial_number)
     record = TrialRecord.of(trial)
     if trial.state != TrialState.COMPLETE:
@@ -229,6 +242,13 @@ def export_trial(
     float_model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
     state_dict_accuracy = evaluate(float_model, task.test_set)
     reloaded_accuracy = evaluate(load_packed(packed_path, task.build_model()), task.test_set)
+    onnx_report = None
+    if format == "onnx":
+        from quantsearch.report._onnx import export_onnx_files
+
+        onnx_report = export_onnx_files(
+            model, float_model, task, out, stored_accuracy=float(stored)
+        )
 
     samples = len(task.test_set)  # type: ignore[arg-type]
     result = ExportResult(
@@ -244,6 +264,7 @@ def export_trial(
         size_bytes=int(record.size_bytes if record.size_bytes is not None else 0),
         packed_file_bytes=packed_path.stat().st_size,
         test_samples=samples,
+        onnx=onnx_report,
     )
     (out / SUMMARY_FILE).write_text(json.dumps(_summary(result), indent=2) + "\n")
     if not _same_count(checkpoint_accuracy, result.stored_test_accuracy, samples):
@@ -258,6 +279,8 @@ def export_trial(
             f"{reloaded_accuracy:.4%}, but trial {trial_number} stored "
             f"{result.stored_test_accuracy:.4%}"
         )
+    if onnx_report is not None:
+        onnx_report.check(trial_number)
     return result
 
 
@@ -286,7 +309,7 @@ def _load_checkpoint(path: Path, trial_number: int) -> dict[str, Any]:
 
 
 def _summary(result: ExportResult) -> dict[str, Any]:
-    return {
+    summary = {
         "trial": result.trial_number,
         "files": {
             "state_dict": result.model_path.name,
@@ -302,6 +325,9 @@ def _summary(result: ExportResult) -> dict[str, Any]:
         "test_samples": result.test_samples,
         "matches": result.matches,
     }
+    if result.onnx is not None:
+        summary["onnx"] = result.onnx.summary()
+    return summary
 
 
 def describe_export(result: ExportResult) -> str:
@@ -321,4 +347,8 @@ def describe_export(result: ExportResult) -> str:
         f"test accuracy of the reloaded packed model: {result.reloaded_accuracy:.4%} "
         f"({correct}/{result.test_samples}); stored: {result.stored_test_accuracy:.4%}: {verdict}"
     )
+    if result.onnx is not None:
+        from quantsearch.report._onnx import describe_onnx
+
+        lines += describe_onnx(result.onnx)
     return "\n".join(lines)

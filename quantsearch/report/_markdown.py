@@ -304,6 +304,17 @@ def render_markdown(frame: pd.DataFrame, front: pd.DataFrame, context: ReportCon
         f"quantsearch export {context.study_args} --trial {example} --out exports/trial_{example}",
         "```",
         "",
+        "For ONNX Runtime, TensorRT or OpenVINO, `--format onnx` adds a QDQ model "
+        "(`model.onnx`, integer weights and quantized activations as QuantizeLinear/"
+        "DequantizeLinear) and the float model (`model_float.onnx`); it checks the QDQ model "
+        "in onnxruntime on the test split and measures both models' latency (needs "
+        "`pip install 'quantsearch[onnx]'`):",
+        "",
+        "```sh",
+        f"quantsearch export {context.study_args} --trial {example} "
+        f"--out exports/trial_{example} --format onnx",
+        "```",
+        "",
         "All trials with every attribute: [trials.csv](trials.csv).",
         "",
     ]

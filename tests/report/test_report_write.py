@@ -113,6 +113,10 @@ def test_report_md_has_the_front_table_plots_and_commands(
         f"quantsearch export --space search_spaces/digits.yaml --trial {smallest} "
         f"--out exports/trial_{smallest}" in text
     )
+    assert (
+        f"quantsearch export --space search_spaces/digits.yaml --trial {smallest} "
+        f"--out exports/trial_{smallest} --format onnx\n```" in text
+    )
     assert "| 27 | DivergedError: loss became nan at epoch 2, step 17 |" in text
     assert "| trials | 29 (27 complete, 2 failed) |" in text
 

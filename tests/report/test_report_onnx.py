@@ -1,0 +1,116 @@
+"""`quantsearch export --format onnx`: a trained trial as an ONNX QDQ model, checked in
+onnxruntime on the test split and timed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+
+from quantsearch.cli import main
+from quantsearch.quantization import OnnxExport
+from quantsearch.report import ExportError, Latency, OnnxReport, describe_export, export_trial
+from quantsearch.report._onnx import MIN_AGREEMENT, describe_onnx
+from quantsearch.tasks import Task, get_task
+
+from .test_report_export import _study
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    return get_task("digits", seed=0)
+
+
+def test_cli_exports_onnx_that_agrees_with_the_study(
+    tmp_path: Path, task: Task, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _study(tmp_path, task, ["qat"])  # weights 4 bits, ReLU6 outputs 8 bits
+    storage = f"sqlite:///{tmp_path / 'exp.db'}"
+    out = tmp_path / "onnx"
+    code = main(["export", "--storage", storage, "--study", "exp", "--trial", "0",
+                 "--out", str(out), "--format", "onnx"])
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "calibration.json", "export.json", "model.onnx", "model.pt", "model.qpk",
+        "model_float.onnx",
+    ]
+    trial = optuna.load_study(study_name="exp", storage=storage).trials[0]
+    stored = trial.user_attrs["test_accuracy"]
+    summary = json.loads((out / "export.json").read_text())["onnx"]
+    samples = summary["test_samples"]
+    assert samples == len(task.test_set)
+    assert summary["agreement"] >= MIN_AGREEMENT and summary["agrees"] is True
+    assert len(summary["differences"]) == round((1 - summary["agreement"]) * samples)
+    # Each differing image can move the accuracy by one image at most.
+    assert abs(summary["onnx_accuracy"] - stored) * samples <= len(summary["differences"]) + 1e-6
+    assert summary["checker"] == "passed"
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    # 4-bit uint weights (QAT's default dtype) as uint4, 8-bit activations as uint8.
+    types = {name: t["type"] for name, t in summary["tensors"].items()}
+    assert types == {"conv1.weight": "uint4", "conv2.weight": "uint4", "fc1.weight": "uint4",
+                     "fc2.weight": "uint4", "relu1.output": "uint8", "relu2.output": "uint8",
+                     "relu3.output": "uint8"}
+    assert summary["size_bytes"] == trial.user_attrs["size_bytes"]
+    assert summary["size_bytes"] < summary["file_bytes"] < summary["size_bytes"] + 8192
+    assert summary["file_bytes"] < summary["float_file_bytes"] / 5
+    latency = summary["latency_ms"]
+    assert [entry["batch"] for entry in latency] == [1, 64]
+    assert all(entry["qdq"] > 0 and entry["float"] > 0 for entry in latency)
+    assert "1 thread" in summary["latency_setup"]
+    # The terminal shows the same facts.
+    assert "model.onnx        ONNX QDQ model (opset 25)" in text
+    assert "weights uint4 x4; activations uint8 x3" in text
+    accuracy = summary["onnx_accuracy"]
+    assert f"onnxruntime: test accuracy {accuracy:.4%} (stored: {stored:.4%})" in text
+    assert f"same class as PyTorch on {samples - len(summary['differences'])}/{samples}" in text
+    assert "onnx.checker passed" in text
+    assert "batch   1: QDQ " in text and "batch  64: QDQ " in text
+
+
+def test_too_many_differences_fail_the_export_and_are_listed(tmp_path: Path) -> None:
+    export = OnnxExport(path=tmp_path / "model.onnx", file_bytes=900, size_bytes=800, opset=25,
+                        tensors=(), unquantized=())
+    differences = tuple((i, 1, 1, 7) for i in range(25))
+    report = OnnxReport(
+        export=export, float_path=tmp_path / "model_float.onnx", float_file_bytes=4000,
+        onnx_accuracy=0.9, stored_test_accuracy=0.95, agreement=1 - 25 / 1000,
+        differences=differences, latency=(Latency(batch=1, qdq_ms=0.2, float_ms=0.1),),
+        test_samples=1000, onnxruntime_version="1.32.0",
+    )
+    assert not report.agrees
+    lines = describe_onnx(report)
+    assert "  test image 3 (label 1): PyTorch 1, onnxruntime 7" in lines
+    assert "  ... and 5 more (export.json)" in lines
+    assert any(line.endswith("(float/QDQ 0.50x)") for line in lines)
+    with pytest.raises(ExportError) as raised:
+        report.check(4)
+    message = str(raised.value)
+    assert "of trial 4 picks the PyTorch model's class on 97.500% of the test images" in message
+    assert "below 99.9% (test accuracy 90.0000%, stored 95.0000%); 25 differ:" in message
+    assert "test image 19 (label 1): PyTorch 1, onnxruntime 7" in message
+
+
+def test_an_unknown_format_is_refused(tmp_path: Path, task: Task) -> None:
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    with pytest.raises(ExportError, match=r"unknown export format 'tflite': expected one of"):
+        export_trial(study, 0, tmp_path / "x", task=task, format="tflite")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["float", "naive", "lsq", "dorefa", "bnn"])
+def test_other_algorithms_export_to_onnx(tmp_path: Path, task: Task, algorithm: str) -> None:
+    study = _study(tmp_path, task, [algorithm])
+    result = export_trial(study, 0, tmp_path / "export", task=task, format="onnx")
+    assert result.onnx is not None and result.onnx.agrees
+    text = describe_export(result)
+    assert "onnxruntime: test accuracy" in text
+    if algorithm == "float":
+        assert "no quantized tensor (float model)" in text
