@@ -328,6 +328,10 @@ class Quantizer:
         """Bits per quantized layer and quant type, e.g. ``{"conv1": {"weight": 8}}``."""
         return {name: dict(layer.bits) for name, layer in self.layers.items()}
 
+    def folded_batch_norms(self) -> dict[str, str]:
+        """Conv name -> the name of the BatchNorm folded into it."""
+        return {name: w.bn_name for name, w in self._wrappers().items() if w.bn_name is not None}
+
     def calibration_config(self) -> dict[str, dict[str, Any]]:
         """Per-layer calibration with NNI's keys (``weight_bits``, ``tracked_min_output``...)."""
         config: dict[str, dict[str, Any]] = {}

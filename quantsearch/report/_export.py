@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
+from torch import Tensor, nn
 
 from quantsearch.pipeline import TrialRecord
 from quantsearch.report._errors import ExportError
@@ -30,6 +33,7 @@ __all__ = [
 MODEL_FILE = "model.pt"
 CALIBRATION_FILE = "calibration.json"
 PACKED_FILE = "model.qpk"
+DEQUANTIZED_FILE = "model_dequantized.pt"
 SUMMARY_FILE = "export.json"
 #: ``packed``: model.pt, calibration.json, model.qpk; ``onnx``: those and the ONNX files.
 FORMATS = ("packed", "onnx")
@@ -52,6 +56,11 @@ class ExportResult:
     """The deployed export reloaded: model.qpk through ``load_packed``."""
     state_dict_accuracy: float
     """model.pt alone in a fresh float model: the trained float weights, no quantization."""
+    dequantized_path: Path | None
+    """The deployed weights (quantized, then dequantized) in the original architecture's state
+    dict; None where the architecture cannot hold a folded bias."""
+    dequantized_accuracy: float
+    """model_dequantized.pt in a fresh float model: deployed weights, float activations."""
     size_bytes: int
     packed_file_bytes: int
     test_samples: int
@@ -241,7 +250,19 @@ def export_trial(
     float_model = task.build_model()
     float_model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
     state_dict_accuracy = evaluate(float_model, task.test_set)
-    reloaded_accuracy = evaluate(load_packed(packed_path, task.build_model()), task.test_set)
+    deployed = load_packed(packed_path, task.build_model())
+    reloaded_accuracy = evaluate(deployed, task.test_set)
+    dequantized_path: Path | None = out / DEQUANTIZED_FILE
+    dequantized_accuracy = math.nan
+    folded = quantizer.folded_batch_norms() if quantizer is not None else {}
+    state = dequantized_state(deployed, task.build_model(), folded)
+    if state is None:
+        dequantized_path = None
+    else:
+        torch.save(state, dequantized_path)
+        dequantized_model = task.build_model()
+        dequantized_model.load_state_dict(state)
+        dequantized_accuracy = evaluate(dequantized_model, task.test_set)
     onnx_report = None
     if format == "onnx":
         from quantsearch.report._onnx import export_onnx_files
@@ -261,6 +282,8 @@ def export_trial(
         checkpoint_accuracy=checkpoint_accuracy,
         reloaded_accuracy=reloaded_accuracy,
         state_dict_accuracy=state_dict_accuracy,
+        dequantized_path=dequantized_path,
+        dequantized_accuracy=dequantized_accuracy,
         size_bytes=int(record.size_bytes if record.size_bytes is not None else 0),
         packed_file_bytes=packed_path.stat().st_size,
         test_samples=samples,
@@ -282,6 +305,36 @@ def export_trial(
     if onnx_report is not None:
         onnx_report.check(trial_number)
     return result
+
+
+def dequantized_state(
+    deployed: nn.Module, fresh: nn.Module, folded: Mapping[str, str]
+) -> dict[str, Tensor] | None:
+    """The state dict of ``fresh``'s architecture holding ``deployed``'s (``load_packed``'s)
+    weights: each folded BatchNorm passes its input through (mean 0, variance 1 - eps, weight 1)
+    and carries the folded bias when its conv has none. None when a folded bias has no place
+    (a conv without bias before a BatchNorm without affine parameters)."""
+    state = fresh.state_dict()
+    given = deployed.state_dict()
+    for key, value in given.items():
+        if key in state and state[key].shape == value.shape:
+            state[key] = value.detach().clone()
+    for conv, bn in folded.items():
+        bias = given[f"{conv}.bias"].detach().clone()
+        module = fresh.get_submodule(bn)
+        if not getattr(module, "affine", False) and f"{conv}.bias" not in state:
+            return None
+        eps = float(getattr(module, "eps", 1e-5))
+        state[f"{bn}.running_mean"] = torch.zeros_like(state[f"{bn}.running_mean"])
+        state[f"{bn}.running_var"] = torch.full_like(state[f"{bn}.running_var"], 1.0 - eps)
+        if getattr(module, "affine", False):
+            state[f"{bn}.weight"] = torch.ones_like(state[f"{bn}.weight"])
+            state[f"{bn}.bias"] = torch.zeros_like(state[f"{bn}.bias"])
+        if f"{conv}.bias" in state:
+            state[f"{conv}.bias"] = bias
+        else:
+            state[f"{bn}.bias"] = bias
+    return state
 
 
 def _load_checkpoint(path: Path, trial_number: int) -> dict[str, Any]:
@@ -320,6 +373,7 @@ def _summary(result: ExportResult) -> dict[str, Any]:
         "checkpoint_accuracy": result.checkpoint_accuracy,
         "reloaded_accuracy": result.reloaded_accuracy,
         "state_dict_accuracy": result.state_dict_accuracy,
+        "dequantized_accuracy": result.dequantized_accuracy,
         "size_bytes": result.size_bytes,
         "packed_file_bytes": result.packed_file_bytes,
         "test_samples": result.test_samples,
@@ -335,12 +389,19 @@ def describe_export(result: ExportResult) -> str:
     correct = round(result.reloaded_accuracy * result.test_samples)
     lines = [
         f"exported trial {result.trial_number} to {result.out_dir}",
-        f"  {result.model_path.name:<17} state dict of the original architecture",
-        f"  {result.calibration_path.name:<17} calibration (scales, zero points, bits)",
+        f"  {result.model_path.name:<20} the float weights the trial trained, before quantization"
+        f" (NNI's export_model): {result.state_dict_accuracy:.2%} on test; not the deployed model",
+        f"  {result.calibration_path.name:<20} calibration (scales, zero points, bits)",
     ]
+    if result.dequantized_path is not None:
+        lines.append(
+            f"  {result.dequantized_path.name:<20} the deployed weights, dequantized, for the "
+            f"original architecture (activations float): {result.dequantized_accuracy:.2%}"
+        )
     lines.append(
-        f"  {result.packed_path.name:<17} packed model, "
-        f"{result.packed_file_bytes:,} bytes (model size {result.size_bytes:,} bytes)"
+        f"  {result.packed_path.name:<20} the deployed model (load_packed): packed integers and "
+        f"activation quantizers, {result.packed_file_bytes:,} bytes (model size "
+        f"{result.size_bytes:,} bytes)"
     )
     verdict = "equal" if result.matches else "DIFFERENT"
     lines.append(

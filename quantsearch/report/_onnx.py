@@ -75,7 +75,9 @@ class OnnxReport:
 
     @property
     def agrees(self) -> bool:
-        return self.agreement >= MIN_AGREEMENT
+        # On a split under 1,000 images one value on a rounding boundary (PyTorch multiplies by
+        # 1/scale, QuantizeLinear divides) is already 0.1%: one differing image is allowed.
+        return self.agreement >= MIN_AGREEMENT or len(self.differences) <= 1
 
     def summary(self) -> dict[str, Any]:
         """The export.json section."""

@@ -271,11 +271,7 @@ def _dry_run(
             ) from None
     quantizer = compressed.quantizer
     assert quantizer is not None
-    folded = {
-        name: entry["folded_batch_norm"]
-        for name, entry in quantizer.calibration_config().items()
-        if "folded_batch_norm" in entry
-    }
+    folded = quantizer.folded_batch_norms()
     outputs = [name for name, bits in quantizer.layer_bits().items() if "output" in bits]
     difference = None
     reference = build_compressed(task, spec.algorithm, [], float_state=state)

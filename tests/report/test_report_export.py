@@ -100,7 +100,12 @@ def test_export_reloads_to_the_stored_accuracy(tmp_path: Path, task: Task, algor
         "export.json",
         "model.pt",
         "model.qpk",
+        "model_dequantized.pt",
     ]
+    # The deployed weights in the original architecture (activations float), evaluated.
+    dequantized = task.build_model()
+    dequantized.load_state_dict(torch.load(result.dequantized_path, weights_only=True))
+    assert evaluate(dequantized, task.test_set) == result.dequantized_accuracy
     calibration = json.loads(result.calibration_path.read_text())
     bits = study.trials[0].user_attrs["layer_bits"]
     assert set(calibration) == set(bits)
@@ -170,3 +175,40 @@ def test_checkpoint_paths_are_relative_to_the_database(tmp_path: Path) -> None:
         resolve_checkpoint(memory, memory.trials[0])
     found = resolve_checkpoint(memory, memory.trials[0], checkpoint_root=tmp_path / "sub")
     assert found == tmp_path / "sub" / "a" / "t.pt"
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_the_dequantized_state_dict_holds_the_deployed_weights_in_the_original_architecture(
+    tmp_path: Path, conv_bias: bool
+) -> None:
+    import torch
+    from torch import nn
+
+    from quantsearch.quantization import QAT_Quantizer, load_packed
+    from quantsearch.report._export import dequantized_state
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 3, 3, bias=conv_bias), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+            nn.Linear(3 * 36, 4),
+        )
+
+    x = torch.randn(16, 1, 8, 8)
+    model = build()
+    config = [{"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"]}]
+    quantizer = QAT_Quantizer(model, config, dummy_input=x[:1])
+    model = quantizer.compress()
+    model.train()
+    for _ in range(3):
+        model(x)  # BatchNorm statistics move away from the identity
+    quantizer.export_packed(tmp_path / "m.qpk")
+    deployed = load_packed(tmp_path / "m.qpk", build())
+    assert quantizer.folded_batch_norms() == {"0": "1"}
+    state = dequantized_state(deployed, build(), quantizer.folded_batch_norms())
+    fresh = build()
+    fresh.load_state_dict(state)  # strict: every key of the original architecture
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), deployed(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fresh(x), model.eval()(x), atol=1e-5, rtol=1e-5)

@@ -39,7 +39,7 @@ def test_cli_exports_onnx_that_agrees_with_the_study(
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
         "calibration.json", "export.json", "model.onnx", "model.pt", "model.qpk",
-        "model_float.onnx",
+        "model_dequantized.pt", "model_float.onnx",
     ]
     trial = optuna.load_study(study_name="exp", storage=storage).trials[0]
     stored = trial.user_attrs["test_accuracy"]
