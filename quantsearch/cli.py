@@ -7,6 +7,7 @@ prints ``quantsearch: error: <message>`` and exits with code 2, writing nothing.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import signal
 import sys
@@ -72,6 +73,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _devices(text: str) -> list[str]:
+    from quantsearch.tasks import resolve_device
+
+    devices = [item.strip() for item in text.split(",") if item.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError("give at least one device, e.g. cuda:0,cuda:1")
+    for device in devices:
+        if device != "cpu" and not re.fullmatch(r"cuda:\d+", device):
+            raise argparse.ArgumentTypeError(f"{device!r} is not cpu or cuda:N")
+        try:
+            resolved = resolve_device(device)
+        except (ValueError, RuntimeError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        import torch
+
+        if resolved.type == "cuda" and resolved.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{device}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    return devices
+
+
 def _add_study_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--space", type=Path, help="the search-space YAML file of the study")
     parser.add_argument(
@@ -103,6 +126,12 @@ def _build_parser() -> argparse.ArgumentParser:
     study.add_argument("--n-trials", type=_positive_int, help="override the space's n_trials")
     study.add_argument(
         "--jobs", type=_positive_int, default=1, help="trials trained at once (processes)"
+    )
+    study.add_argument(
+        "--devices",
+        type=_devices,
+        help="comma-separated devices the --jobs workers train on in turn (cpu, cuda:N; "
+        "default: one GPU each when train.device is cuda or auto and there are several)",
     )
     study.add_argument(
         "--threads",
@@ -263,7 +292,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
         f"x {threads} thread(s) on {available_cores()} cores, storage {_mask(spec.storage)}",
         flush=True,
     )
-    study = run_study(context, jobs=args.jobs, threads=args.threads, progress=progress)
+    study = run_study(
+        context, jobs=args.jobs, threads=args.threads, devices=args.devices, progress=progress
+    )
     front = front_table(study)
     if front.empty:
         print("no trial finished: the study has no Pareto front yet")

@@ -57,6 +57,7 @@ from quantsearch.search._workers import (
     ProcessPool,
     available_cores,
     threads_per_worker,
+    worker_devices,
 )
 from quantsearch.tasks import Task, resolve_device, seed_everything
 
@@ -1138,12 +1139,14 @@ def run_study(
     *,
     jobs: int = 1,
     threads: int | None = None,
+    devices: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> optuna.Study:
     """Run (or resume) the study until it holds ``n_trials`` trials, and return it.
 
     Each of the ``jobs`` training processes (this one when ``jobs`` is 1) uses
-    :func:`study_threads` torch threads.
+    :func:`study_threads` torch threads; worker processes train on ``devices`` in turn (by
+    default one GPU each when trials train on ``cuda``/``auto`` and there are several GPUs).
     """
     spec = context.spec
     num_threads = study_threads(spec, jobs, threads)
@@ -1172,7 +1175,15 @@ def run_study(
         torch.set_num_threads(num_threads if jobs == 1 else 1)
         # Each worker process sets its torch threads once, when it starts.
         pool: InlinePool | ProcessPool = (
-            InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=num_threads)
+            InlinePool()
+            if jobs == 1
+            else ProcessPool(
+                jobs,
+                num_threads=num_threads,
+                devices=worker_devices(
+                    train_config(context.task, spec.train).device, jobs, given=devices
+                ),
+            )
         )
         try:
             with pool, heartbeat or contextlib.nullcontext():

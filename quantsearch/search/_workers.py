@@ -14,8 +14,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from quantsearch._malloc import keep_freed_memory
@@ -29,6 +29,7 @@ __all__ = [
     "ProcessPool",
     "available_cores",
     "threads_per_worker",
+    "worker_devices",
 ]
 
 # How often a waiting study checks that its workers are still alive, and a worker that its
@@ -45,6 +46,25 @@ def available_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def worker_devices(
+    device: str, jobs: int, *, given: Sequence[str] | None = None, cuda_count: int | None = None
+) -> list[str | None]:
+    """The device of each of ``jobs`` workers (None: the trial's own ``train.device``).
+
+    ``given`` devices in turn; else, when trials train on ``cuda`` or ``auto`` and there are
+    several GPUs, ``cuda:0`` .. ``cuda:N-1`` in turn, one GPU per worker.
+    """
+    if given:
+        return [given[index % len(given)] for index in range(jobs)]
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count()
+    if device in ("cuda", "auto") and cuda_count > 1:
+        return [f"cuda:{index % cuda_count}" for index in range(jobs)]
+    return [None] * jobs
 
 
 def threads_per_worker(jobs: int) -> int:
@@ -101,7 +121,9 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="quantsearch-parent-watch", daemon=True).start()
 
 
-def _worker_main(inbox: Any, outbox: Any, index: int, num_threads: int, parent: int) -> None:
+def _worker_main(
+    inbox: Any, outbox: Any, index: int, num_threads: int, parent: int, device: str | None
+) -> None:
     _die_with_parent(parent)
     # Ctrl-C reaches the whole process group: the study's process decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -113,6 +135,8 @@ def _worker_main(inbox: Any, outbox: Any, index: int, num_threads: int, parent: 
         job = inbox.get()
         if job is None:
             return
+        if device is not None:
+            job = replace(job, train={**job.train, "device": device})
         outbox.put((index, job.number, run_trial(job)))
 
 
@@ -130,17 +154,22 @@ class ProcessPool:
     replaced; the study goes on.
     """
 
-    def __init__(self, jobs: int, *, num_threads: int) -> None:
+    def __init__(
+        self, jobs: int, *, num_threads: int, devices: Sequence[str | None] | None = None
+    ) -> None:
         self._context = multiprocessing.get_context("spawn")
         self._outbox = self._context.Queue()
         self._num_threads = num_threads
+        self._devices = list(devices or [None] * jobs)
         self._workers = [self._start(index) for index in range(jobs)]
 
     def _start(self, index: int) -> _Worker:
         inbox = self._context.Queue()
         process = self._context.Process(
             target=_worker_main,
-            args=(inbox, self._outbox, index, self._num_threads, os.getpid()),
+            args=(
+                inbox, self._outbox, index, self._num_threads, os.getpid(), self._devices[index]
+            ),
             name=f"quantsearch-worker-{index}",
             daemon=True,
         )

@@ -84,3 +84,25 @@ def test_a_dying_worker_fails_its_trial_and_is_replaced(
     assert len(originals) == 3
     assert all("retry_of" not in trials[n].user_attrs for n in originals)
     assert all(t.params == trials[t.user_attrs["retry_of"]].params for t in retries)
+
+
+def test_each_worker_gets_one_gpu_when_trials_train_on_cuda() -> None:
+    from quantsearch.search._workers import worker_devices
+
+    assert worker_devices("cuda", 3, cuda_count=2) == ["cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices("auto", 2, cuda_count=4) == ["cuda:0", "cuda:1"]
+    # One GPU or none, or trials on the CPU: every worker keeps the trial's own device.
+    assert worker_devices("cuda", 2, cuda_count=1) == [None, None]
+    assert worker_devices("cpu", 2, cuda_count=4) == [None, None]
+    assert worker_devices("auto", 3, given=["cuda:1", "cpu"], cuda_count=0) == [
+        "cuda:1", "cpu", "cuda:1"
+    ]
+
+
+def test_devices_on_the_command_line_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from quantsearch.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["study", "--space", "x.yaml", "--devices", "gpu0"])
+    assert stop.value.code == 2
+    assert "argument --devices: 'gpu0' is not cpu or cuda:N" in capsys.readouterr().err
