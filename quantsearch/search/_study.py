@@ -649,6 +649,9 @@ def ensure_float_model(
         out=path,
         log=log,
     )
+    if stored is None and study.user_attrs.get("float_model") is not None:
+        # Another machine recorded its float model while this one trained: the same, or refused.
+        stored = FloatModel.model_validate(study.user_attrs["float_model"])
     if stored is not None and made.sha256 != stored.sha256:
         raise FloatModelError(
             f"{path}: the float model made here (hash {made.sha256[:12]}) differs from the "
@@ -1130,8 +1133,11 @@ def requeue_interrupted(study: optuna.Study, folder: Path | None = None) -> list
 
 def study_threads(spec: SearchSpec, jobs: int, threads: int | None = None) -> int:
     """Torch threads for each of ``jobs`` training processes: ``threads``, else the space's
-    ``train.num_threads``, else the cores shared out so that jobs x threads <= cores."""
-    return threads or spec.threads or threads_per_worker(jobs)
+    ``train.num_threads``, else, for one job, this process's own setting (OMP_NUM_THREADS, or
+    one per core), and for several the cores shared out so that jobs x threads <= cores."""
+    if threads or spec.threads:
+        return threads or spec.threads or 1
+    return torch.get_num_threads() if jobs == 1 else threads_per_worker(jobs)
 
 
 def run_study(
