@@ -324,7 +324,9 @@ def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
 def test_resume_after_sigkill(tmp_path: Path) -> None:
     """Kill a real study process mid-trial; the rerun re-queues that trial and finishes."""
     n_trials = 8
-    space = _space(tmp_path, n_trials=n_trials, train={"epochs": 2}, task="digits")
+    space = _space(
+        tmp_path, n_trials=n_trials, train={"epochs": 2}, float_train={"epochs": 1}, task="digits"
+    )
     storage = f"sqlite:///{tmp_path / 'studies' / 'small.db'}"
     killed_running: list[int] = []
     for _ in range(3):

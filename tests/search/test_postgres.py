@@ -89,7 +89,13 @@ def _server(password: str | None) -> Iterator[str]:
 @pytest.mark.slow
 def test_two_machines_share_one_study(tmp_path: Path, postgres_url: str) -> None:
     n_trials = 8
-    space = write_space(tmp_path, n_trials=n_trials, storage=postgres_url, train={"epochs": 3})
+    space = write_space(
+        tmp_path,
+        n_trials=n_trials,
+        storage=postgres_url,
+        train={"epochs": 3},
+        float_train={"epochs": 1},
+    )
     machines = [tmp_path / "machine_a", tmp_path / "machine_b"]
     processes = []
     for folder in machines:
