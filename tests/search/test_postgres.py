@@ -136,6 +136,14 @@ def test_two_machines_share_one_study(tmp_path: Path, postgres_url: str) -> None
             checkpoint = Path(trial.user_attrs["checkpoint"])
             assert checkpoint.is_file()
             assert checkpoint.is_relative_to(machines[owners[trial.number][0]])
+    # Each machine made the float model once, and both made the one the study recorded.
+    from quantsearch.pipeline import FloatModel, load_state, state_sha256
+
+    study = optuna.load_study(study_name="small", storage=postgres_url)
+    recorded = FloatModel.model_validate(study.user_attrs["float_model"])
+    for folder in machines:
+        weights = folder / "studies" / "small_artifacts" / "float_model.pt"
+        assert state_sha256(load_state(weights)) == recorded.sha256
 
 
 @pytest.mark.slow
