@@ -22,7 +22,7 @@ from ._observers import (
     weight_range,
 )
 from ._registry import register_quantizer
-from ._tensor_quant import SCHEMES, AffineWeightQuant, TensorQuant
+from ._tensor_quant import SCHEMES, AffineWeightQuant, TensorQuant, affine_fixed_params
 
 __all__ = ["NotCalibratedError", "PtqActivationQuant", "PtqQuantizer", "PtqWeightQuant"]
 
@@ -227,14 +227,7 @@ class PtqActivationQuant(TensorQuant):
 
     def fixed_params(self) -> dict[str, Any]:
         """What a deployed model needs to reproduce this quantizer in eval mode."""
-        scale, zero_point = self.qparams()
-        return {
-            "scale": scale.reshape(-1).float(),
-            "zero_point": zero_point.reshape(-1).to(torch.int32),
-            "axis": 1 if self.per_channel else None,
-            "qmin": self.qmin,
-            "qmax": self.qmax,
-        }
+        return affine_fixed_params(self)
 
     def calibration(self, role: str) -> dict[str, Any]:
         if self._dirty:

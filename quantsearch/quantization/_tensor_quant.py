@@ -124,6 +124,19 @@ def _affine_codes(
     return q - qmin, meta
 
 
+def affine_fixed_params(quant: Any) -> dict[str, Any]:
+    """Scale, zero point, axis and range of an affine activation quantizer, as deployed (per
+    channel along dim 1)."""
+    scale, zero_point = quant.qparams()
+    return {
+        "scale": scale.reshape(-1).float(),
+        "zero_point": zero_point.reshape(-1).to(torch.int32),
+        "axis": 1 if quant.per_channel else None,
+        "qmin": quant.qmin,
+        "qmax": quant.qmax,
+    }
+
+
 def decode(codes: Tensor, encoding: str, bits: int, meta: dict[str, Any]) -> Tensor:
     """Float tensor from integer codes 0..2^bits-1; bit-exact inverse of ``TensorQuant.codes``."""
     if encoding == "sign":
@@ -297,14 +310,7 @@ class EmaActivationQuant(TensorQuant):
 
     def fixed_params(self) -> dict[str, Any]:
         """What a deployed model needs to reproduce this quantizer in eval mode."""
-        scale, zero_point = self.qparams()
-        return {
-            "scale": scale.reshape(-1).float(),
-            "zero_point": zero_point.reshape(-1).to(torch.int32),
-            "axis": 1 if self.per_channel else None,
-            "qmin": self.qmin,
-            "qmax": self.qmax,
-        }
+        return affine_fixed_params(self)
 
     def calibration(self, role: str) -> dict[str, Any]:
         return {
