@@ -181,16 +181,51 @@ def test_sqlite_files_that_are_not_a_study_are_refused_unchanged(
             assert _tree(workdir) == before, args
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files")
+@pytest.fixture
+def read_only() -> Iterator[Callable[[Path], None]]:
+    """Makes a file or folder read-only for this process, root included (immutable)."""
+    made: list[Path] = []
+
+    def make(path: Path) -> None:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        if os.geteuid() == 0:  # root ignores modes, not the immutable attribute
+            if shutil.which("chattr") is None:
+                pytest.skip("root, and no chattr to make a file read-only")
+            done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+            if done.returncode != 0:
+                pytest.skip(f"chattr +i refused here: {done.stderr.decode().strip()}")
+        made.append(path)
+
+    yield make
+    for path in made:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def test_a_read_only_database_is_refused(
-    study_copy: Path, capsys: pytest.CaptureFixture[str]
+    study_copy: Path, capsys: pytest.CaptureFixture[str], read_only: Callable[[Path], None]
 ) -> None:
-    os.chmod("studies/small.db", 0o444)
+    read_only(Path("studies/small.db"))
+    before = _tree(study_copy)
     message = _refused(["study", "--space", "space.yaml", "--n-trials", "3"], capsys)
     assert message == (
         "quantsearch: error: studies/small.db: is read-only, and the study writes its trials "
         "to it"
     )
+    assert _tree(study_copy) == before
+
+
+def test_a_read_only_artifacts_folder_is_refused_before_the_first_trial(
+    study_copy: Path, capsys: pytest.CaptureFixture[str], read_only: Callable[[Path], None]
+) -> None:
+    read_only(Path("studies/small_artifacts/small"))
+    before = _tree(study_copy)
+    message = _refused(["study", "--space", "space.yaml", "--n-trials", "3"], capsys)
+    assert message == (
+        "quantsearch: error: the artifacts folder studies/small_artifacts/small: is not writable"
+    )
+    assert _tree(study_copy) == before
 
 
 def test_an_existing_study_is_byte_identical_after_every_refused_input(
@@ -293,12 +328,12 @@ def test_an_artifacts_folder_that_cannot_be_made_is_refused_before_the_first_tri
     assert sorted(os.listdir("studies")) == ["small_artifacts"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only folders")
 def test_a_read_only_report_folder_is_refused_before_the_study(
-    workdir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path, capsys: pytest.CaptureFixture[str], read_only: Callable[[Path], None]
 ) -> None:
     space = _space(workdir)
-    Path("reports").mkdir(mode=0o555)
+    Path("reports").mkdir()
+    read_only(Path("reports"))
     message = _refused(["study", "--space", str(space)], capsys)
     assert message == (
         "quantsearch: error: --report-dir reports/small: cannot be created: reports is not "

@@ -557,7 +557,9 @@ def _folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on the folder itself (no lock file), released when its process dies."""
     handle = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        # Some network file systems lock no folders: then creation just races, as before.
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
     finally:
         os.close(handle)
