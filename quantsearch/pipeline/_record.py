@@ -38,6 +38,8 @@ class TrialRecord(BaseModel):
     baseline: str | None = None
     retry_of: int | None = None
     duplicate_of: int | None = None
+    seed_of: str | None = None
+    """Where a queued trial's parameters came from: ``sensitivity`` for the predicted front."""
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     val_samples: int | None = None

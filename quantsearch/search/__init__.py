@@ -12,7 +12,24 @@ from quantsearch.search._display import ConsoleProgress, front_table, trials_tab
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
-from quantsearch.search._space import SearchSpec, load_space, parse_space, storage_url
+from quantsearch.search._sensitivity import (
+    SENSITIVITY_ATTR,
+    ParamSensitivity,
+    PredictedPoint,
+    Sensitivity,
+    SensitivityEntry,
+    measure_sensitivity,
+    predicted_front,
+    seed_configs,
+    sensitivity_of,
+)
+from quantsearch.search._space import (
+    SearchSpec,
+    SensitivitySpec,
+    load_space,
+    parse_space,
+    storage_url,
+)
 from quantsearch.search._study import (
     FLOAT_MODEL_FILE,
     StorageError,
@@ -35,10 +52,16 @@ __all__ = [
     "FLOAT",
     "FLOAT_MODEL_FILE",
     "NNI_TYPES",
+    "SENSITIVITY_ATTR",
     "ConsoleProgress",
     "ModelLayers",
     "NniParam",
+    "ParamSensitivity",
+    "PredictedPoint",
     "SearchSpec",
+    "Sensitivity",
+    "SensitivityEntry",
+    "SensitivitySpec",
     "SpaceError",
     "SpacePlan",
     "StorageError",
@@ -56,12 +79,16 @@ __all__ = [
     "load_space",
     "load_study",
     "load_study_from",
+    "measure_sensitivity",
     "open_study",
     "parse_nni_param",
     "parse_space",
+    "predicted_front",
     "prepare",
     "run_study",
     "run_trial",
+    "seed_configs",
+    "sensitivity_of",
     "storage_url",
     "study_threads",
     "trial_seed",

@@ -45,6 +45,7 @@ from quantsearch.search._objective import (
     train_config,
     trial_seed,
 )
+from quantsearch.search._sensitivity import seed_study
 from quantsearch.search._space import SearchSpec, changed_keys
 from quantsearch.search._workers import (
     Heartbeat,
@@ -259,8 +260,9 @@ def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def _retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
-    retry = TrialRecord(retry_of=trial.number, baseline=TrialRecord.of(trial).baseline)
-    return retry.model_dump(include={"retry_of", "baseline"}, exclude_none=True)
+    record = TrialRecord.of(trial)
+    retry = TrialRecord(retry_of=trial.number, baseline=record.baseline, seed_of=record.seed_of)
+    return retry.model_dump(include={"retry_of", "baseline", "seed_of"}, exclude_none=True)
 
 
 def _sampler(spec: SearchSpec, resume_index: int) -> optuna.samplers.BaseSampler:
@@ -842,6 +844,8 @@ def run_study(
         made = ensure_float_model(study, context, log=progress.message)
         if made is not None:
             loop.float_model, loop.float_model_path = made
+            if spec.sensitivity is not None:
+                seed_study(study, context, made[1], log=progress.message)
         torch.set_num_threads(num_threads if jobs == 1 else 1)
         # Each worker process sets its torch threads once, when it starts.
         pool: InlinePool | ProcessPool = (
