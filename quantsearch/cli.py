@@ -119,6 +119,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_study_source(report)
     report.add_argument("--out", type=Path, help="folder (default: reports/<study name>)")
 
+    sensitivity = commands.add_parser(
+        "sensitivity",
+        help="measure (once) and print each per-layer bit width's sensitivity",
+        description="Measure each per-layer bits parameter of a space on the study's float "
+        "model (stored in the study; run again, it is read back) and print the table.",
+    )
+    sensitivity.add_argument("--space", type=Path, required=True, help="the search-space file")
+    sensitivity.add_argument("--storage", help="override the space's storage")
+    sensitivity.add_argument("--threads", type=_positive_int, help="torch threads")
+    _add_data_dir(sensitivity)
+
     export = commands.add_parser("export", help="export a trial's quantized model")
     _add_study_source(export)
     export.add_argument("--trial", type=int, required=True, help="the trial number")
@@ -144,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate": _cmd_validate,
         "report": _cmd_report,
         "export": _cmd_export,
+        "sensitivity": _cmd_sensitivity,
     }
     try:
         return handlers[args.command](args)
@@ -344,4 +356,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = _output_folder(args.out, "--out")
     task = task_from_study(study, data_dir=args.data_dir) if args.data_dir else None
     print(describe_export(export_trial(study, args.trial, out, task=task)))
+    return 0
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from quantsearch.search import (
+        describe_front,
+        prepare,
+        sensitivity_pivot,
+        study_sensitivity,
+    )
+
+    spec = _load_spec(args)
+    context = prepare(spec)
+    sensitivity = study_sensitivity(context, threads=args.threads, log=print)
+    print(
+        f"\nsensitivity of {spec.study_name!r} ({sensitivity.method}, "
+        f"{sensitivity.samples} validation images; float loss {sensitivity.float_loss:.4f}, "
+        f"accuracy {sensitivity.float_accuracy:.4f})"
+    )
+    for value, title in (
+        ("loss_increase", "validation loss increase, each parameter alone at each bit width"),
+        ("accuracy_drop", "validation accuracy drop"),
+        ("size_delta", "size change (bytes)"),
+        *((("predicted", "predicted cost (Hessian measure)"),)
+          if sensitivity.method == "hessian" else ()),
+    ):  # fmt: skip
+        print(f"\n{title}:")
+        pattern = "{:+,.0f}" if value == "size_delta" else "{:+.4f}"
+        table = sensitivity_pivot(sensitivity, value).astype(float)
+        print(table.to_string(float_format=pattern.format))
+    print(f"\n{describe_front(sensitivity)}")
     return 0

@@ -18,6 +18,7 @@ from quantsearch.report._plots import (
     hypervolume_history,
     pareto_figure,
 )
+from quantsearch.report._sensitivity import sensitivity_heatmap_figure, sensitivity_markdown
 from quantsearch.report._table import pareto_frame, trials_frame
 from quantsearch.report._write import write_report
 
@@ -35,6 +36,8 @@ __all__ = [
     "pareto_figure",
     "pareto_frame",
     "resolve_checkpoint",
+    "sensitivity_heatmap_figure",
+    "sensitivity_markdown",
     "task_from_study",
     "trials_frame",
     "write_report",

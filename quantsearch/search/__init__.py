@@ -7,21 +7,29 @@ study = run_study(context, jobs=2)                 # until the study holds spec.
 
 from __future__ import annotations
 
+from quantsearch.pipeline import (
+    SENSITIVITY_ATTR,
+    ParamSensitivity,
+    Sensitivity,
+    SensitivityEntry,
+    sensitivity_of,
+)
 from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan, config_key
 from quantsearch.search._display import ConsoleProgress, front_table, trials_table
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
 from quantsearch.search._sensitivity import (
-    SENSITIVITY_ATTR,
-    ParamSensitivity,
     PredictedPoint,
-    Sensitivity,
-    SensitivityEntry,
     measure_sensitivity,
     predicted_front,
     seed_configs,
-    sensitivity_of,
+)
+from quantsearch.search._sensitivity_study import (
+    describe_front,
+    sensitivity_frame,
+    sensitivity_pivot,
+    study_sensitivity,
 )
 from quantsearch.search._space import (
     SearchSpec,
@@ -74,6 +82,7 @@ __all__ = [
     "available_cores",
     "config_key",
     "counted_trials",
+    "describe_front",
     "ensure_float_model",
     "front_table",
     "load_space",
@@ -88,8 +97,11 @@ __all__ = [
     "run_study",
     "run_trial",
     "seed_configs",
+    "sensitivity_frame",
     "sensitivity_of",
+    "sensitivity_pivot",
     "storage_url",
+    "study_sensitivity",
     "study_threads",
     "trial_seed",
     "trials_table",

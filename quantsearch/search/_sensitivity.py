@@ -25,10 +25,20 @@ from typing import Any
 import optuna
 import torch
 from optuna.distributions import CategoricalDistribution, IntDistribution
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from quantsearch.pipeline import TrialRecord, build_compressed, load_state, state_sha256
+from quantsearch.pipeline import (
+    SENSITIVITY_ATTR,
+    Bits,
+    ParamSensitivity,
+    Sensitivity,
+    SensitivityEntry,
+    TrialRecord,
+    build_compressed,
+    load_state,
+    sensitivity_of,
+    state_sha256,
+)
 from quantsearch.quantization import model_size_bytes
 from quantsearch.quantization._base import wrappers_of
 from quantsearch.search._config_builder import FLOAT, SpacePlan
@@ -40,11 +50,7 @@ from quantsearch.tasks._training import batches_of
 
 __all__ = [
     "SEED_MARK",
-    "SENSITIVITY_ATTR",
-    "ParamSensitivity",
     "PredictedPoint",
-    "Sensitivity",
-    "SensitivityEntry",
     "default_seed_count",
     "enqueue_seeds",
     "ensure_sensitivity",
@@ -54,112 +60,14 @@ __all__ = [
     "searched_tensors",
     "seed_configs",
     "seed_study",
-    "sensitivity_of",
 ]
 
-#: The study user attribute that holds the measured :class:`Sensitivity`.
-SENSITIVITY_ATTR = "sensitivity"
 #: ``TrialRecord.seed_of`` of a trial queued from the sensitivity's Pareto set.
 SEED_MARK = "sensitivity"
-SENSITIVITY_VERSION = 1
 # Activation types whose observers need calibration batches before they quantize.
 _ACTIVATIONS = ("input", "output")
 # Config keys the ptq quantizer takes besides the bits (others belong to training).
 _PTQ_KEYS = ("quant_scheme", "quant_dtype", "observer", "percentile")
-
-Bits = int | str
-
-
-class SensitivityEntry(BaseModel):
-    """One parameter at one bit width ("float": not quantized), everything else float."""
-
-    model_config = ConfigDict(frozen=True)
-
-    bits: Bits
-    loss: float
-    accuracy: float
-    size_delta: int
-    """Bytes this setting adds to the float model's size (negative: it saves them)."""
-    hessian: float | None = None
-    """Mean Hessian trace x ||Q(W) - W||^2 (method hessian, weights only)."""
-
-
-class ParamSensitivity(BaseModel):
-    """A per-layer bits parameter: the tensors it sets, and its measured bit widths."""
-
-    model_config = ConfigDict(frozen=True)
-
-    param: str
-    tensors: list[str]
-    """``<layer>.<quant type>`` of each tensor the parameter's bits apply to."""
-    trace: float | None = None
-    """Mean Hessian trace of the loss over the parameter's weights (method hessian)."""
-    entries: list[SensitivityEntry] = Field(default_factory=list)
-
-    def entry(self, bits: Bits) -> SensitivityEntry | None:
-        return next((e for e in self.entries if e.bits == bits), None)
-
-
-class Sensitivity(BaseModel):
-    """What a study measured on its float model; stored as its ``sensitivity`` attribute.
-
-    Written as it goes (after each entry), so a killed pass continues where it stopped.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    version: int = SENSITIVITY_VERSION
-    method: str
-    batches: int
-    samples: int
-    """Validation images each measurement evaluated."""
-    float_sha256: str
-    float_loss: float
-    float_accuracy: float
-    float_size_bytes: int
-    params: list[ParamSensitivity]
-    candidates: dict[str, list[Bits]]
-    """Every bit width of each parameter, in the space's order."""
-    complete: bool = False
-    seconds: float = 0.0
-
-    def param(self, name: str) -> ParamSensitivity:
-        return next(p for p in self.params if p.param == name)
-
-    def increase(self, name: str, bits: Bits) -> float:
-        """The predicted cost of ``name`` at ``bits``: the loss increase over float (method
-        loss, and activations), or the Hessian measure (method hessian, weights)."""
-        if bits == FLOAT:
-            return 0.0
-        entry = self.param(name).entry(bits)
-        if entry is None:
-            raise KeyError(f"{name} at {bits} bits was not measured")
-        if self.method == "hessian" and entry.hessian is not None:
-            return entry.hessian
-        return entry.loss - self.float_loss
-
-    def rows(self) -> Iterator[dict[str, Any]]:
-        """One row per (parameter, bit width): the table the CLI and the report show."""
-        for param in self.params:
-            for entry in param.entries:
-                yield {
-                    "param": param.param,
-                    "tensors": ", ".join(param.tensors),
-                    "bits": entry.bits,
-                    "loss": entry.loss,
-                    "loss_increase": entry.loss - self.float_loss,
-                    "accuracy": entry.accuracy,
-                    "accuracy_drop": self.float_accuracy - entry.accuracy,
-                    "size_delta": entry.size_delta,
-                    "hessian": entry.hessian,
-                    "predicted": self.increase(param.param, entry.bits),
-                }
-
-
-def sensitivity_of(study: optuna.Study) -> Sensitivity | None:
-    """The sensitivity a study stored, or None."""
-    raw = study.user_attrs.get(SENSITIVITY_ATTR)
-    return None if raw is None else Sensitivity.model_validate(raw)
 
 
 def _param_values(param: NniParam) -> list[Bits]:
@@ -257,9 +165,14 @@ class _Measurer:
             return SensitivityEntry(bits=bits, loss=loss, accuracy=accuracy, size_delta=0)
         values = _only(self.plan, name, bits)
         config_list = self.plan.config_list(values)
-        measured = [{k: v for k, v in e.items() if k in (*_PTQ_KEYS, "quant_types",
-                                                          "quant_bits", "op_names")}
-                    for e in config_list]  # fmt: skip
+        measured = [
+            {
+                k: v
+                for k, v in e.items()
+                if k in (*_PTQ_KEYS, "quant_types", "quant_bits", "op_names")
+            }
+            for e in config_list
+        ]
         compressed = build_compressed(self.task, "ptq", measured, float_state=self.float_state)
         assert compressed.quantizer is not None
         activations = any(t.rpartition(".")[2] in _ACTIVATIONS for t in tensors)
@@ -270,9 +183,12 @@ class _Measurer:
         sized = build_compressed(self.task, self.spec.algorithm, config_list)
         size_delta = model_size_bytes(sized.model) - self.float_size
         return SensitivityEntry(
-            bits=bits, loss=loss, accuracy=accuracy, size_delta=int(size_delta),
+            bits=bits,
+            loss=loss,
+            accuracy=accuracy,
+            size_delta=int(size_delta),
             hessian=self._hessian_measure(compressed.model, tensors),
-        )  # fmt: skip
+        )
 
     def _calibrate(self, compressed: Any, count: int) -> None:
         generator = torch.Generator().manual_seed(self.spec.seed)
@@ -317,8 +233,7 @@ class _Measurer:
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             for _ in range(samples):
                 vectors = [
-                    torch.randint(0, 2, w.shape, generator=generator).to(w) * 2 - 1
-                    for w in weights
+                    torch.randint(0, 2, w.shape, generator=generator).to(w) * 2 - 1 for w in weights
                 ]
                 dot = sum((g * v).sum() for g, v in zip(grads, vectors, strict=True))
                 products = torch.autograd.grad(dot, weights, retain_graph=True)
@@ -432,9 +347,7 @@ def measure_sensitivity(
             started = time.perf_counter()
             done += 1
             save(current)
-        shown = "  ".join(
-            f"{e.bits}: {e.loss - current.float_loss:+.3f}" for e in param.entries
-        )
+        shown = "  ".join(f"{e.bits}: {e.loss - current.float_loss:+.3f}" for e in param.entries)
         log(
             f"sensitivity {done}/{total} ({index + 1}/{len(candidates)} {name}): "
             f"loss increase {shown}"
@@ -469,9 +382,15 @@ def ensure_sensitivity(
         study.set_user_attr(SENSITIVITY_ATTR, sensitivity.model_dump())
 
     made = measure_sensitivity(
-        spec, task, plan, state, float_size_bytes=float_size_bytes, stored=stored, save=save,
+        spec,
+        task,
+        plan,
+        state,
+        float_size_bytes=float_size_bytes,
+        stored=stored,
+        save=save,
         log=log,
-    )  # fmt: skip
+    )
     log(f"sensitivity: done in {made.seconds:.1f} s")
     return made
 
@@ -525,41 +444,88 @@ def pareto_configs(sensitivity: Sensitivity) -> list[dict[str, Bits]]:
 
 
 def seed_configs(
-    sensitivity: Sensitivity, count: int, *, exclude: Sequence[Mapping[str, Bits]] = ()
+    sensitivity: Sensitivity,
+    count: int,
+    *,
+    exclude: Sequence[Mapping[str, Bits]] = (),
+    spread: str = "hypervolume",
 ) -> list[dict[str, Bits]]:
-    """``count`` configs of the predicted Pareto set spread evenly along its size axis.
+    """``count`` configs of the predicted Pareto set, smallest first.
 
-    Configs in ``exclude`` (the baselines) are skipped: they run anyway.
+    ``spread``: ``size`` takes the configs nearest to ``count`` sizes spaced evenly between
+    the smallest and the largest; ``hypervolume`` adds, one at a time, the config that grows
+    the predicted front's hypervolume most (size / float size against the increase scaled
+    to [0, 1]), which puts them where the front bends. Configs in ``exclude`` (the
+    baselines) are skipped: they run anyway.
     """
     front = [p for p in predicted_front(sensitivity) if dict(p.bits) not in list(exclude)]
     if count <= 0 or not front:
         return []
     if count >= len(front):
         return [p.bits for p in front]
+    if spread == "size":
+        chosen = _by_size(front, count)
+    else:
+        chosen = _by_hypervolume(front, count, sensitivity.float_size_bytes)
+    return [front[i].bits for i in sorted(chosen)]
+
+
+def _by_size(front: Sequence[PredictedPoint], count: int) -> list[int]:
     low, high = front[0].size_bytes, front[-1].size_bytes
     chosen: list[int] = []
     for k in range(count):
         target = low + (high - low) * k / max(count - 1, 1)
         free = [i for i in range(len(front)) if i not in chosen]
         chosen.append(min(free, key=lambda i: abs(front[i].size_bytes - target)))
-    return [front[i].bits for i in sorted(chosen)]
+    return chosen
+
+
+# Reference point of the predicted hypervolume: float size, and a little past the worst
+# increase, so that the front's smallest config counts too.
+_REFERENCE = (1.0, 1.05)
+
+
+def _area(points: Sequence[tuple[float, float]]) -> float:
+    """Area dominated by ``points`` (both minimised) below ``_REFERENCE``."""
+    area, best = 0.0, _REFERENCE[1]
+    for x, y in sorted(points):
+        if y < best and x < _REFERENCE[0]:
+            area += (_REFERENCE[0] - x) * (best - y)
+            best = y
+    return area
+
+
+def _by_hypervolume(front: Sequence[PredictedPoint], count: int, float_size: int) -> list[int]:
+    increases = [p.increase for p in front]
+    low, high = min(increases), max(increases)
+    scale = (high - low) or 1.0
+    points = [(p.size_bytes / float_size, (p.increase - low) / scale) for p in front]
+    chosen: list[int] = []
+    for _ in range(count):
+        base = [points[i] for i in chosen]
+        free = [i for i in range(len(points)) if i not in chosen]
+        chosen.append(max(free, key=lambda i: (_area([*base, points[i]]), -i)))
+    return chosen
 
 
 def default_seed_count(spec: SearchSpec) -> int:
-    """A quarter of the trials, at most 10, leaving room for the baselines."""
+    """Half the trials, at most 50, leaving room for the baselines (``sensitivity.seeds``
+    when given). Half measured better than a quarter (benchmarks/bench_search.py)."""
     options = spec.sensitivity
     if options is not None and options.seeds is not None:
         count = options.seeds
     else:
-        count = min(10, max(1, spec.n_trials // 4))
+        count = min(50, max(1, spec.n_trials // 2))
     return max(0, min(count, spec.n_trials - len(spec.baselines.labels)))
 
 
-def enqueue_seeds(study: optuna.Study, spec: SearchSpec, plan: SpacePlan,
-                  sensitivity: Sensitivity) -> int:  # fmt: skip
+def enqueue_seeds(
+    study: optuna.Study, spec: SearchSpec, plan: SpacePlan, sensitivity: Sensitivity
+) -> int:
     """Queue the seed configs not queued yet (``seed_of: sensitivity``); returns how many."""
     baselines = [_baseline_bits(plan, label) for label in spec.baselines.labels]
-    configs = seed_configs(sensitivity, default_seed_count(spec), exclude=baselines)
+    spread = spec.sensitivity.spread if spec.sensitivity else "hypervolume"
+    configs = seed_configs(sensitivity, default_seed_count(spec), exclude=baselines, spread=spread)
     records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
     # A seed run again after an interruption is the same seed (its retry_of is set).
     queued = sum(r.seed_of == SEED_MARK and r.retry_of is None for r in records)
@@ -587,14 +553,20 @@ def _baseline_bits(plan: SpacePlan, label: str) -> dict[str, Bits]:
     return out
 
 
-def seed_study(study: optuna.Study, context: Any, float_path: Path, *,
-               log: Callable[[str], None]) -> Sensitivity:  # fmt: skip
+def seed_study(
+    study: optuna.Study, context: Any, float_path: Path, *, log: Callable[[str], None]
+) -> Sensitivity:
     """The study's hook: measure (or read back) the sensitivity, then queue its seeds."""
     spec = context.spec
     sensitivity = ensure_sensitivity(
-        study, spec, context.task, context.plan, float_path,
-        float_size_bytes=context.float_size_bytes, log=log,
-    )  # fmt: skip
+        study,
+        spec,
+        context.task,
+        context.plan,
+        float_path,
+        float_size_bytes=context.float_size_bytes,
+        log=log,
+    )
     added = enqueue_seeds(study, spec, context.plan, sensitivity)
     if added:
         log(f"sensitivity: queued {added} config(s) of its predicted Pareto set")

@@ -49,6 +49,7 @@ QUANT_SCHEMES: tuple[str, ...] = (
 )
 OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
 SENSITIVITY_METHODS: tuple[str, ...] = ("loss", "hessian")
+SEED_SPREADS: tuple[str, ...] = ("hypervolume", "size")
 OBJECTIVES: tuple[str, ...] = ("accuracy", "size_bytes")
 # Names a space may use for a metric besides its own.
 _METRIC_ALIASES = {"size": "size_bytes"}
@@ -132,13 +133,15 @@ class SensitivitySpec:
     ``method``: ``loss`` ranks a tensor by the validation loss with it alone quantized;
     ``hessian`` by HAWQ-V2's mean Hessian trace x ||Q(W) - W||^2 (weights; activations keep
     the loss). ``batches``: validation batches each measurement evaluates. ``seeds``: configs
-    of the predicted Pareto set queued as trials (None: a quarter of n_trials, at most 10).
+    of the predicted Pareto set queued as trials (None: half of n_trials, at most 50);
+    ``spread``: how they are picked from it (``hypervolume`` or ``size``).
     """
 
     method: str = "loss"
     batches: int = 8
     seeds: int | None = None
     hessian_samples: int = 4
+    spread: str = "hypervolume"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +149,7 @@ class SensitivitySpec:
             "batches": self.batches,
             "seeds": self.seeds,
             "hessian_samples": self.hessian_samples,
+            "spread": self.spread,
         }
 
 
@@ -496,7 +500,9 @@ class _Parser:
         if value is True:
             value = {}
         rule = _mapping(
-            value, key="sensitivity", allowed=("method", "batches", "seeds", "hessian_samples")
+            value,
+            key="sensitivity",
+            allowed=("method", "batches", "seeds", "hessian_samples", "spread"),
         )
         if per_layer is None:
             raise SpaceError(
@@ -520,6 +526,12 @@ class _Parser:
             count = rule.get(key, 1)
             if not _is_int(count) or count < 1:
                 raise SpaceError(f"{count!r} is not an integer >= 1", key=f"sensitivity.{key}")
+        spread = rule.get("spread", "hypervolume")
+        if spread not in SEED_SPREADS:
+            raise SpaceError(
+                f"{spread!r} is not a spread; allowed: {', '.join(SEED_SPREADS)}",
+                key="sensitivity.spread",
+            )
         seeds = rule.get("seeds")
         if seeds is not None and (not _is_int(seeds) or seeds < 0):
             raise SpaceError(f"{seeds!r} is not an integer >= 0", key="sensitivity.seeds")
@@ -543,6 +555,7 @@ class _Parser:
             batches=rule.get("batches", 8),
             seeds=seeds,
             hessian_samples=rule.get("hessian_samples", 4),
+            spread=spread,
         )
 
     def algorithm(self, value: Any) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 
@@ -26,7 +27,7 @@ from quantsearch.search import (
     seed_configs,
     sensitivity_of,
 )
-from quantsearch.search._sensitivity import default_seed_count, ensure_sensitivity
+from quantsearch.search._sensitivity import _area, default_seed_count, ensure_sensitivity
 from quantsearch.search._study import FLOAT_MODEL_FILE, artifacts_dir
 
 SpaceFile = Callable[..., Path]
@@ -115,9 +116,10 @@ def test_a_space_without_sensitivity_keeps_its_dict(space_file: SpaceFile) -> No
     assert on.sensitivity.batches == 8 and on.sensitivity.seeds is None
     assert on.to_dict()["sensitivity"]["method"] == "hessian"
     assert on.space_hash != spec.space_hash
-    # A quarter of the trials, leaving room for the two baselines (float, uniform-8).
-    assert default_seed_count(on) == 1
-    assert default_seed_count(on.with_overrides(n_trials=200)) == 10
+    # Half the trials (at most 50), leaving room for the two baselines (float, uniform-8).
+    assert default_seed_count(on) == 2
+    assert default_seed_count(on.with_overrides(n_trials=3)) == 1
+    assert default_seed_count(on.with_overrides(n_trials=200)) == 50
 
 
 def test_a_study_measures_once_and_starts_from_the_predicted_front(
@@ -182,8 +184,9 @@ def test_a_killed_pass_measures_only_what_is_missing(space_file: SpaceFile) -> N
         p.model_copy(update={"entries": p.entries if i == 0 else p.entries[:1] if i == 1 else []})
         for i, p in enumerate(full.params)
     ]
-    study.set_user_attr("sensitivity", full.model_copy(update={"params": kept,
-                                                               "complete": False}).model_dump())
+    study.set_user_attr(
+        "sensitivity", full.model_copy(update={"params": kept, "complete": False}).model_dump()
+    )
     _, folder = artifacts_dir(spec)
     log = _Log()
     saved: list[Sensitivity] = []
@@ -195,9 +198,14 @@ def test_a_killed_pass_measures_only_what_is_missing(space_file: SpaceFile) -> N
 
     study.set_user_attr = spy  # type: ignore[method-assign]
     resumed = ensure_sensitivity(
-        study, spec, context.task, context.plan, folder / FLOAT_MODEL_FILE,
-        float_size_bytes=context.float_size_bytes, log=log.message,
-    )  # fmt: skip
+        study,
+        spec,
+        context.task,
+        context.plan,
+        folder / FLOAT_MODEL_FILE,
+        float_size_bytes=context.float_size_bytes,
+        log=log.message,
+    )
     assert log.lines[0] == "sensitivity: resuming (4 measured)"
     # 21 entries, 4 kept: 17 measured, each saved as it lands, then once marked complete.
     assert len(saved) == 18 and saved[-1].complete
@@ -224,9 +232,12 @@ def test_hessian_measure_is_trace_times_the_weight_error(space_file: SpaceFile) 
     study = run_study(context, progress=_Log())
     _, folder = artifacts_dir(spec)
     sensitivity = measure_sensitivity(
-        spec, context.task, context.plan, load_state(folder / FLOAT_MODEL_FILE),
+        spec,
+        context.task,
+        context.plan,
+        load_state(folder / FLOAT_MODEL_FILE),
         float_size_bytes=context.float_size_bytes,
-    )  # fmt: skip
+    )
     stored = sensitivity_of(study)
     assert stored is not None
     # The same seeds give the same estimate (only the seconds it took differ).
@@ -262,10 +273,17 @@ def _synthetic(seed: int, params: int = 4, bits: tuple = (2, 3, 4, 8, "float")) 
         ]
         out.append(ParamSensitivity(param=f"l{index}.weight_bits", tensors=[], entries=entries))
     return Sensitivity(
-        method="loss", batches=1, samples=1, float_sha256="x", float_loss=1.0,
-        float_accuracy=0.9, float_size_bytes=40000, params=out,
-        candidates={p.param: list(bits) for p in out}, complete=True,
-    )  # fmt: skip
+        method="loss",
+        batches=1,
+        samples=1,
+        float_sha256="x",
+        float_loss=1.0,
+        float_accuracy=0.9,
+        float_size_bytes=40000,
+        params=out,
+        candidates={p.param: list(bits) for p in out},
+        complete=True,
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -276,15 +294,14 @@ def test_the_predicted_front_is_the_exact_pareto_set(seed: int) -> None:
         bits = dict(zip(sensitivity.candidates, combo, strict=True))
         increase = sum(sensitivity.increase(n, b) for n, b in bits.items())
         size = sensitivity.float_size_bytes + sum(
-            sensitivity.param(n).entry(b).size_delta for n, b in bits.items()  # type: ignore[union-attr]
+            sensitivity.param(n).entry(b).size_delta
+            for n, b in bits.items()  # type: ignore[union-attr]
         )
         points.append((size, increase, bits))
     brute = [
         (s, round(i, 12))
         for s, i, _ in points
-        if not any(
-            (s2 <= s and i2 <= i) and (s2 < s or i2 < i) for s2, i2, _ in points
-        )
+        if not any((s2 <= s and i2 <= i) and (s2 < s or i2 < i) for s2, i2, _ in points)
     ]
     front = predicted_front(sensitivity)
     assert sorted(set(brute)) == [(p.size_bytes, round(p.increase, 12)) for p in front]
@@ -295,13 +312,13 @@ def test_seeds_spread_along_the_size_axis_and_skip_baselines() -> None:
     sensitivity = _synthetic(0)
     front = predicted_front(sensitivity)
     assert len(front) > 6
-    seeds = seed_configs(sensitivity, 3)
+    seeds = seed_configs(sensitivity, 3, spread="size")
     assert seeds[0] == front[0].bits and seeds[-1] == front[-1].bits
     sizes = [p.size_bytes for p in front]
     middle = next(p for p in front if p.bits == seeds[1]).size_bytes
     target = (sizes[0] + sizes[-1]) / 2
     assert abs(middle - target) == min(abs(s - target) for s in sizes)
-    skipped = seed_configs(sensitivity, 3, exclude=[front[0].bits])
+    skipped = seed_configs(sensitivity, 3, exclude=[front[0].bits], spread="size")
     assert front[0].bits not in skipped and len(skipped) == 3
     assert len(seed_configs(sensitivity, 1000)) == len(front)
     assert seed_configs(sensitivity, 0) == []
@@ -313,3 +330,29 @@ def test_optuna_sees_the_seeds_as_observations(space_file: SpaceFile) -> None:
     trial = study.ask({"a": optuna.distributions.CategoricalDistribution([1, 2])})
     assert trial.params == {"a": 1}
     assert TrialRecord.from_attrs(trial.user_attrs).seed_of == "sensitivity"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hypervolume_seeds_cover_the_predicted_front_nearly_best(seed: int) -> None:
+    sensitivity = _synthetic(seed)
+    front = predicted_front(sensitivity)
+    low = min(p.increase for p in front)
+    scale = max(p.increase for p in front) - low
+    point = {
+        tuple(sorted(p.bits.items())): (
+            p.size_bytes / sensitivity.float_size_bytes,
+            (p.increase - low) / scale,
+        )
+        for p in front
+    }
+
+    def area(configs: list[dict[str, Any]]) -> float:
+        return _area([point[tuple(sorted(c.items()))] for c in configs])
+
+    chosen = seed_configs(sensitivity, 3)
+    assert len(chosen) == 3
+    best = max(area([a.bits, b.bits, c.bits]) for a, b, c in itertools.combinations(front, 3))
+    # Greedy on a submodular measure: within (1 - 1/e) of the best three, and no worse than
+    # three configs spread evenly by size.
+    assert area(chosen) >= (1 - 1 / np.e) * best
+    assert area(chosen) >= area(seed_configs(sensitivity, 3, spread="size"))
