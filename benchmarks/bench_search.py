@@ -7,14 +7,16 @@ The space: the digits CNN, ptq trials (weights only, per-tensor affine, min/max)
 4 weighted layers at 2, 3, 4, 6 or 8 bits or float: 6^4 = 1,296 configs. A weight-only ptq
 trial has nothing to calibrate, so its result is a function of its config alone: every config
 is evaluated once with the pipeline's own trial function (``run_trial``, mode ``ptq``) and
-cached in ``--table``; every strategy's study then runs for real (``run_study``, SQLite in a
-temporary folder) with its trials answered from the table.
+cached in ``--table``; every strategy then runs the study's own setup (its baselines, the
+sensitivity's ``enqueue_seeds``, the sampler ``run_study`` makes) in an in-memory Optuna study
+whose trials are answered from the table.
 
 For 3 seeds and budgets of 10, 20, 40 and 80 trials (a separate study per budget), the
 hypervolume of the study's trials (1 - validation accuracy, size / float size, reference 1:
 the report's) as a fraction of the exhaustive front's, for: the default (sensitivity-seeded
-NSGA-II), NSGA-II alone, TPE alone, random search, and the sensitivity Pareto set alone.
-Nothing is asserted; the table is printed (and written as Markdown with ``--markdown``).
+NSGA-II), NSGA-II alone, TPE alone, random search, the sensitivity Pareto set alone, and
+variants of the default; and how many configs of the exhaustive front each tried. Nothing is
+asserted; the tables are printed (and written as Markdown with ``--markdown``).
 """
 
 from __future__ import annotations

@@ -310,6 +310,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             layers = ", ".join(plan.per_layer_names)
             print(f"  per layer  {name}: {_describe(param)} on {layers}")
     print(f"  searched   {len(searched)} parameter(s)")
+    if spec.sensitivity is not None:
+        options = spec.sensitivity
+        print(f"  sensitivity {options.method} on {options.batches} validation batches, then seeds")
     print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
     return 0
 
