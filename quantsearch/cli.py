@@ -231,6 +231,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     else:
         print(f"\nPareto front ({len(front)} trials):")
         print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    _print_target(study)
     if not args.no_report:
         _write_report(study, report_dir, args)
     return 0
@@ -391,3 +392,21 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
         print(table.to_string(float_format=pattern.format))
     print(f"\n{describe_front(sensitivity)}")
     return 0
+
+
+def _print_target(study: optuna.Study) -> None:
+    """The trial that meets the space's target (smallest within the accuracy drop)."""
+    from quantsearch.pipeline import TrialRecord
+    from quantsearch.search._target import TargetState, best_within
+
+    raw = study.user_attrs.get("target")
+    if raw is None:
+        return
+    target = TargetState.model_validate(raw)
+    best = best_within(study.trials, target.min_accuracy)
+    floor = f"validation accuracy >= {target.min_accuracy:.4f}"
+    if best is None:
+        print(f"target: no trial reaches {floor}")
+        return
+    size = TrialRecord.of(best).size_bytes
+    print(f"target: trial {best.number}, the smallest with {floor} ({size:,} bytes)")

@@ -91,6 +91,8 @@ def test_the_report_draws_the_heatmap_and_the_table(
     assert (out / "sensitivity.png").stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "## Sensitivity" in text and "![Loss increase per layer and bit width]" in text
+    assert text.index("## Pareto front") < text.index("## Noise on the front")
+    assert text.index("## Noise on the front") < text.index("## Bit widths on the front")
     entry = sensitivity.param("fc2.weight_bits").entry(2)
     assert entry is not None
     row = next(line for line in text.splitlines() if line.startswith("| `fc2.weight_bits`"))
@@ -101,3 +103,29 @@ def test_the_report_draws_the_heatmap_and_the_table(
     shown = figure.axes[0].images[0].get_array()
     expected = sensitivity_pivot(sensitivity).to_numpy(dtype=float)
     assert np.allclose(np.ma.filled(shown, np.nan), expected, equal_nan=True)
+
+
+def test_front_trials_within_the_test_noise_are_marked() -> None:
+    import pandas as pd
+
+    from quantsearch.report import indistinct
+    from quantsearch.report._noise import noise_markdown
+
+    front = pd.DataFrame(
+        {
+            "number": [4, 7, 9, 2],
+            "size_bytes": [1000, 2000, 3000, 4000],
+            "test_accuracy": [0.90, 0.93, 0.99, 0.995],
+            "test_low": [0.86, 0.905, 0.97, 0.98],
+            "test_high": [0.93, 0.95, 0.997, 0.999],
+        }
+    )
+    # 7 overlaps 4 (0.905 <= 0.93); 9 overlaps neither; 2 overlaps 9.
+    assert indistinct(front) == {7: 4, 2: 9}
+    text = "\n".join(noise_markdown(front))
+    assert "| 7 | 2 KB | 93.00% [90.50%, 95.00%] | 4 | 1 KB | 90.00% [86.00%, 93.00%] |" in text
+    assert not any(line.startswith("| 9 |") for line in text.splitlines())
+    assert "| 2 | 4 KB | 99.50% [98.00%, 99.90%] | 9 |" in text
+    apart = front.assign(test_low=[0.80, 0.94, 0.97, 0.998], test_high=[0.85, 0.96, 0.99, 1.0])
+    assert indistinct(apart) == {}
+    assert "Every front trial is distinguishable" in "\n".join(noise_markdown(apart))

@@ -73,5 +73,6 @@ class TrialRecord(BaseModel):
 
     def reused_by(self, **changes: Any) -> TrialRecord:
         """This trial's result as another trial that reuses it (a duplicate of it)."""
-        keep = self.model_dump(exclude={"baseline", "retry_of", "seed", "duplicate_of"})
+        # Where the reusing trial came from is its own (seed_of stays as it was queued).
+        keep = self.model_dump(exclude={"baseline", "retry_of", "seed", "duplicate_of", "seed_of"})
         return TrialRecord.model_validate({**keep, **changes})

@@ -10,6 +10,7 @@ from quantsearch.report._export import (
     resolve_checkpoint,
     task_from_study,
 )
+from quantsearch.report._noise import indistinct
 from quantsearch.report._plots import (
     bits_heatmap_figure,
     format_size,
@@ -33,6 +34,7 @@ __all__ = [
     "history_figure",
     "hypervolume_2d",
     "hypervolume_history",
+    "indistinct",
     "pareto_figure",
     "pareto_frame",
     "resolve_checkpoint",

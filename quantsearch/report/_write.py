@@ -10,6 +10,7 @@ import pandas as pd
 
 from quantsearch.pipeline import sensitivity_of
 from quantsearch.report._markdown import ReportContext, render_markdown
+from quantsearch.report._noise import noise_markdown
 from quantsearch.report._objectives import Axis, objective_axes, study_axes
 from quantsearch.report._plots import (
     bits_heatmap_figure,
@@ -22,6 +23,7 @@ from quantsearch.report._plots import (
 from quantsearch.report._sensitivity import sensitivity_heatmap_figure, sensitivity_markdown
 from quantsearch.report._storage import storage_url
 from quantsearch.report._table import check_reportable, pareto_frame, trials_frame
+from quantsearch.report._target import target_markdown
 
 __all__ = ["default_study_args", "write_report"]
 
@@ -107,6 +109,12 @@ def write_report(
         pareto_plots=tuple(plots),
     )
     text = render_markdown(frame, front, context)
+    if isinstance(attrs.get("target"), dict) and "## Summary" in text:
+        lead = "\n".join(target_markdown(frame, attrs["target"]))
+        text = text.replace("## Summary", f"{lead}\n## Summary", 1)
+    if not front.empty and "## Bit widths on the front" in text:
+        noise = "\n".join(noise_markdown(front))
+        text = text.replace("## Bit widths on the front", f"{noise}\n## Bit widths on the front", 1)
     sensitivity = sensitivity_of(study)
     if sensitivity is not None and sensitivity.params:
         save_figure(sensitivity_heatmap_figure(sensitivity), out / "sensitivity.png")

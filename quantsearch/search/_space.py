@@ -31,6 +31,7 @@ __all__ = [
     "SamplerSpec",
     "SearchSpec",
     "SensitivitySpec",
+    "Target",
     "TaskSpec",
     "changed_keys",
     "load_space",
@@ -154,6 +155,18 @@ class SensitivitySpec:
 
 
 @dataclass(frozen=True)
+class Target:
+    """The smallest model whose validation accuracy is within ``max_accuracy_drop`` of the
+    float model's: trials below it are infeasible, and the study stops once its best
+    feasible trial is as small as the space allows."""
+
+    max_accuracy_drop: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_accuracy_drop": self.max_accuracy_drop}
+
+
+@dataclass(frozen=True)
 class LayerSelector:
     """Modules selected by class name (``op_types``) and/or qualified name (``op_names``)."""
 
@@ -204,6 +217,7 @@ class SearchSpec:
     float_train: dict[str, Any] = field(default_factory=dict)
     calibration_batches: int = 32
     sensitivity: SensitivitySpec | None = None
+    target: Target | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The space with every default filled in, as plain JSON-able data."""
@@ -228,6 +242,7 @@ class SearchSpec:
             "calibration": {"batches": self.calibration_batches},
             # Only when set: the hash of a space without it stays what it was.
             **({"sensitivity": self.sensitivity.to_dict()} if self.sensitivity else {}),
+            **({"target": self.target.to_dict()} if self.target else {}),
         }
 
     def search_dict(self) -> dict[str, Any]:
@@ -351,6 +366,7 @@ _TOP_KEYS = (
     "float_train",
     "calibration",
     "sensitivity",
+    "target",
 )
 _TRAIN_KEYS = (
     "epochs",
@@ -472,6 +488,7 @@ class _Parser:
             sensitivity=self.sensitivity(
                 top.get("sensitivity"), per_layer, n_trials, top.get("from_scratch") is True
             ),
+            target=self.target(top.get("target"), top),
         )
 
     def from_scratch(self, value: Any, algorithm: str) -> bool:
@@ -557,6 +574,31 @@ class _Parser:
             hessian_samples=rule.get("hessian_samples", 4),
             spread=spread,
         )
+
+    def target(self, value: Any, top: Mapping[str, Any]) -> Target | None:
+        if value is None:
+            return None
+        rule = _mapping(value, key="target", allowed=("max_accuracy_drop",))
+        drop = rule.get("max_accuracy_drop")
+        if not _is_real(drop) or not 0 <= drop < 1:
+            raise SpaceError(
+                f"{drop!r} is not an accuracy drop in [0, 1) (0.01: one point below float)",
+                key="target.max_accuracy_drop",
+            )
+        if top.get("from_scratch") is True:
+            raise SpaceError(
+                "is measured from the float model's accuracy, which from_scratch trials do not "
+                "use; use constraints.min_accuracy instead",
+                key="target",
+            )
+        objectives = self.objectives(top.get("objectives"))
+        if "accuracy" not in objectives or "size_bytes" not in objectives:
+            raise SpaceError(
+                "asks for the smallest model within an accuracy drop, so objectives must "
+                "include accuracy and size_bytes",
+                key="target",
+            )
+        return Target(max_accuracy_drop=float(drop))
 
     def algorithm(self, value: Any) -> str:
         if value is None:

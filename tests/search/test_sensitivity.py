@@ -356,3 +356,10 @@ def test_hypervolume_seeds_cover_the_predicted_front_nearly_best(seed: int) -> N
     # three configs spread evenly by size.
     assert area(chosen) >= (1 - 1 / np.e) * best
     assert area(chosen) >= area(seed_configs(sensitivity, 3, spread="size"))
+
+
+def test_a_trial_reusing_a_seed_is_not_a_seed() -> None:
+    seed = TrialRecord(seed_of="sensitivity", val_accuracy=0.9, size_bytes=10)
+    reused = seed.reused_by(duplicate_of=3, seed=1)
+    assert reused.seed_of is None and reused.val_accuracy == 0.9
+    assert "seed_of" not in reused.to_attrs()
