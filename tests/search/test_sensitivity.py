@@ -174,7 +174,19 @@ def test_a_study_measures_once_and_starts_from_the_predicted_front(
 
 
 def test_a_killed_pass_measures_only_what_is_missing(space_file: SpaceFile) -> None:
-    spec = load_space(space_file(**{**PTQ, "n_trials": 2, "baselines": {"float": True}}))
+    layers = {"op_types": ["Conv2d", "Linear"]}
+    weights = {**layers, "quant_bits": PTQ["per_layer"]["quant_bits"]}
+    spec = load_space(
+        space_file(
+            **{
+                **PTQ,
+                "n_trials": 2,
+                "baselines": {"float": True},
+                "per_layer": weights,
+                "quantize": {"weight": layers},
+            }
+        )
+    )
     context = prepare(spec)
     study = run_study(context, progress=_Log())  # float baseline and one seed
     full = sensitivity_of(study)
@@ -207,8 +219,11 @@ def test_a_killed_pass_measures_only_what_is_missing(space_file: SpaceFile) -> N
         log=log.message,
     )
     assert log.lines[0] == "sensitivity: resuming (4 measured)"
-    # 21 entries, 4 kept: 17 measured, each saved as it lands, then once marked complete.
-    assert len(saved) == 18 and saved[-1].complete
+    # 12 entries, 4 kept: 8 measured, each saved as it lands, then once marked complete.
+    assert len(saved) == 9 and saved[-1].complete
+    assert [p.param for p in resumed.params] == [
+        f"{n}.quant_bits" for n in ("conv1", "conv2", "fc1", "fc2")
+    ]
     assert resumed.param("conv1.quant_bits") == full.param("conv1.quant_bits")
     for new, old in zip(resumed.params, full.params, strict=True):
         assert [e.bits for e in new.entries] == [e.bits for e in old.entries]
@@ -222,6 +237,9 @@ def test_hessian_measure_is_trace_times_the_weight_error(space_file: SpaceFile) 
         space_file(
             **{
                 **PTQ,
+                # conv1 and relu1 searched; the other layers at a fixed 8 bits.
+                "params": {"quant_bits": 8},
+                "per_layer": {**PTQ["per_layer"], "op_types": None, "op_names": ["conv1", "relu1"]},
                 "sensitivity": {"method": "hessian", "batches": 1, "hessian_samples": 2},
                 "n_trials": 1,
                 "baselines": {"float": True},
