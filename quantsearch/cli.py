@@ -158,6 +158,17 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_study_source(report)
     report.add_argument("--out", type=Path, help="folder (default: reports/<study name>)")
 
+    sensitivity = commands.add_parser(
+        "sensitivity",
+        help="measure (once) and print each per-layer bit width's sensitivity",
+        description="Measure each per-layer bits parameter of a space on the study's float "
+        "model (stored in the study; run again, it is read back) and print the table.",
+    )
+    sensitivity.add_argument("--space", type=Path, required=True, help="the search-space file")
+    sensitivity.add_argument("--storage", help="override the space's storage")
+    sensitivity.add_argument("--threads", type=_positive_int, help="torch threads")
+    _add_data_dir(sensitivity)
+
     export = commands.add_parser("export", help="export a trial's quantized model")
     _add_study_source(export)
     export.add_argument("--trial", type=int, required=True, help="the trial number")
@@ -190,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "validate": _cmd_validate,
         "report": _cmd_report,
         "export": _cmd_export,
+        "sensitivity": _cmd_sensitivity,
     }
     try:
         return handlers[args.command](args)
@@ -301,6 +313,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
     else:
         print(f"\nPareto front ({len(front)} trials):")
         print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    _print_target(study)
     if not args.no_report:
         _write_report(study, report_dir, args)
     return 0
@@ -395,6 +408,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 f"are within {dry.difference_at_16_bits:.1e} of the float model's"
             )
     print(f"  searched   {len(searched)} parameter(s)")
+    if spec.sensitivity is not None:
+        options = spec.sensitivity
+        print(f"  sensitivity {options.method} on {options.batches} validation batches, then seeds")
     print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
     return 0
 
@@ -441,3 +457,52 @@ def _cmd_export(args: argparse.Namespace) -> int:
     task = task_from_study(study, data_dir=args.data_dir) if args.data_dir else None
     print(describe_export(export_trial(study, args.trial, out, task=task, format=args.format)))
     return 0
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from quantsearch.search import (
+        describe_front,
+        prepare,
+        sensitivity_pivot,
+        study_sensitivity,
+    )
+
+    spec = _load_spec(args)
+    context = prepare(spec)
+    sensitivity = study_sensitivity(context, threads=args.threads, log=print)
+    print(
+        f"\nsensitivity of {spec.study_name!r} ({sensitivity.method}, "
+        f"{sensitivity.samples} validation images; float loss {sensitivity.float_loss:.4f}, "
+        f"accuracy {sensitivity.float_accuracy:.4f})"
+    )
+    for value, title in (
+        ("loss_increase", "validation loss increase, each parameter alone at each bit width"),
+        ("accuracy_drop", "validation accuracy drop"),
+        ("size_delta", "size change (bytes)"),
+        *((("predicted", "predicted cost (Hessian measure)"),)
+          if sensitivity.method == "hessian" else ()),
+    ):  # fmt: skip
+        print(f"\n{title}:")
+        pattern = "{:+,.0f}" if value == "size_delta" else "{:+.4f}"
+        table = sensitivity_pivot(sensitivity, value).astype(float)
+        print(table.to_string(float_format=pattern.format))
+    print(f"\n{describe_front(sensitivity)}")
+    return 0
+
+
+def _print_target(study: optuna.Study) -> None:
+    """The trial that meets the space's target (smallest within the accuracy drop)."""
+    from quantsearch.pipeline import TrialRecord
+    from quantsearch.search._target import TargetState, best_within
+
+    raw = study.user_attrs.get("target")
+    if raw is None:
+        return
+    target = TargetState.model_validate(raw)
+    best = best_within(study.trials, target.min_accuracy)
+    floor = f"validation accuracy >= {target.min_accuracy:.4f}"
+    if best is None:
+        print(f"target: no trial reaches {floor}")
+        return
+    size = TrialRecord.of(best).size_bytes
+    print(f"target: trial {best.number}, the smallest with {floor} ({size:,} bytes)")

@@ -36,18 +36,31 @@ from quantsearch.pipeline._metrics import (
     register_metric,
 )
 from quantsearch.pipeline._record import RECORD_VERSION, TrialMode, TrialRecord
+from quantsearch.pipeline._sensitivity import (
+    SENSITIVITY_ATTR,
+    Bits,
+    ParamSensitivity,
+    Sensitivity,
+    SensitivityEntry,
+    sensitivity_of,
+)
 
 __all__ = [
     "FLOAT_BITS",
     "METRICS",
     "RECORD_VERSION",
+    "SENSITIVITY_ATTR",
     "Adapted",
+    "Bits",
     "Compressed",
     "Evaluated",
     "FloatModel",
     "FloatModelError",
     "Metric",
     "ModelProfile",
+    "ParamSensitivity",
+    "Sensitivity",
+    "SensitivityEntry",
     "TrialMode",
     "TrialRecord",
     "accuracy_interval",
@@ -58,6 +71,7 @@ __all__ = [
     "load_weights",
     "make_float_model",
     "register_metric",
+    "sensitivity_of",
     "state_sha256",
     "trial_mode",
 ]

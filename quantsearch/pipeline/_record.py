@@ -38,6 +38,8 @@ class TrialRecord(BaseModel):
     baseline: str | None = None
     retry_of: int | None = None
     duplicate_of: int | None = None
+    seed_of: str | None = None
+    """Where a queued trial's parameters came from: ``sensitivity`` for the predicted front."""
     val_accuracy: float | None = None
     test_accuracy: float | None = None
     val_samples: int | None = None
@@ -71,5 +73,6 @@ class TrialRecord(BaseModel):
 
     def reused_by(self, **changes: Any) -> TrialRecord:
         """This trial's result as another trial that reuses it (a duplicate of it)."""
-        keep = self.model_dump(exclude={"baseline", "retry_of", "seed", "duplicate_of"})
+        # Where the reusing trial came from is its own (seed_of stays as it was queued).
+        keep = self.model_dump(exclude={"baseline", "retry_of", "seed", "duplicate_of", "seed_of"})
         return TrialRecord.model_validate({**keep, **changes})

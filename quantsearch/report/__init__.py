@@ -10,6 +10,7 @@ from quantsearch.report._export import (
     resolve_checkpoint,
     task_from_study,
 )
+from quantsearch.report._noise import indistinct
 from quantsearch.report._onnx import Latency, OnnxReport
 from quantsearch.report._plots import (
     bits_heatmap_figure,
@@ -19,6 +20,7 @@ from quantsearch.report._plots import (
     hypervolume_history,
     pareto_figure,
 )
+from quantsearch.report._sensitivity import sensitivity_heatmap_figure, sensitivity_markdown
 from quantsearch.report._table import pareto_frame, trials_frame
 from quantsearch.report._write import write_report
 
@@ -35,9 +37,12 @@ __all__ = [
     "history_figure",
     "hypervolume_2d",
     "hypervolume_history",
+    "indistinct",
     "pareto_figure",
     "pareto_frame",
     "resolve_checkpoint",
+    "sensitivity_heatmap_figure",
+    "sensitivity_markdown",
     "task_from_study",
     "trials_frame",
     "write_report",

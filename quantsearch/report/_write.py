@@ -11,7 +11,9 @@ import pandas as pd
 
 from quantsearch._paths import replacing
 from quantsearch._studydata import mask_url
+from quantsearch.pipeline import sensitivity_of
 from quantsearch.report._markdown import ReportContext, render_markdown
+from quantsearch.report._noise import noise_markdown
 from quantsearch.report._objectives import Axis, objective_axes, study_axes
 from quantsearch.report._plots import (
     bits_heatmap_figure,
@@ -21,8 +23,10 @@ from quantsearch.report._plots import (
     pareto_figure,
     save_figure,
 )
+from quantsearch.report._sensitivity import sensitivity_heatmap_figure, sensitivity_markdown
 from quantsearch.report._storage import storage_url
 from quantsearch.report._table import check_reportable, pareto_frame, trials_frame
+from quantsearch.report._target import target_markdown
 
 __all__ = ["default_study_args", "write_report"]
 
@@ -59,7 +63,8 @@ def write_report(
     Files: ``pareto.png`` / ``pareto.svg`` (accuracy against size; a study of three objectives
     gets one ``pareto_<y>_<x>.png`` for each further pair), ``bits.png`` (per-layer bits
     of the front), ``history.png`` (hypervolume and front size by trial), ``trials.csv`` (one row
-    per trial, see :func:`trials_frame`) and ``report.md``. ``command`` is the command line that
+    per trial, see :func:`trials_frame`), ``sensitivity.png`` (when the study measured its
+    sensitivity) and ``report.md``. ``command`` is the command line that
     produced the report (quoted in report.md); ``study_args`` the arguments that name the study
     on the command line (e.g. ``--space search_spaces/digits.yaml``), used in the export example;
     by default ``--storage URL --study NAME``.
@@ -107,7 +112,22 @@ def write_report(
         images=images,
         pareto_plots=tuple(plots),
     )
+    text = render_markdown(frame, front, context)
+    if isinstance(attrs.get("target"), dict) and "## Summary" in text:
+        lead = "\n".join(target_markdown(frame, attrs["target"]))
+        text = text.replace("## Summary", f"{lead}\n## Summary", 1)
+    if not front.empty and "## Bit widths on the front" in text:
+        noise = "\n".join(noise_markdown(front))
+        text = text.replace("## Bit widths on the front", f"{noise}\n## Bit widths on the front", 1)
+    sensitivity = sensitivity_of(study)
+    if sensitivity is not None and sensitivity.params:
+        save_figure(sensitivity_heatmap_figure(sensitivity), out / "sensitivity.png")
+        text = (
+            text.rstrip("\n")
+            + "\n\n"
+            + "\n".join(sensitivity_markdown(sensitivity, "sensitivity.png"))
+        )
     report = out / "report.md"
     with replacing(report) as temporary:
-        temporary.write_text(render_markdown(frame, front, context), encoding="utf-8")
+        temporary.write_text(text, encoding="utf-8")
     return report

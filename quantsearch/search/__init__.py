@@ -7,13 +7,33 @@ study = run_study(context, jobs=2)                 # until the study holds spec.
 
 from __future__ import annotations
 
+from quantsearch.pipeline import (
+    SENSITIVITY_ATTR,
+    ParamSensitivity,
+    Sensitivity,
+    SensitivityEntry,
+    sensitivity_of,
+)
 from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan, config_key
 from quantsearch.search._display import ConsoleProgress, front_table, trials_table
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
+from quantsearch.search._sensitivity import (
+    PredictedPoint,
+    measure_sensitivity,
+    predicted_front,
+    seed_configs,
+)
+from quantsearch.search._sensitivity_study import (
+    describe_front,
+    sensitivity_frame,
+    sensitivity_pivot,
+    study_sensitivity,
+)
 from quantsearch.search._space import (
     SearchSpec,
+    SensitivitySpec,
     check_study_name,
     load_space,
     parse_space,
@@ -41,10 +61,16 @@ __all__ = [
     "FLOAT",
     "FLOAT_MODEL_FILE",
     "NNI_TYPES",
+    "SENSITIVITY_ATTR",
     "ConsoleProgress",
     "ModelLayers",
     "NniParam",
+    "ParamSensitivity",
+    "PredictedPoint",
     "SearchSpec",
+    "Sensitivity",
+    "SensitivityEntry",
+    "SensitivitySpec",
     "SpaceError",
     "SpacePlan",
     "StorageError",
@@ -58,18 +84,26 @@ __all__ = [
     "check_study_name",
     "config_key",
     "counted_trials",
+    "describe_front",
     "ensure_float_model",
     "front_table",
     "load_space",
     "load_study",
     "load_study_from",
+    "measure_sensitivity",
     "open_study",
     "parse_nni_param",
     "parse_space",
+    "predicted_front",
     "prepare",
     "run_study",
     "run_trial",
+    "seed_configs",
+    "sensitivity_frame",
+    "sensitivity_of",
+    "sensitivity_pivot",
     "storage_url",
+    "study_sensitivity",
     "study_threads",
     "trial_seed",
     "trials_table",

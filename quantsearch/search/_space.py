@@ -32,6 +32,8 @@ __all__ = [
     "PerLayer",
     "SamplerSpec",
     "SearchSpec",
+    "SensitivitySpec",
+    "Target",
     "TaskSpec",
     "changed_keys",
     "check_study_name",
@@ -51,6 +53,8 @@ QUANT_SCHEMES: tuple[str, ...] = (
     "per_channel_symmetric",
 )
 OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
+SENSITIVITY_METHODS: tuple[str, ...] = ("loss", "hessian")
+SEED_SPREADS: tuple[str, ...] = ("hypervolume", "size")
 OBJECTIVES: tuple[str, ...] = ("accuracy", "size_bytes")
 # Names a space may use for a metric besides its own.
 _METRIC_ALIASES = {"size": "size_bytes"}
@@ -142,6 +146,45 @@ class HopelessRule:
 
 
 @dataclass(frozen=True)
+class SensitivitySpec:
+    """Measure each per-layer bits parameter on the float model first, then seed the search.
+
+    ``method``: ``loss`` ranks a tensor by the validation loss with it alone quantized;
+    ``hessian`` by HAWQ-V2's mean Hessian trace x ||Q(W) - W||^2 (weights; activations keep
+    the loss). ``batches``: validation batches each measurement evaluates. ``seeds``: configs
+    of the predicted Pareto set queued as trials (None: half of n_trials, at most 50);
+    ``spread``: how they are picked from it (``hypervolume`` or ``size``).
+    """
+
+    method: str = "loss"
+    batches: int = 8
+    seeds: int | None = None
+    hessian_samples: int = 4
+    spread: str = "hypervolume"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "batches": self.batches,
+            "seeds": self.seeds,
+            "hessian_samples": self.hessian_samples,
+            "spread": self.spread,
+        }
+
+
+@dataclass(frozen=True)
+class Target:
+    """The smallest model whose validation accuracy is within ``max_accuracy_drop`` of the
+    float model's: trials below it are infeasible, and the study stops once its best
+    feasible trial is as small as the space allows."""
+
+    max_accuracy_drop: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_accuracy_drop": self.max_accuracy_drop}
+
+
+@dataclass(frozen=True)
 class LayerSelector:
     """Modules selected by class name (``op_types``) and/or qualified name (``op_names``)."""
 
@@ -191,6 +234,8 @@ class SearchSpec:
     from_scratch: bool = False
     float_train: dict[str, Any] = field(default_factory=dict)
     calibration_batches: int = 32
+    sensitivity: SensitivitySpec | None = None
+    target: Target | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The space with every default filled in, as plain JSON-able data."""
@@ -213,6 +258,9 @@ class SearchSpec:
             "from_scratch": self.from_scratch,
             "float_train": dict(self.float_train),
             "calibration": {"batches": self.calibration_batches},
+            # Only when set: the hash of a space without it stays what it was.
+            **({"sensitivity": self.sensitivity.to_dict()} if self.sensitivity else {}),
+            **({"target": self.target.to_dict()} if self.target else {}),
         }
 
     def search_dict(self) -> dict[str, Any]:
@@ -426,6 +474,8 @@ _TOP_KEYS = (
     "from_scratch",
     "float_train",
     "calibration",
+    "sensitivity",
+    "target",
 )
 _TRAIN_KEYS = (
     "epochs",
@@ -548,6 +598,10 @@ class _Parser:
             from_scratch=self.from_scratch(top.get("from_scratch", False), algorithm),
             float_train=self.train(top.get("float_train"), key="float_train"),
             calibration_batches=self.calibration(top.get("calibration")),
+            sensitivity=self.sensitivity(
+                top.get("sensitivity"), per_layer, n_trials, top.get("from_scratch") is True
+            ),
+            target=self.target(top.get("target"), top),
         )
 
     def from_scratch(self, value: Any, algorithm: str) -> bool:
@@ -567,6 +621,97 @@ class _Parser:
         if not _is_int(batches) or batches < 1:
             raise SpaceError(f"{batches!r} is not an integer >= 1", key="calibration.batches")
         return batches
+
+    def sensitivity(
+        self, value: Any, per_layer: PerLayer | None, n_trials: int, from_scratch: bool
+    ) -> SensitivitySpec | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            value = {}
+        rule = _mapping(
+            value,
+            key="sensitivity",
+            allowed=("method", "batches", "seeds", "hessian_samples", "spread"),
+        )
+        if per_layer is None:
+            raise SpaceError(
+                "measures each per-layer bits parameter, but the space has no per_layer; "
+                "add per_layer or drop sensitivity",
+                key="sensitivity",
+            )
+        if from_scratch:
+            raise SpaceError(
+                "is measured on the trained float model, which from_scratch trials do not "
+                "use; drop one of them",
+                key="sensitivity",
+            )
+        method = rule.get("method", "loss")
+        if method not in SENSITIVITY_METHODS:
+            raise SpaceError(
+                f"{method!r} is not a method; allowed: {', '.join(SENSITIVITY_METHODS)}",
+                key="sensitivity.method",
+            )
+        for key in ("batches", "hessian_samples"):
+            count = rule.get(key, 1)
+            if not _is_int(count) or count < 1:
+                raise SpaceError(f"{count!r} is not an integer >= 1", key=f"sensitivity.{key}")
+        spread = rule.get("spread", "hypervolume")
+        if spread not in SEED_SPREADS:
+            raise SpaceError(
+                f"{spread!r} is not a spread; allowed: {', '.join(SEED_SPREADS)}",
+                key="sensitivity.spread",
+            )
+        seeds = rule.get("seeds")
+        if seeds is not None and (not _is_int(seeds) or seeds < 0):
+            raise SpaceError(f"{seeds!r} is not an integer >= 0", key="sensitivity.seeds")
+        if seeds is not None and seeds > n_trials:
+            raise SpaceError(
+                f"{seeds} seed trials do not fit in n_trials ({n_trials})",
+                key="sensitivity.seeds",
+            )
+        for name, param in per_layer.params.items():
+            values = param.candidates() if isinstance(param, NniParam) else [param]
+            # Sensitivity is measured post-training, by the ptq quantizer (2..16 bits).
+            low = [v for v in values if _is_int(v) and v < 2]
+            if low:
+                raise SpaceError(
+                    f"per_layer.{name} offers {low[0]} bit(s); sensitivity measures "
+                    "post-training (ptq), which quantizes to 2..16 bits",
+                    key="sensitivity",
+                )
+        return SensitivitySpec(
+            method=method,
+            batches=rule.get("batches", 8),
+            seeds=seeds,
+            hessian_samples=rule.get("hessian_samples", 4),
+            spread=spread,
+        )
+
+    def target(self, value: Any, top: Mapping[str, Any]) -> Target | None:
+        if value is None:
+            return None
+        rule = _mapping(value, key="target", allowed=("max_accuracy_drop",))
+        drop = rule.get("max_accuracy_drop")
+        if not _is_real(drop) or not 0 <= drop < 1:
+            raise SpaceError(
+                f"{drop!r} is not an accuracy drop in [0, 1) (0.01: one point below float)",
+                key="target.max_accuracy_drop",
+            )
+        if top.get("from_scratch") is True:
+            raise SpaceError(
+                "is measured from the float model's accuracy, which from_scratch trials do not "
+                "use; use constraints.min_accuracy instead",
+                key="target",
+            )
+        objectives = self.objectives(top.get("objectives"))
+        if "accuracy" not in objectives or "size_bytes" not in objectives:
+            raise SpaceError(
+                "asks for the smallest model within an accuracy drop, so objectives must "
+                "include accuracy and size_bytes",
+                key="target",
+            )
+        return Target(max_accuracy_drop=float(drop))
 
     def algorithm(self, value: Any) -> str:
         if value is None:

@@ -49,7 +49,9 @@ from quantsearch.search._objective import (
     train_config,
     trial_seed,
 )
+from quantsearch.search._sensitivity import seed_study
 from quantsearch.search._space import BITS_PARAMS, SearchSpec, changed_keys, check_study_name
+from quantsearch.search._target import TargetState, apply_target, reached
 from quantsearch.search._workers import (
     WORKER_DIED,
     Heartbeat,
@@ -476,8 +478,9 @@ def _fail_stale_trials(study: optuna.Study) -> None:
 
 
 def _retry_attrs(trial: FrozenTrial) -> dict[str, Any]:
-    retry = TrialRecord(retry_of=trial.number, baseline=TrialRecord.of(trial).baseline)
-    return retry.model_dump(include={"retry_of", "baseline"}, exclude_none=True)
+    record = TrialRecord.of(trial)
+    retry = TrialRecord(retry_of=trial.number, baseline=record.baseline, seed_of=record.seed_of)
+    return retry.model_dump(include={"retry_of", "baseline", "seed_of"}, exclude_none=True)
 
 
 def _sampler(
@@ -827,6 +830,9 @@ class _Loop:
     _trials: list[FrozenTrial] = field(default_factory=list)
     _counted: int = 0
     _asked_since_read: int = 0
+    # The target (smallest model within an accuracy drop): the study stops once it is met.
+    target: TargetState | None = None
+    _target_trial: int | None = None
 
     @property
     def spec(self) -> SearchSpec:
@@ -940,7 +946,7 @@ class _Loop:
         while pool.has_capacity:
             if self.heartbeat is not None:
                 _fail_stale_trials(self.study)
-            if self._counted_now() >= self.spec.n_trials:
+            if self._counted_now() >= self.spec.n_trials or self._target_met():
                 return
             ticket = self._ask()
             original = self.finished.get(ticket.key)
@@ -955,6 +961,21 @@ class _Loop:
                 self.parked_elsewhere.setdefault(elsewhere, []).append(ticket)
             else:
                 self._submit(pool, ticket)
+
+    def _target_met(self) -> bool:
+        """Whether a trial within the target is as small as the space allows (said once)."""
+        if self.target is None:
+            return False
+        if self._target_trial is None:
+            best = reached(self._trials, self.target)
+            if best is None:
+                return False
+            self._target_trial = best.number
+            self.progress.message(
+                f"target: trial {best.number} is within {self.target.max_accuracy_drop:.2%} of "
+                "the float accuracy at the smallest size the space allows; no more trials"
+            )
+        return True
 
     def _ask(self) -> _Ticket:
         plan = self.context.plan
@@ -1180,6 +1201,10 @@ def run_study(
         made = ensure_float_model(study, context, log=progress.message)
         if made is not None:
             loop.float_model, loop.float_model_path = made
+            if spec.sensitivity is not None:
+                seed_study(study, context, made[1], log=progress.message)
+            if spec.target is not None:
+                loop.context, loop.target = apply_target(study, context, made[0])
         torch.set_num_threads(num_threads if jobs == 1 else 1)
         # Each worker process sets its torch threads once, when it starts.
         pool: InlinePool | ProcessPool = (

@@ -1,0 +1,573 @@
+"""Per-layer sensitivity: measured once on the float model, then the seeds of the search.
+
+For every per-layer bits parameter of a space (a layer's ``weight_bits``, ...) and each of its
+bit widths, the float model is quantized post-training at that one parameter alone and
+evaluated on a few validation batches (loss and accuracy); with ``method: hessian`` each
+weight also gets HAWQ-V2's mean Hessian trace (Hutchinson's estimator) times
+||Q(W) - W||^2. Each bit width also gets the bytes it saves, by ``model_size_bytes``.
+
+The predicted cost of a whole config is the sum of its parameters' increases, its size the
+float size plus the sum of their size changes: the Pareto set of (increase, size) is a
+multiple-choice knapsack, solved exactly by merging the Pareto sets layer by layer. A few of
+its configs, spread along the size axis, are queued as the study's first sampled trials.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from torch import Tensor, nn
+
+from quantsearch.pipeline import (
+    SENSITIVITY_ATTR,
+    Bits,
+    ParamSensitivity,
+    Sensitivity,
+    SensitivityEntry,
+    TrialRecord,
+    build_compressed,
+    load_state,
+    sensitivity_of,
+    state_sha256,
+)
+from quantsearch.quantization import model_size_bytes
+from quantsearch.quantization._base import wrappers_of
+from quantsearch.search._config_builder import FLOAT, SpacePlan
+from quantsearch.search._nni_syntax import NniParam
+from quantsearch.search._objective import train_config
+from quantsearch.search._space import BITS_PARAMS, SearchSpec
+from quantsearch.tasks import Task, seed_everything
+from quantsearch.tasks._training import batches_of
+
+__all__ = [
+    "SEED_MARK",
+    "PredictedPoint",
+    "default_seed_count",
+    "enqueue_seeds",
+    "ensure_sensitivity",
+    "measure_sensitivity",
+    "pareto_configs",
+    "predicted_front",
+    "searched_tensors",
+    "seed_configs",
+    "seed_study",
+]
+
+#: ``TrialRecord.seed_of`` of a trial queued from the sensitivity's Pareto set.
+SEED_MARK = "sensitivity"
+# Activation types whose observers need calibration batches before they quantize.
+_ACTIVATIONS = ("input", "output")
+# Config keys the ptq quantizer takes besides the bits (others belong to training).
+_PTQ_KEYS = ("quant_scheme", "quant_dtype", "observer", "percentile")
+
+
+def _param_values(param: NniParam) -> list[Bits]:
+    """Every value a bits parameter takes (a range gives each integer in it)."""
+    distribution = param.distribution
+    if isinstance(distribution, CategoricalDistribution):
+        return list(dict.fromkeys(param.decode(choice) for choice in distribution.choices))
+    if isinstance(distribution, IntDistribution):
+        raw = range(distribution.low, distribution.high + 1, distribution.step)
+    else:  # a rounded log range of integers
+        low, high, q = param.value
+        raw = range(int(low), int(high) + 1, int(q))
+    return sorted({param.decode(v) for v in raw})
+
+
+def searched_tensors(plan: SpacePlan) -> dict[str, list[str]]:
+    """Each searched per-layer bits parameter -> the ``<layer>.<quant type>`` it sets."""
+    out: dict[str, list[str]] = {}
+    for name, param in plan.params.items():
+        layer, _, key = name.rpartition(".")
+        if not layer or key not in BITS_PARAMS or not isinstance(param, NniParam):
+            continue
+        tensors = [f"{lay}.{qt}" for (lay, qt), src in plan.bits_source.items() if src == name]
+        if tensors:
+            out[name] = tensors
+    return out
+
+
+def _candidates(plan: SpacePlan) -> dict[str, list[Bits]]:
+    out = {}
+    for name in searched_tensors(plan):
+        param = plan.params[name]
+        assert isinstance(param, NniParam)
+        out[name] = _param_values(param)
+    return out
+
+
+def _only(plan: SpacePlan, name: str, bits: Bits) -> dict[str, Any]:
+    """Parameter values with ``name`` at ``bits`` and every other bits parameter float; the
+    other searched parameters at their first value."""
+    values: dict[str, Any] = {}
+    for key, param in plan.params.items():
+        if key.rpartition(".")[2] in BITS_PARAMS:
+            values[key] = FLOAT
+        elif isinstance(param, NniParam):
+            values[key] = param.candidates()[0]
+        else:
+            values[key] = param
+    values[name] = bits
+    return values
+
+
+@dataclass
+class _Measurer:
+    spec: SearchSpec
+    task: Task
+    plan: SpacePlan
+    float_state: Mapping[str, Tensor]
+    float_size: int
+
+    def __post_init__(self) -> None:
+        self.config = train_config(self.task, self.spec.train)
+        self.batches = self.spec.sensitivity.batches if self.spec.sensitivity else 8
+
+    def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        batches = batches_of(self.task.val_set, self.config, shuffle=False)
+        return itertools.islice(batches, self.batches)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> tuple[float, float, int]:
+        """(mean cross-entropy loss, accuracy, images) on the first validation batches."""
+        model.eval()
+        loss, correct, count = 0.0, 0, 0
+        for inputs, targets in self._val_batches():
+            model.to(inputs.device)
+            scores = model(inputs)
+            loss += float(nn.functional.cross_entropy(scores, targets, reduction="sum"))
+            correct += int((scores.argmax(dim=1) == targets).sum())
+            count += int(targets.shape[0])
+        return loss / max(count, 1), correct / max(count, 1), count
+
+    _float_result: tuple[float, float, int] | None = None
+
+    def float_result(self) -> tuple[float, float, int]:
+        if self._float_result is None:
+            self._float_result = self.evaluate(self.float_model())
+        return self._float_result
+
+    def float_model(self) -> nn.Module:
+        return build_compressed(self.task, "ptq", [], float_state=self.float_state).model
+
+    def measure(self, name: str, tensors: Sequence[str], bits: Bits) -> SensitivityEntry:
+        if bits == FLOAT:
+            loss, accuracy, _ = self.float_result()
+            return SensitivityEntry(bits=bits, loss=loss, accuracy=accuracy, size_delta=0)
+        values = _only(self.plan, name, bits)
+        config_list = self.plan.config_list(values)
+        measured = [
+            {
+                k: v
+                for k, v in e.items()
+                if k in (*_PTQ_KEYS, "quant_types", "quant_bits", "op_names")
+            }
+            for e in config_list
+        ]
+        compressed = build_compressed(self.task, "ptq", measured, float_state=self.float_state)
+        assert compressed.quantizer is not None
+        activations = any(t.rpartition(".")[2] in _ACTIVATIONS for t in tensors)
+        # Weights set their own ranges; activations need calibration batches first.
+        self._calibrate(compressed, self.spec.calibration_batches if activations else 1)
+        loss, accuracy, _ = self.evaluate(compressed.model)
+        # The size the study's own algorithm gives this setting (it may store more or less).
+        sized = build_compressed(self.task, self.spec.algorithm, config_list)
+        size_delta = model_size_bytes(sized.model) - self.float_size
+        return SensitivityEntry(
+            bits=bits,
+            loss=loss,
+            accuracy=accuracy,
+            size_delta=int(size_delta),
+            hessian=self._hessian_measure(compressed.model, tensors),
+        )
+
+    def _calibrate(self, compressed: Any, count: int) -> None:
+        generator = torch.Generator().manual_seed(self.spec.seed)
+        batches = batches_of(self.task.train_set, self.config, shuffle=True, generator=generator)
+        compressed.model.to(batches.device)
+        with compressed.quantizer.calibrate(), torch.no_grad():
+            for inputs, _ in itertools.islice(batches, count):
+                compressed.model(inputs)
+
+    # Set by ``traces`` before measuring with method hessian: layer -> mean Hessian trace.
+    layer_traces: dict[str, float] | None = None
+
+    def _hessian_measure(self, model: nn.Module, tensors: Sequence[str]) -> float | None:
+        if self.layer_traces is None:
+            return None
+        wrappers = wrappers_of(model)
+        total, any_weight = 0.0, False
+        for tensor in tensors:
+            layer, _, quant_type = tensor.rpartition(".")
+            if quant_type != "weight" or layer not in self.layer_traces:
+                continue
+            any_weight = True
+            total += self.layer_traces[layer] * _weight_error(wrappers[layer])
+        return total if any_weight else None
+
+    def traces(self, layers: Sequence[str], samples: int) -> dict[str, float]:
+        """Mean Hessian trace (trace / elements) of the training loss in each layer's weight.
+
+        Hutchinson: E[v^T H v] = tr(H) for Rademacher v; H v by differentiating (g . v).
+        """
+        model = self.float_model()
+        model.eval()  # BatchNorm at its running statistics, as the quantized model runs
+        modules = dict(model.named_modules())
+        weights = [modules[layer].weight for layer in layers]
+        generator = torch.Generator().manual_seed(self.spec.seed)
+        batches = batches_of(self.task.train_set, self.config, shuffle=True, generator=generator)
+        sums = [0.0] * len(layers)
+        count = 0
+        for inputs, targets in itertools.islice(batches, self.batches):
+            model.to(inputs.device)
+            loss = nn.functional.cross_entropy(model(inputs), targets)
+            grads = torch.autograd.grad(loss, weights, create_graph=True)
+            for _ in range(samples):
+                vectors = [
+                    torch.randint(0, 2, w.shape, generator=generator).to(w) * 2 - 1 for w in weights
+                ]
+                dot = sum((g * v).sum() for g, v in zip(grads, vectors, strict=True))
+                products = torch.autograd.grad(dot, weights, retain_graph=True)
+                for index, (hv, v) in enumerate(zip(products, vectors, strict=True)):
+                    sums[index] += float((hv * v).sum())
+            count += 1
+        return {
+            layer: sums[i] / (count * samples) / weights[i].numel()
+            for i, layer in enumerate(layers)
+        }
+
+
+def _weight_error(wrapper: Any) -> float:
+    """||Q(W) - W||^2 in the float weight's own units (a folded BatchNorm's scale undone)."""
+    weight = wrapper.module.weight.detach()
+    error = wrapper.quantized_weight() - wrapper._folded()[0].detach()
+    bn = wrapper.bn
+    if bn is not None:
+        factor = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            factor = bn.weight.detach() * factor
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        factor = factor.reshape(shape)
+        error = torch.where(factor != 0, error / factor, torch.zeros_like(error))
+    return float((error**2).sum())
+
+
+def measure_sensitivity(
+    spec: SearchSpec,
+    task: Task,
+    plan: SpacePlan,
+    float_state: Mapping[str, Tensor],
+    *,
+    float_size_bytes: int,
+    stored: Sensitivity | None = None,
+    save: Callable[[Sensitivity], None] = lambda s: None,
+    log: Callable[[str], None] = lambda text: None,
+) -> Sensitivity:
+    """Measure every (per-layer bits parameter, bit width) not yet in ``stored``.
+
+    ``save`` gets the sensitivity after each new entry (so a killed pass resumes from it).
+    """
+    started = time.perf_counter()
+    options = spec.sensitivity
+    method = options.method if options else "loss"
+    seed_everything(spec.seed)
+    measurer = _Measurer(spec, task, plan, float_state, float_size_bytes)
+    tensors = searched_tensors(plan)
+    candidates = _candidates(plan)
+    sha = state_sha256(float_state)
+    if stored is None or stored.float_sha256 != sha or stored.method != method:
+        float_loss, float_accuracy, samples = measurer.float_result()
+        stored = Sensitivity(
+            method=method,
+            batches=measurer.batches,
+            samples=samples,
+            float_sha256=sha,
+            float_loss=float_loss,
+            float_accuracy=float_accuracy,
+            float_size_bytes=float_size_bytes,
+            params=[ParamSensitivity(param=name, tensors=t) for name, t in tensors.items()],
+            candidates=candidates,
+        )
+        save(stored)
+    current = stored
+    if method == "hessian":
+        weighted = {
+            name: [t.rpartition(".")[0] for t in ts if t.endswith(".weight")]
+            for name, ts in tensors.items()
+        }
+        missing = [
+            layer
+            for name, layers in weighted.items()
+            if current.param(name).trace is None
+            for layer in layers
+        ]
+        if missing:
+            log(f"sensitivity: Hessian traces of {len(missing)} weight(s) ...")
+            samples_per = options.hessian_samples if options else 4
+            traces = measurer.traces(missing, samples_per)
+            params = [
+                p.model_copy(update={"trace": sum(traces[lay] for lay in weighted[p.param])})
+                if p.param in weighted and weighted[p.param] and p.trace is None
+                else p
+                for p in current.params
+            ]
+            current = current.model_copy(update={"params": params})
+            save(current)
+        measurer.layer_traces = {
+            layer: current.param(name).trace or 0.0
+            for name, layers in weighted.items()
+            for layer in layers
+        }
+    total = sum(len(v) for v in candidates.values())
+    done = sum(len(p.entries) for p in current.params)
+    for index, (name, values) in enumerate(candidates.items()):
+        param = current.param(name)
+        new = [b for b in values if param.entry(b) is None]
+        if not new:
+            continue
+        for bits in new:
+            entry = measurer.measure(name, tensors[name], bits)
+            param = param.model_copy(update={"entries": [*param.entries, entry]})
+            params = [param if p.param == name else p for p in current.params]
+            current = current.model_copy(
+                update={
+                    "params": params,
+                    "seconds": current.seconds + time.perf_counter() - started,
+                }
+            )
+            started = time.perf_counter()
+            done += 1
+            save(current)
+        shown = "  ".join(f"{e.bits}: {e.loss - current.float_loss:+.3f}" for e in param.entries)
+        log(
+            f"sensitivity {done}/{total} ({index + 1}/{len(candidates)} {name}): "
+            f"loss increase {shown}"
+        )
+    current = current.model_copy(update={"complete": True})
+    save(current)
+    return current
+
+
+def ensure_sensitivity(
+    study: optuna.Study,
+    spec: SearchSpec,
+    task: Task,
+    plan: SpacePlan,
+    float_path: Path,
+    *,
+    float_size_bytes: int,
+    log: Callable[[str], None],
+) -> Sensitivity:
+    """The study's sensitivity: read back when complete, else measured (from where a killed
+    pass stopped) and stored in the study as it goes."""
+    stored = sensitivity_of(study)
+    state = load_state(float_path)
+    if stored is not None and stored.complete and stored.float_sha256 == state_sha256(state):
+        return stored
+    if stored is not None:
+        log(f"sensitivity: resuming ({sum(len(p.entries) for p in stored.params)} measured)")
+    else:
+        log("sensitivity: measuring each per-layer bit width on the float model ...")
+
+    def save(sensitivity: Sensitivity) -> None:
+        study.set_user_attr(SENSITIVITY_ATTR, sensitivity.model_dump())
+
+    made = measure_sensitivity(
+        spec,
+        task,
+        plan,
+        state,
+        float_size_bytes=float_size_bytes,
+        stored=stored,
+        save=save,
+        log=log,
+    )
+    log(f"sensitivity: done in {made.seconds:.1f} s")
+    return made
+
+
+@dataclass(frozen=True)
+class PredictedPoint:
+    """One config of the predicted Pareto set."""
+
+    increase: float
+    size_bytes: int
+    bits: dict[str, Bits]
+
+
+def predicted_front(sensitivity: Sensitivity) -> list[PredictedPoint]:
+    """The exact Pareto set of (predicted increase, size), smallest first.
+
+    Merging layer by layer keeps only non-dominated partial sums: any config on the final
+    front is made of non-dominated partial configs, so nothing on it is lost.
+    """
+    front = [PredictedPoint(0.0, sensitivity.float_size_bytes, {})]
+    for name, values in sensitivity.candidates.items():
+        param = sensitivity.param(name)
+        options = [
+            (sensitivity.increase(name, b), 0 if b == FLOAT else param.entry(b).size_delta, b)
+            for b in values
+            if b == FLOAT or param.entry(b) is not None
+        ]
+        merged = [
+            PredictedPoint(p.increase + inc, p.size_bytes + delta, {**p.bits, name: b})
+            for p in front
+            for inc, delta, b in options
+        ]
+        front = _pareto(merged)
+    return front
+
+
+def _pareto(points: Sequence[PredictedPoint]) -> list[PredictedPoint]:
+    ordered = sorted(points, key=lambda p: (p.size_bytes, p.increase))
+    kept: list[PredictedPoint] = []
+    best = math.inf
+    for point in ordered:
+        if point.increase < best:
+            kept.append(point)
+            best = point.increase
+    return kept
+
+
+def pareto_configs(sensitivity: Sensitivity) -> list[dict[str, Bits]]:
+    """The bits of each config of the predicted Pareto set, smallest first."""
+    return [p.bits for p in predicted_front(sensitivity)]
+
+
+def seed_configs(
+    sensitivity: Sensitivity,
+    count: int,
+    *,
+    exclude: Sequence[Mapping[str, Bits]] = (),
+    spread: str = "hypervolume",
+) -> list[dict[str, Bits]]:
+    """``count`` configs of the predicted Pareto set, smallest first.
+
+    ``spread``: ``size`` takes the configs nearest to ``count`` sizes spaced evenly between
+    the smallest and the largest; ``hypervolume`` adds, one at a time, the config that grows
+    the predicted front's hypervolume most (size / float size against the increase scaled
+    to [0, 1]), which puts them where the front bends. Configs in ``exclude`` (the
+    baselines) are skipped: they run anyway.
+    """
+    front = [p for p in predicted_front(sensitivity) if dict(p.bits) not in list(exclude)]
+    if count <= 0 or not front:
+        return []
+    if count >= len(front):
+        return [p.bits for p in front]
+    if spread == "size":
+        chosen = _by_size(front, count)
+    else:
+        chosen = _by_hypervolume(front, count, sensitivity.float_size_bytes)
+    return [front[i].bits for i in sorted(chosen)]
+
+
+def _by_size(front: Sequence[PredictedPoint], count: int) -> list[int]:
+    low, high = front[0].size_bytes, front[-1].size_bytes
+    chosen: list[int] = []
+    for k in range(count):
+        target = low + (high - low) * k / max(count - 1, 1)
+        free = [i for i in range(len(front)) if i not in chosen]
+        chosen.append(min(free, key=lambda i: abs(front[i].size_bytes - target)))
+    return chosen
+
+
+# Reference point of the predicted hypervolume: float size, and a little past the worst
+# increase, so that the front's smallest config counts too.
+_REFERENCE = (1.0, 1.05)
+
+
+def _area(points: Sequence[tuple[float, float]]) -> float:
+    """Area dominated by ``points`` (both minimised) below ``_REFERENCE``."""
+    area, best = 0.0, _REFERENCE[1]
+    for x, y in sorted(points):
+        if y < best and x < _REFERENCE[0]:
+            area += (_REFERENCE[0] - x) * (best - y)
+            best = y
+    return area
+
+
+def _by_hypervolume(front: Sequence[PredictedPoint], count: int, float_size: int) -> list[int]:
+    increases = [p.increase for p in front]
+    low, high = min(increases), max(increases)
+    scale = (high - low) or 1.0
+    points = [(p.size_bytes / float_size, (p.increase - low) / scale) for p in front]
+    chosen: list[int] = []
+    for _ in range(count):
+        base = [points[i] for i in chosen]
+        free = [i for i in range(len(points)) if i not in chosen]
+        chosen.append(max(free, key=lambda i: (_area([*base, points[i]]), -i)))
+    return chosen
+
+
+def default_seed_count(spec: SearchSpec) -> int:
+    """Half the trials, at most 50, leaving room for the baselines (``sensitivity.seeds``
+    when given). Half measured better than a quarter (benchmarks/bench_search.py)."""
+    options = spec.sensitivity
+    if options is not None and options.seeds is not None:
+        count = options.seeds
+    else:
+        count = min(50, max(1, spec.n_trials // 2))
+    return max(0, min(count, spec.n_trials - len(spec.baselines.labels)))
+
+
+def enqueue_seeds(
+    study: optuna.Study, spec: SearchSpec, plan: SpacePlan, sensitivity: Sensitivity
+) -> int:
+    """Queue the seed configs not queued yet (``seed_of: sensitivity``); returns how many."""
+    baselines = [_baseline_bits(plan, label) for label in spec.baselines.labels]
+    spread = spec.sensitivity.spread if spec.sensitivity else "hypervolume"
+    configs = seed_configs(sensitivity, default_seed_count(spec), exclude=baselines, spread=spread)
+    records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
+    # A seed run again after an interruption is the same seed (its retry_of is set).
+    queued = sum(r.seed_of == SEED_MARK and r.retry_of is None for r in records)
+    attrs = TrialRecord(seed_of=SEED_MARK).model_dump(include={"seed_of"})
+    added = 0
+    for bits in configs[queued:]:
+        params = {}
+        for name, value in bits.items():
+            param = plan.params[name]
+            assert isinstance(param, NniParam)
+            params[name] = param.encode(value)
+        study.enqueue_trial(params, user_attrs=attrs)
+        added += 1
+    return added
+
+
+def _baseline_bits(plan: SpacePlan, label: str) -> dict[str, Bits]:
+    names = searched_tensors(plan)
+    params = plan.baseline_params(label)
+    out = {}
+    for name in names:
+        param = plan.params[name]
+        assert isinstance(param, NniParam)
+        out[name] = param.decode(params[name])
+    return out
+
+
+def seed_study(
+    study: optuna.Study, context: Any, float_path: Path, *, log: Callable[[str], None]
+) -> Sensitivity:
+    """The study's hook: measure (or read back) the sensitivity, then queue its seeds."""
+    spec = context.spec
+    sensitivity = ensure_sensitivity(
+        study,
+        spec,
+        context.task,
+        context.plan,
+        float_path,
+        float_size_bytes=context.float_size_bytes,
+        log=log,
+    )
+    added = enqueue_seeds(study, spec, context.plan, sensitivity)
+    if added:
+        log(f"sensitivity: queued {added} config(s) of its predicted Pareto set")
+    return sensitivity

@@ -1,0 +1,92 @@
+"""``quantsearch sensitivity``: measure (or read back) a study's sensitivity without trials."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import pandas as pd
+import torch
+
+from quantsearch._studydata import sqlite_path
+from quantsearch.pipeline import Sensitivity
+from quantsearch.search._errors import SpaceError
+from quantsearch.search._sensitivity import (
+    ensure_sensitivity,
+    predicted_front,
+    searched_tensors,
+)
+from quantsearch.search._study import (
+    StudyContext,
+    _study_lock,
+    artifacts_dir,
+    ensure_float_model,
+    open_study,
+    study_threads,
+)
+
+__all__ = ["describe_front", "sensitivity_frame", "sensitivity_pivot", "study_sensitivity"]
+
+
+def study_sensitivity(
+    context: StudyContext, *, threads: int | None = None, log: Callable[[str], None] = print
+) -> Sensitivity:
+    """The study's sensitivity: opens (or creates) the study, gets its float model and
+    measures what is not yet stored; runs no trial. A space without a ``sensitivity`` key is
+    measured with the defaults (``method: loss``, 8 batches)."""
+    spec = context.spec
+    if not searched_tensors(context.plan):
+        raise SpaceError(
+            "has no searched per-layer bits parameter, so there is nothing to measure; "
+            "add per_layer with a bits parameter in NNI's syntax",
+            key="per_layer",
+            source=spec.source,
+        )
+    if spec.from_scratch:
+        raise SpaceError(
+            "sensitivity is measured on the trained float model, which from_scratch "
+            "trials do not use",
+            key="from_scratch",
+            source=spec.source,
+        )
+    study = open_study(context)
+    _, folder = artifacts_dir(spec)
+    local = sqlite_path(spec.storage) is not None
+    torch.set_num_threads(study_threads(spec, 1, threads))
+    with _study_lock(folder) if local else contextlib.nullcontext():
+        made = ensure_float_model(study, context, log=log)
+        assert made is not None
+        return ensure_sensitivity(
+            study,
+            spec,
+            context.task,
+            context.plan,
+            made[1],
+            float_size_bytes=context.float_size_bytes,
+            log=log,
+        )
+
+
+def sensitivity_frame(sensitivity: Sensitivity) -> pd.DataFrame:
+    """One row per (parameter, bit width): loss, its increase, accuracy, size change."""
+    return pd.DataFrame(list(sensitivity.rows()))
+
+
+def sensitivity_pivot(sensitivity: Sensitivity, value: str = "loss_increase") -> pd.DataFrame:
+    """Parameters down, bit widths across (the space's order), one column of the frame."""
+    frame = sensitivity_frame(sensitivity)
+    order = list(dict.fromkeys(b for values in sensitivity.candidates.values() for b in values))
+    frame["bits"] = frame["bits"].astype(str)
+    pivot = frame.pivot(index="param", columns="bits", values=value)
+    columns = [str(b) for b in order if str(b) in pivot.columns]
+    return pivot.reindex(index=[p.param for p in sensitivity.params], columns=columns)
+
+
+def describe_front(sensitivity: Sensitivity) -> str:
+    """One line about the predicted Pareto set."""
+    front = predicted_front(sensitivity)
+    smallest, largest = front[0].size_bytes, front[-1].size_bytes
+    return (
+        f"predicted Pareto set: {len(front)} configs, {smallest:,} to {largest:,} bytes "
+        f"(float {sensitivity.float_size_bytes:,})"
+    )
