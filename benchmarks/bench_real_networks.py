@@ -26,10 +26,10 @@ float. glibc's malloc keeps freed memory (as in ``quantsearch study``).
 
 ``--memory``: for each variant, a fresh process (one thread, glibc's malloc left as it is)
 builds the model, trims the heap (``malloc_trim``), resets the kernel's peak resident set
-(``/proc/self/clear_refs``), reads its resident set (RSS), runs two training steps and reads
-the peak (``VmHWM``): peak step memory = peak - RSS before, which counts the activations kept
-for backward, gradients, optimizer state and every temporary (tracemalloc sees no tensor
-memory).
+(``/proc/self/clear_refs``), reads its resident set (RSS), runs ``--memory-steps`` training
+steps (2) and reads the peak (``VmHWM``): peak step memory = peak - RSS before, which counts
+the activations kept for backward, gradients, optimizer state and every temporary
+(tracemalloc sees no tensor memory).
 """
 
 from __future__ import annotations
@@ -151,8 +151,14 @@ def train_steps(run: Run, x: torch.Tensor, y: torch.Tensor, steps: int) -> float
     return time.perf_counter() - start
 
 
-def time_network(network: str, args: argparse.Namespace) -> dict[str, list[float]]:
+def selected(args: argparse.Namespace) -> dict[str, Callable[[nn.Module], Run]]:
     builders, _ = variants()
+    names = ["float", *(n for n in args.variants or builders if n != "float" and n in builders)]
+    return {name: builders[name] for name in names}
+
+
+def time_network(network: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    builders = selected(args)
     runs = {name: build(network, builder) for name, builder in builders.items()}
     x, y = batch(args.batch_size)
     for run in runs.values():
@@ -163,6 +169,8 @@ def time_network(network: str, args: argparse.Namespace) -> dict[str, list[float
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
             times[name].append(train_steps(runs[name], x, y, args.steps) / args.steps)
+        done = ", ".join(f"{name} {values[-1]:.2f}" for name, values in times.items())
+        print(f"  ({network}, round {index + 1}: {done})", file=sys.stderr, flush=True)
     return times
 
 
@@ -174,8 +182,8 @@ def _status_bytes(field: str) -> int:
     raise KeyError(field)
 
 
-def memory_child(network: str, variant: str, batch_size: int) -> dict[str, float]:
-    """Run in a fresh process: peak memory of two training steps over the RSS before them."""
+def memory_child(network: str, variant: str, batch_size: int, steps: int) -> dict[str, float]:
+    """Run in a fresh process: peak memory of training steps over the RSS before them."""
     torch.set_num_threads(1)
     builders, _ = variants()
     run = build(network, builders[variant])
@@ -186,22 +194,25 @@ def memory_child(network: str, variant: str, batch_size: int) -> dict[str, float
     # parent's memory, which a forked child inherits across exec.
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_bytes("VmRSS")
-    train_steps(run, x, y, 2)
+    train_steps(run, x, y, steps)
     peak = _status_bytes("VmHWM")
     return {"step_mib": (peak - before) / 2**20, "rss_before_mib": before / 2**20}
 
 
-def memory_network(network: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    builders, _ = variants()
-    result = {}
-    for variant in builders:
+def memory_network(network: str, args: argparse.Namespace) -> None:
+    print(f"\n{network}: peak memory of a training step (1 thread, fresh process each)")
+    print(f"  {'variant':<14} {'MiB':>8} {'x float':>8}  (RSS before the steps)", flush=True)
+    base = 0.0
+    for variant in selected(args):
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", network, variant,
-             "--batch-size", str(args.batch_size)],
+             "--batch-size", str(args.batch_size), "--memory-steps", str(args.memory_steps)],
             check=True, capture_output=True, text=True,
         ).stdout
-        result[variant] = json.loads(out.strip().splitlines()[-1])
-    return result
+        entry = json.loads(out.strip().splitlines()[-1])
+        base = base or entry["step_mib"]  # float comes first
+        print(f"  {variant:<14} {entry['step_mib']:8.0f} {entry['step_mib'] / base:7.2f}x  "
+              f"({entry['rss_before_mib']:.0f} MiB)", flush=True)
 
 
 def main() -> None:
@@ -213,11 +224,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory", action="store_true", help="also peak memory per step")
     parser.add_argument("--no-timing", action="store_true", help="only peak memory")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="only these (and float), e.g. 'QAT W8A8' 'torch.ao QAT'")
     parser.add_argument("--memory-child", nargs=2, metavar=("NETWORK", "VARIANT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        print(json.dumps(memory_child(*args.memory_child, args.batch_size)))
+        print(json.dumps(memory_child(*args.memory_child, args.batch_size, args.memory_steps)))
         return
 
     _, nni_note = variants()
@@ -230,7 +244,7 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 times = time_network(network, args)
                 median = {name: statistics.median(values) for name, values in times.items()}
-                print(f"\n{network}, {threads} thread(s), malloc {malloc}")
+                print(f"\n{network}, {threads} thread(s), malloc {malloc}", flush=True)
                 print(f"  {'variant':<14} {'s/step':>8} {'x float':>8}  rounds (s)")
                 for name, values in times.items():
                     rounds = " ".join(f"{v:.2f}" for v in values)
@@ -238,14 +252,7 @@ def main() -> None:
                           f"{median[name] / median['float']:7.2f}x  {rounds}", flush=True)
     if args.memory or args.no_timing:
         for network in args.networks:
-            result = memory_network(network, args)
-            base = result["float"]["step_mib"]
-            print(f"\n{network}: peak memory of a training step (1 thread, fresh process each)")
-            print(f"  {'variant':<14} {'MiB':>8} {'x float':>8}  (RSS before the steps)")
-            for name, entry in result.items():
-                print(f"  {name:<14} {entry['step_mib']:8.0f} {entry['step_mib'] / base:7.2f}x  "
-                      f"({entry['rss_before_mib']:.0f} MiB)", flush=True)
-
+            memory_network(network, args)
 
 if __name__ == "__main__":
     main()
