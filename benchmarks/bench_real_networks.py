@@ -21,8 +21,10 @@ SGD (lr 0.01, momentum 0.9):
   when nni imports; NNI is not a dependency, see bench_qat_step.py for a venv that has it.
 
 Timing: per thread count, rounds of ``--steps`` steps per variant, the order rotating every
-round, after one warm-up step each; the median per variant is printed with its ratio over
-float. glibc's malloc keeps freed memory (as in ``quantsearch study``).
+round, after one warm-up step each; the medians per variant of the wall-clock time and of the
+process's CPU time (all its threads; on a machine shared with other work it is the steadier
+of the two) are printed with their ratios over float. glibc's malloc keeps freed memory (as
+in ``quantsearch study``).
 
 ``--memory``: for each variant, a fresh process (one thread, glibc's malloc left as it is)
 builds the model, trims the heap (``malloc_trim``), resets the kernel's peak resident set
@@ -141,14 +143,15 @@ def batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randint(0, 10, (size,), generator=generator))
 
 
-def train_steps(run: Run, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+def train_steps(run: Run, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (all threads of the process) of ``steps`` training steps."""
     model, optimizer = run
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def selected(args: argparse.Namespace) -> dict[str, Callable[[nn.Module], Run]]:
@@ -163,13 +166,14 @@ def time_network(network: str, args: argparse.Namespace) -> dict[str, list[float
     x, y = batch(args.batch_size)
     for run in runs.values():
         train_steps(run, x, y, 1)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     names = list(runs)
     for index in range(args.rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(train_steps(runs[name], x, y, args.steps) / args.steps)
-        done = ", ".join(f"{name} {values[-1]:.2f}" for name, values in times.items())
+            wall, cpu = train_steps(runs[name], x, y, args.steps)
+            times[name].append((wall / args.steps, cpu / args.steps))
+        done = ", ".join(f"{name} {values[-1][0]:.2f}" for name, values in times.items())
         print(f"  ({network}, round {index + 1}: {done})", file=sys.stderr, flush=True)
     return times
 
@@ -243,13 +247,16 @@ def main() -> None:
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 times = time_network(network, args)
-                median = {name: statistics.median(values) for name, values in times.items()}
+                wall = {name: statistics.median(t[0] for t in v) for name, v in times.items()}
+                cpu = {name: statistics.median(t[1] for t in v) for name, v in times.items()}
                 print(f"\n{network}, {threads} thread(s), malloc {malloc}", flush=True)
-                print(f"  {'variant':<14} {'s/step':>8} {'x float':>8}  rounds (s)")
+                print(f"  {'variant':<14} {'wall s':>8} {'x float':>8} {'CPU s':>8} {'x float':>8}"
+                      "  wall per round (s)")
                 for name, values in times.items():
-                    rounds = " ".join(f"{v:.2f}" for v in values)
-                    print(f"  {name:<14} {median[name]:8.3f} "
-                          f"{median[name] / median['float']:7.2f}x  {rounds}", flush=True)
+                    rounds = " ".join(f"{v[0]:.2f}" for v in values)
+                    print(f"  {name:<14} {wall[name]:8.2f} {wall[name] / wall['float']:7.2f}x "
+                          f"{cpu[name]:8.2f} {cpu[name] / cpu['float']:7.2f}x  {rounds}",
+                          flush=True)
     if args.memory or args.no_timing:
         for network in args.networks:
             memory_network(network, args)
