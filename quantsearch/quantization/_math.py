@@ -146,23 +146,77 @@ class _FakeQuantize(torch.autograd.Function):
         low: float | Tensor,
         high: float | Tensor,
         window: tuple[float, float] | None = None,
+        passing: tuple[float, float] | None = None,
     ) -> Tensor:
         codes = x.mul(inv_scale).round_()
+        ctx.window = window  # type: ignore[attr-defined]
+        ctx.passing = passing  # type: ignore[attr-defined]
+        if passing is not None:
+            # The gradient's mask is an open interval of x (see _passing_interval): no mask
+            # tensor, and x is saved anyway for the window.
+            ctx.save_for_backward(None, x)  # type: ignore[attr-defined]
+            return codes.clamp_(low, high).mul_(scale)
         clamped = codes.clamp(low, high)
         # The mask overwrites the codes, as float 0/1: bool tensors are ~4x slower on the CPU.
         inside = torch.eq(clamped, codes, out=codes)
-        ctx.window = window  # type: ignore[attr-defined]
         ctx.save_for_backward(inside, x if window else None)  # type: ignore[attr-defined]
         return clamped.mul_(scale)
 
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
         inside, x = ctx.saved_tensors  # type: ignore[attr-defined]
+        passing = ctx.passing  # type: ignore[attr-defined]
+        if passing is not None:
+            return torch.ops.aten.hardtanh_backward(grad, x, *passing), *(None,) * 6
         grad = grad * inside
         window = ctx.window  # type: ignore[attr-defined]
         if window is not None:
             grad = torch.ops.aten.hardtanh_backward(grad, x, *window)
-        return grad, None, None, None, None, None
+        return grad, *(None,) * 6
+
+
+#: Float32 neighbours searched on each side of an estimated rounding boundary.
+_BOUNDARY_ULPS = 16
+
+
+def _float32_neighbours(value: float) -> np.ndarray:
+    """The float32 values within _BOUNDARY_ULPS ulps of ``value`` (nonzero), ascending."""
+    bits = np.array([value], dtype=np.float32).view(np.int32)[0]
+    steps = np.arange(-_BOUNDARY_ULPS, _BOUNDARY_ULPS + 1, dtype=np.int32)
+    # Same-sign float32 values are ordered like their bit patterns (reversed when negative).
+    return np.sort((bits + steps).view(np.float32))
+
+
+def _codes_of(x: np.ndarray, inv_scale: float) -> np.ndarray:
+    # round-half-even of the float32 product: the arithmetic of _FakeQuantize.forward.
+    return np.round(x * np.float32(inv_scale))
+
+
+def _passing_interval(
+    inv_scale: float, code_low: int, code_high: int, window: tuple[float, float]
+) -> tuple[float, float] | None:
+    """Open interval (a, b) of float32 x where the gradient of ``_FakeQuantize`` passes:
+    ``window[0] < x < window[1]`` and ``code_low <= round(fl32(x * inv_scale)) <= code_high``.
+
+    x -> round(fl32(x * inv_scale)) is monotone for inv_scale > 0, so the codes in range are
+    exactly the x in [x_low, x_high]: the smallest float32 whose code reaches code_low and the
+    largest whose code stays within code_high, found among the float32 neighbours of
+    (code -+ 0.5) / inv_scale with the forward's own float32 arithmetic. None when a
+    boundary is not among them (then the caller keeps an explicit mask).
+    """
+    below = _float32_neighbours((code_low - 0.5) / inv_scale)
+    above = _float32_neighbours((code_high + 0.5) / inv_scale)
+    if not (np.isfinite(below).all() and np.isfinite(above).all()):
+        return None  # a boundary beyond float32's range
+    reach, stay = _codes_of(below, inv_scale) >= code_low, _codes_of(above, inv_scale) <= code_high
+    if reach[0] or not reach[-1] or not stay[0] or stay[-1]:
+        return None
+    x_low = below[np.argmax(reach)]  # the first that reaches code_low
+    x_high = above[np.argmin(stay) - 1]  # the last that stays within code_high
+    # hardtanh_backward passes a < x < b: step one float32 outwards from each boundary.
+    low = max(window[0], float(np.nextafter(x_low, np.float32(-np.inf))))
+    high = min(window[1], float(np.nextafter(x_high, np.float32(np.inf))))
+    return low, high
 
 
 #: Up to this many elements (and always off the CPU) torch's fused fake-quantization kernels are
@@ -231,4 +285,6 @@ def fake_quantize_clamped(
         code_low = max(code_low, round(to_float32(to_float32(low) * inv_scale)))
     if math.isfinite(high):
         code_high = min(code_high, round(to_float32(to_float32(high) * inv_scale)))
-    return _FakeQuantize.apply(x, scale, inv_scale, code_low, code_high, (low, high))
+    window = (low, high)
+    passing = _passing_interval(inv_scale, code_low, code_high, window)
+    return _FakeQuantize.apply(x, scale, inv_scale, code_low, code_high, window, passing)

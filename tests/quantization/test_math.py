@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from quantsearch.quantization import _math
 from quantsearch.quantization._math import (
     NATIVE_MAX_NUMEL,
     SCALE_FLOOR,
     affine_qparams,
     fake_quantize,
+    fake_quantize_clamped,
     quant_range,
     to_float32,
 )
@@ -184,6 +188,52 @@ def test_clamp_folded_into_output_quantization_is_bit_identical(
         assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
         assert (folded._min, folded._max) == (plain._min, plain._max)
     assert 0 < int((ours[1] == 0).sum()) < numel
+
+
+def _around(value: float, ulps: int = 3) -> list[float]:
+    """float32 values from ``ulps`` below to ``ulps`` above ``value``."""
+    out, low, high = [to_float32(value)], to_float32(value), to_float32(value)
+    for _ in range(ulps):
+        low = float(np.nextafter(np.float32(low), np.float32(-np.inf)))
+        high = float(np.nextafter(np.float32(high), np.float32(np.inf)))
+        out += [low, high]
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+@pytest.mark.parametrize(("low", "high"), [(0.0, math.inf), (0.0, 6.0), (-1.0, 1.0)])
+def test_gradient_interval_equals_the_explicit_mask(bits: int, low: float, high: float) -> None:
+    """The clamped fake quantization passes its gradient on an interval of x instead of a mask
+    tensor: outputs and gradients equal the masked computation's bit for bit, for x on every
+    float32 near a rounding boundary of the lowest and highest codes and of the activation."""
+    generator = torch.Generator().manual_seed(bits)
+    qmin, qmax = quant_range(bits, "uint")
+    for trial in range(20):
+        span = float(torch.rand((), generator=generator)) * 10 + 1e-3
+        scale = to_float32(span / (qmax - qmin))
+        zero_point = int(torch.randint(qmin, qmax + 1, (), generator=generator))
+        if trial == 0:
+            scale, zero_point = to_float32(6.0 / (qmax - qmin)), qmin  # ReLU6's own range
+        inv_scale = to_float32(1.0 / scale)
+        edges = [(qmin - zero_point - 0.5) * scale, (qmax - zero_point + 0.5) * scale, low, high]
+        x = torch.tensor(
+            [v for edge in edges if math.isfinite(edge) for v in _around(edge)]
+            + (torch.randn(NATIVE_MAX_NUMEL, generator=generator) * span).tolist()
+        )
+        results = []
+        for interval in (True, False):
+            with pytest.MonkeyPatch.context() as patch:
+                if not interval:
+                    patch.setattr(_math, "_passing_interval", lambda *args: None)
+                quantize = functools.partial(
+                    fake_quantize_clamped, low=low, high=high, scale=scale,
+                    zero_point=zero_point, qmin=qmin, qmax=qmax,
+                )
+                results.append(_with_gradient(quantize, x))
+        (out, grad), (ref_out, ref_grad) = results
+        assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad), (scale, zero_point)
+        code_low, code_high = qmin - zero_point, qmax - zero_point
+        assert _math._passing_interval(inv_scale, code_low, code_high, (low, high)) is not None
 
 
 def test_dorefa_two_bit_levels() -> None:
