@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["format_size"]
+__all__ = ["format_count", "format_size"]
 
 
 def format_size(num_bytes: float, _position: float | None = None) -> str:
@@ -18,3 +18,13 @@ def format_size(num_bytes: float, _position: float | None = None) -> str:
         if abs(num_bytes) >= scale:
             return f"{num_bytes / scale:.3g} {unit}"
     return f"{num_bytes:.3g} B"
+
+
+def format_count(value: float | None, _position: float | None = None) -> str:
+    """A large count with SI suffixes: ``9.6k``, ``3.2M``, ``1.1G`` ('-' when unknown)."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g}{suffix}"
+    return f"{value:.3g}"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from quantsearch._units import format_count
 from quantsearch.report._objectives import Axis
 from quantsearch.report._plots import format_size
 
@@ -89,15 +90,6 @@ def _with_interval(value: float, low: float, high: float) -> str:
     return f"{value:.2%} ±{(high - low) / 2 * 100:.2f}"
 
 
-def _engineering(value: float) -> str:
-    if value is None or not math.isfinite(value):
-        return "–"
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
 def _trial_table(rows: pd.DataFrame, *, with_config: bool, with_bitops: bool) -> list[str]:
     header = "| trial | val. accuracy | test accuracy | size | bytes | compression |"
     rule = "|---:|---:|---:|---:|---:|---:|"
@@ -118,7 +110,7 @@ def _trial_table(rows: pd.DataFrame, *, with_config: bool, with_bitops: bool) ->
             f"| {_ratio(row.compression_ratio)} |"
         )
         if with_bitops:
-            line += f" {_engineering(row.bitops)} |"
+            line += f" {format_count(row.bitops)} |"
         line += f" {_cell(_text(row.algorithm))} | {_cell(_text(row.baseline))} |"
         if with_config:
             line += f" {_config_code(row.config_list)} |"

@@ -27,7 +27,7 @@ from matplotlib.ticker import (
 )
 
 from quantsearch._paths import replacing
-from quantsearch._units import format_size
+from quantsearch._units import format_count, format_size
 from quantsearch.report._objectives import Axis, front_mask, hypervolume, objective_axes
 from quantsearch.report._table import BITS_PREFIX, bits_columns, pareto_frame
 
@@ -129,7 +129,7 @@ def _value_axis(ax: matplotlib.axes.Axes, which: str, axis: Axis, values: np.nda
         return
     if axis.relative:
         (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-        formatter = format_size if axis.name == "size_bytes" else _engineering
+        formatter = format_size if axis.name == "size_bytes" else format_count
         target.set_major_formatter(FuncFormatter(lambda v, _pos: formatter(v)))
         label = f"{axis.label} (log scale)"
     else:
@@ -143,13 +143,6 @@ def _axis_words(axis: Axis) -> str:
     if axis.relative:
         return f"{axis.name} / float"
     return axis.name
-
-
-def _engineering(value: float) -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.3g}{suffix}"
-    return f"{value:.3g}"
 
 
 def pareto_figure(

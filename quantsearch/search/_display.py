@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from quantsearch._studydata import layer_order
-from quantsearch._units import format_size
+from quantsearch._units import format_count, format_size
 from quantsearch.pipeline import TrialRecord, accuracy_interval
 from quantsearch.quantization import QUANT_TYPES
 from quantsearch.search._space import BITS_PARAMS
@@ -155,7 +155,7 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
         record = TrialRecord.of(trial)
         row = _common_row(trial)
         if with_bitops:
-            row["bitops"] = f"{_number(record.bitops):.3g}"
+            row["bitops"] = format_count(record.bitops)
         row["baseline"] = record.baseline or ""
         cells = {layer: _bits_cell(record.layer_bits.get(layer)) for layer in layers}
         if len(layers) > _WIDE_MODEL_LAYERS:
