@@ -1,21 +1,26 @@
-"""Search quality, measured: how close each strategy gets to the exhaustive front.
+"""Search quality, measured: how close each strategy gets to the best front there is.
 
-    python benchmarks/bench_search.py                  # enumerate once (cached), then compare
+    python benchmarks/bench_search.py                  # digits: enumerate once (cached)
     python benchmarks/bench_search.py --enumerate-only
+    python benchmarks/bench_search.py --task mnist --data-dir ../shared/data/mnist
 
-The space: the digits CNN, ptq trials (weights only, per-tensor affine, min/max), each of its
-4 weighted layers at 2, 3, 4, 6 or 8 bits or float: 6^4 = 1,296 configs. A weight-only ptq
-trial has nothing to calibrate, so its result is a function of its config alone: every config
-is evaluated once with the pipeline's own trial function (``run_trial``, mode ``ptq``) and
-cached in ``--table``; every strategy then runs the study's own setup (its baselines, the
-sensitivity's ``enqueue_seeds``, the sampler ``run_study`` makes) in an in-memory Optuna study
+The space: the task's CNN (digits: the bundled one; mnist: NNI's QAT example network on real
+MNIST), ptq trials (weights only, per-tensor affine, min/max), each of its 4 weighted layers at
+2, 3, 4, 6 or 8 bits or float: 6^4 = 1,296 configs. A weight-only ptq trial has nothing to
+calibrate, so its result is a function of its config alone: a config is evaluated once the way
+``run_trial`` evaluates a ptq trial (``build_compressed``, ``adapt``, ``model_size_bytes``;
+the test split, which nothing here reads, left out) and cached in ``--table``.
+Digits enumerates every config first and the reference front is the exhaustive one; on mnist
+configs are evaluated as the strategies ask for them and the reference is the front of every
+config any run tried. Every strategy runs the study's own setup (its baselines, the
+sensitivity's ``SeedGuide``, the sampler ``run_study`` makes) in an in-memory Optuna study
 whose trials are answered from the table.
 
 For 3 seeds and budgets of 10, 20, 40 and 80 trials (a separate study per budget), the
 hypervolume of the study's trials (1 - validation accuracy, size / float size, reference 1:
-the report's) as a fraction of the exhaustive front's, for: the default (sensitivity-seeded
+the report's) as a fraction of the reference front's, for: the default (sensitivity-guided
 NSGA-II), NSGA-II alone, TPE alone, random search, the sensitivity Pareto set alone, and
-variants of the default; and how many configs of the exhaustive front each tried. Nothing is
+variants of the default; and how many configs of the reference front each tried. Nothing is
 asserted; the tables are printed (and written as Markdown with ``--markdown``).
 """
 
@@ -36,14 +41,20 @@ LAYERS = ("conv1", "conv2", "fc1", "fc2")
 BITS: tuple[int | str, ...] = (2, 3, 4, 6, 8, "float")
 BUDGETS = (10, 20, 40, 80)
 SEEDS = (0, 1, 2)
-FLOAT_TRAIN = {"epochs": 10, "batch_size": 64, "optimizer": "adam", "lr": 0.003}
+# The float model of each task, as its bundled space trains it once.
+FLOAT_TRAIN = {
+    "digits": {"epochs": 10, "batch_size": 64, "optimizer": "adam", "lr": 0.003},
+    "mnist": {"epochs": 3, "batch_size": 64, "optimizer": "adam", "lr": 0.001},
+}
+# Set by main: the task the benchmark runs on.
+TASK: dict[str, Any] = {"name": "digits"}
 
 
 def space(pretrained: str, storage: str, **changes: Any) -> dict[str, Any]:
     """The benchmark's search space as YAML data."""
     out: dict[str, Any] = {
         "study_name": "bench-search",
-        "task": {"name": "digits", "pretrained": pretrained},
+        "task": {**TASK, "pretrained": pretrained},
         "algorithm": "ptq",
         "seed": 0,
         "calibration": {"batches": 1},
@@ -71,71 +82,95 @@ def float_model(folder: Path) -> Path:
     from quantsearch.search._objective import build_task, train_config
     from quantsearch.search._space import TaskSpec
 
-    path = folder / "bench_search_float.pt"
+    name = TASK["name"]
+    path = folder / f"bench_search_{name}_float.pt"
     if not path.exists():
-        task = build_task(TaskSpec(name="digits"), 0)
-        made = make_float_model(
-            task, pretrained=None, train=train_config(task, FLOAT_TRAIN), seed=0, out=path
-        )
+        folder.mkdir(parents=True, exist_ok=True)
+        task = build_task(TaskSpec(**TASK), 0)
+        train = train_config(task, FLOAT_TRAIN[name])
+        made = make_float_model(task, pretrained=None, train=train, seed=0, out=path)
         print(f"float model: val {made.val_accuracy:.4f}, test {made.test_accuracy:.4f}")
     return path
 
 
-def enumerate_space(weights: Path, table_path: Path) -> dict[str, Any]:
-    """Every config of the space through ``run_trial``; resumes a partly written table."""
-    from quantsearch.pipeline import trial_mode
-    from quantsearch.search import TrialJob, parse_space, prepare, run_trial
+class Table:
+    """Each config's trial result, by its config_list: evaluated once, kept in a JSON file."""
 
-    spec = parse_space(
-        space(str(weights), "sqlite:///unused.db", sensitivity=None), source="bench_search"
-    )
-    context = prepare(spec)
-    table: dict[str, Any] = {}
-    if table_path.exists():
-        table = json.loads(table_path.read_text())
-    rows = table.setdefault("rows", {})
-    started = time.perf_counter()
-    points = list(itertools.product(BITS, repeat=len(LAYERS)))
-    for index, bits in enumerate(points):
-        values = context.plan.values(
-            {f"{layer}.weight_bits": b for layer, b in zip(LAYERS, bits, strict=True)}
+    def __init__(self, weights: Path, path: Path) -> None:
+        from quantsearch.search import parse_space, prepare
+
+        self.weights, self.path = weights, path
+        self.spec = parse_space(
+            space(str(weights), "sqlite:///unused.db", sensitivity=None), source="bench_search"
         )
-        config_list = context.plan.config_list(values)
+        self.context = prepare(self.spec)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        self.rows: dict[str, Any] = data.get("rows", {})
+        self.float_size_bytes = self.context.float_size_bytes
+        self._unsaved = 0
+        self._state: dict[str, Any] | None = None
+
+    def values(self, config_list: list[dict[str, Any]]) -> list[float]:
         key = table_key(config_list)
-        if key in rows:
-            continue
-        outcome = run_trial(
-            TrialJob(
-                number=index,
-                seed=1,
-                task=spec.task,
-                task_seed=spec.seed,
-                algorithm=spec.algorithm,
-                mode=trial_mode(spec.algorithm, config_list, from_scratch=False),
-                train=dict(spec.train),
-                config_list=config_list,
-                objectives=spec.objectives,
-                float_weights=str(weights),
-                calibration_batches=spec.calibration_batches,
-            )
+        if key not in self.rows:
+            self.rows[key] = self._run(config_list)
+            self._unsaved += 1
+            if self._unsaved >= 20:
+                self.save()
+        return self.rows[key]["values"]
+
+    def _run(self, config_list: list[dict[str, Any]]) -> dict[str, Any]:
+        """What ``run_trial`` measures of a ptq trial, less the test split nobody reads here:
+        the same ``build_compressed``, ``adapt`` and ``model_size_bytes``."""
+        from quantsearch.pipeline import adapt, build_compressed, load_state, trial_mode
+        from quantsearch.quantization import model_size_bytes
+        from quantsearch.search._objective import train_config
+
+        spec, task = self.spec, self.context.task
+        if self._state is None:
+            self._state = load_state(self.weights)
+        compressed = build_compressed(task, spec.algorithm, config_list, float_state=self._state)
+        adapted = adapt(
+            compressed,
+            task,
+            trial_mode(spec.algorithm, config_list, from_scratch=False),
+            train_config(task, spec.train),
+            seed=1,
+            calibration_batches=spec.calibration_batches,
         )
-        assert outcome.state == "COMPLETE", outcome.record.fail_reason
-        rows[key] = {
-            "bits": list(bits),
-            "values": list(outcome.values),
-            "record": outcome.record.model_dump(exclude_none=True),
-        }
-        if len(rows) % 50 == 0:
-            table_path.write_text(json.dumps(table))
-            elapsed = time.perf_counter() - started
-            print(f"  {len(rows)}/{len(points)} configs, {elapsed:.0f} s", flush=True)
-    table["float_size_bytes"] = context.float_size_bytes
-    table_path.write_text(json.dumps(table))
-    return table
+        size = model_size_bytes(compressed.model)
+        record = {"val_accuracy": adapted.val_accuracy, "size_bytes": size}
+        return {"values": [adapted.val_accuracy, float(size)], "record": record}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"rows": self.rows, "float_size_bytes": self.float_size_bytes}
+        self.path.write_text(json.dumps(data))
+        self._unsaved = 0
+
+    def enumerate(self) -> None:
+        """Every config of the space."""
+        started = time.perf_counter()
+        points = list(itertools.product(BITS, repeat=len(LAYERS)))
+        for index, bits in enumerate(points):
+            values = self.context.plan.values(
+                {f"{layer}.weight_bits": b for layer, b in zip(LAYERS, bits, strict=True)}
+            )
+            self.values(self.context.plan.config_list(values))
+            if (index + 1) % 100 == 0:
+                elapsed = time.perf_counter() - started
+                print(f"  {index + 1}/{len(points)} configs, {elapsed:.0f} s", flush=True)
+        self.save()
+
+    def points(self, keys: Any = None) -> tuple[list[str], np.ndarray]:
+        """(keys, [1 - accuracy, size / float size]) of the given keys (default: all)."""
+        keys = list(self.rows) if keys is None else list(keys)
+        values = [self.rows[k]["values"] for k in keys]
+        return keys, np.array([[1 - v[0], v[1] / self.float_size_bytes] for v in values])
 
 
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "default (sensitivity + NSGA-II)": {"sensitivity": {"method": "loss"}},
+    "default (sensitivity-guided NSGA-II)": {"sensitivity": {"method": "loss"}},
     "NSGA-II alone": {"sensitivity": None},
     "TPE alone": {"sensitivity": None, "sampler": "tpe"},
     "random": {"sensitivity": None, "sampler": "random"},
@@ -143,13 +178,14 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 # Variants of the default, tried on the way to it.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "seeds spread by size + NSGA-II": {"sensitivity": {"method": "loss", "spread": "size"}},
-    "sensitivity + TPE": {"sensitivity": {"method": "loss"}, "sampler": "tpe"},
-    "a quarter of the trials seeded + NSGA-II": {
-        "sensitivity": {"method": "loss"},
-        "quarter": True,
+    "every seed first (patience 0) + NSGA-II": {"sensitivity": {"method": "loss", "patience": 0}},
+    "half the trials seeded + NSGA-II (the previous default)": {
+        "sensitivity": {"method": "loss", "patience": 0},
+        "half": True,
     },
-    "Hessian sensitivity + NSGA-II": {"sensitivity": {"method": "hessian"}},
+    "seeds spread by size + NSGA-II": {"sensitivity": {"method": "loss", "spread": "size"}},
+    "sensitivity-guided TPE": {"sensitivity": {"method": "loss"}, "sampler": "tpe"},
+    "Hessian sensitivity-guided NSGA-II": {"sensitivity": {"method": "hessian"}},
 }
 
 
@@ -176,13 +212,13 @@ _SENSITIVITY_CACHE: dict[str, Any] = {}
 
 
 def run_strategy(
-    weights: Path, table: dict[str, Any], strategy: dict[str, Any], budget: int, seed: int
-) -> tuple[float, set[str]]:
-    """(hypervolume of the study's trials, the configs it tried) for one strategy, budget and
+    table: Table, strategy: dict[str, Any], budget: int, seed: int
+) -> tuple[np.ndarray, set[str]]:
+    """(the study's points, the configs it tried) for one strategy, budget and
     seed.
 
     The study is the one ``run_study`` opens, in memory and answered from the table: the
-    baselines queued first, then the sensitivity's seed configs (``enqueue_seeds``), then the
+    baselines queued first, the sensitivity's ``SeedGuide`` queueing before each ask, then the
     space's sampler as the study makes it (``seed`` replaces the study seed in the sampler
     only; the data split stays that of seed 0).
     """
@@ -191,142 +227,171 @@ def run_strategy(
     import optuna
 
     from quantsearch.pipeline import TrialRecord
-    from quantsearch.report._objectives import hypervolume
-    from quantsearch.search import parse_space, prepare
-    from quantsearch.search._sensitivity import enqueue_seeds, predicted_front
+    from quantsearch.search import SeedGuide, parse_space, prepare
     from quantsearch.search._study import _sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    changes = {k: v for k, v in strategy.items() if k not in ("alone", "quarter")}
+    changes = {k: v for k, v in strategy.items() if k not in ("alone", "half")}
     n_trials = budget
     options = strategy.get("sensitivity")
-    sensitivity = measured_sensitivity(weights, options["method"]) if options else None
-    if strategy.get("quarter"):
-        changes["sensitivity"] = {**options, "seeds": min(10, budget // 4)}
+    sensitivity = measured_sensitivity(table.weights, options["method"]) if options else None
+    if strategy.get("half"):
+        changes["sensitivity"] = {**options, "seeds": budget // 2}
     if strategy.get("alone"):
         # Only the predicted set (and the float baseline): no sampled trial at all.
-        size = min(budget - 1, len(predicted_front(sensitivity)))
-        changes["sensitivity"] = {"method": "loss", "seeds": size}
-        n_trials = size + 1
-    data = space(str(weights), "sqlite:///unused.db", n_trials=n_trials, **changes)
+        changes["sensitivity"] = {**options, "patience": 0}
+    data = space(str(table.weights), "sqlite:///unused.db", n_trials=n_trials, **changes)
     context = prepare(parse_space(data, source="bench_search"))
     spec, plan = context.spec, context.plan
+    guide = SeedGuide.of(spec, plan, sensitivity) if sensitivity is not None else None
+    if strategy.get("alone"):
+        assert guide is not None
+        n_trials = min(budget, len(guide.configs) + len(spec.baselines.labels))
     study = optuna.create_study(
         directions=context.directions, sampler=_sampler(replace(spec, seed=seed), 0)
     )
     for label in spec.baselines.labels:
         attrs = TrialRecord(baseline=label).model_dump(include={"baseline"})
         study.enqueue_trial(plan.baseline_params(label), user_attrs=attrs)
-    if sensitivity is not None:
-        enqueue_seeds(study, spec, plan, sensitivity)
-    rows = table["rows"]
     tried: set[str] = set()
     for _ in range(n_trials):
+        if guide is not None:
+            guide.queue_next(study, study.get_trials(deepcopy=False))
         trial = study.ask(plan.distributions)
-        baseline = TrialRecord.from_attrs(trial.user_attrs).baseline
-        config_list = [] if baseline == "float" else plan.config_list(plan.values(trial.params))
-        study.tell(trial, rows[table_key(config_list)]["values"])
+        queued = TrialRecord.from_attrs(trial.user_attrs)
+        config_list = (
+            [] if queued.baseline == "float" else plan.config_list(plan.values(trial.params))
+        )
+        values = table.values(config_list)
+        row = table.rows[table_key(config_list)]["record"]
+        # What the guide reads of a finished trial: its validation accuracy and size.
+        record = TrialRecord(
+            val_accuracy=row["val_accuracy"],
+            size_bytes=row["size_bytes"],
+            val_samples=len(table.context.task.val_set),  # type: ignore[arg-type]
+        )
+        for key, value in record.to_attrs().items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, values)
         tried.add(table_key(config_list))
-    float_size = table["float_size_bytes"]
+    float_size = table.float_size_bytes
     points = np.array(
         [[1 - t.values[0], t.values[1] / float_size] for t in study.trials if t.values]
     )
-    return hypervolume(points), tried
+    return points, tried
 
 
-def reference_front(table: dict[str, Any]) -> set[str]:
-    """The configs on the exhaustive Pareto front."""
+def reference_front(table: Table) -> set[str]:
+    """The configs on the reference Pareto front (of every config in the table)."""
     from quantsearch.report._objectives import front_mask
 
-    float_size = table["float_size_bytes"]
-    keys = list(table["rows"])
-    points = np.array(
-        [[1 - r["values"][0], r["values"][1] / float_size] for r in table["rows"].values()]
-    )
+    keys, points = table.points()
     return {key for key, on in zip(keys, front_mask(points), strict=True) if on}
 
 
-def reference_hypervolume(table: dict[str, Any]) -> float:
+def reference_hypervolume(table: Table) -> float:
     from quantsearch.report._objectives import hypervolume
 
-    float_size = table["float_size_bytes"]
-    points = np.array(
-        [[1 - r["values"][0], r["values"][1] / float_size] for r in table["rows"].values()]
-    )
-    return hypervolume(points)
+    return hypervolume(table.points()[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--table", type=Path, default=REPO / "benchmarks" / ".cache" / "bench_search_digits.json"
-    )
+    parser.add_argument("--task", choices=("digits", "mnist"), default="digits")
+    parser.add_argument("--data-dir", help="the MNIST IDX files (--task mnist)")
+    parser.add_argument("--table", type=Path, help="the cache of trial results")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--strategies", nargs="+", help="names of strategies to run (default all)")
     parser.add_argument("--enumerate-only", action="store_true")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    weights = float_model(args.table.parent)
-    table = enumerate_space(weights, args.table)
-    print(f"{len(table['rows'])} configs enumerated")
+    TASK.update({"name": args.task, **({"data_dir": args.data_dir} if args.data_dir else {})})
+    cache = REPO / "benchmarks" / ".cache"
+    weights = float_model(cache)
+    table = Table(weights, args.table or cache / f"bench_search_{args.task}.json")
+    exhaustive = args.task == "digits"
+    if exhaustive:
+        table.enumerate()
+        print(f"{len(table.rows)} configs enumerated")
     if args.enumerate_only:
         return
-    reference = reference_hypervolume(table)
-    print(f"reference (exhaustive) hypervolume {reference:.4f}")
-    results: dict[str, dict[int, list[float]]] = {}
-    found: dict[str, dict[int, list[int]]] = {}
-    best = reference_front(table)
-    started = time.perf_counter()
     every = {**STRATEGIES, **VARIANTS}
-    for name in every:
-        for budget in BUDGETS:
+    names = args.strategies or list(every)
+    runs: dict[tuple[str, int], list[tuple[np.ndarray, set[str]]]] = {}
+    started = time.perf_counter()
+    for name in names:
+        for budget in args.budgets:
             for seed in SEEDS:
-                volume, tried = run_strategy(weights, table, every[name], budget, seed)
-                results.setdefault(name, {}).setdefault(budget, []).append(volume / reference)
-                found.setdefault(name, {}).setdefault(budget, []).append(len(tried & best))
-            shown = results[name][budget]
+                runs.setdefault((name, budget), []).append(
+                    run_strategy(table, every[name], budget, seed)
+                )
             elapsed = time.perf_counter() - started
             print(
-                f"  {name:<34} {budget:>3} trials: {np.mean(shown):.2%} "
-                f"({', '.join(f'{v:.3f}' for v in shown)})  [{elapsed:.0f} s]",
+                f"  {name:<44} {budget:>3} trials  [{elapsed:.0f} s, "
+                f"{len(table.rows)} configs evaluated]",
                 flush=True,
             )
-    lines = [
-        "| strategy | " + " | ".join(f"{b} trials" for b in BUDGETS) + " |",
-        "|---|" + "---:|" * len(BUDGETS),
-    ]
-    for name in every:
-        if name == next(iter(VARIANTS)):
-            lines.append("| *variants of the default* |" + " |" * len(BUDGETS))
-        cells = []
-        for budget in BUDGETS:
-            values = results[name][budget]
-            cells.append(f"{np.mean(values):.2%} (min {min(values):.2%})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    from quantsearch.search._sensitivity import predicted_front
-
-    sensitivity = measured_sensitivity(weights)
-    front = predicted_front(sensitivity)
-    lines += [
-        "",
-        f"Configs of the exhaustive front ({len(best)}) among the trials, mean over the seeds:",
-        "",
-        "| strategy | " + " | ".join(f"{b} trials" for b in BUDGETS) + " |",
-        "|---|" + "---:|" * len(BUDGETS),
-    ]
-    for name in every:
-        cells = [f"{np.mean(found[name][budget]):.1f}" for budget in BUDGETS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"Reference hypervolume {reference:.4f} (all {len(table['rows'])} configs); the "
-        f"sensitivity pass took {sensitivity.seconds:.1f} s and predicts "
-        f"{len(front)} Pareto configs. Mean over seeds {', '.join(map(str, SEEDS))} of the "
-        "fraction of the reference hypervolume (worst seed in brackets).",
-    ]
-    text = "\n".join(lines)
+    table.save()
+    text = summary(table, runs, names, args.budgets, exhaustive=exhaustive)
     print(text)
     if args.markdown is not None:
         args.markdown.write_text(text + "\n")
+
+
+def summary(
+    table: Table,
+    runs: dict[tuple[str, int], list[tuple[np.ndarray, set[str]]]],
+    names: list[str],
+    budgets: list[int],
+    *,
+    exhaustive: bool,
+) -> str:
+    """The two Markdown tables: share of the reference hypervolume, front configs found."""
+    from quantsearch.report._objectives import hypervolume
+    from quantsearch.search._sensitivity import predicted_front
+
+    reference = reference_hypervolume(table)
+    best = reference_front(table)
+    header = [
+        "| strategy | " + " | ".join(f"{b} trials" for b in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    lines = list(header)
+    first_variant = next((n for n in names if n in VARIANTS), None)
+    for name in names:
+        if name == first_variant:
+            lines.append("| *variants of the default* |" + " |" * len(budgets))
+        cells = []
+        for budget in budgets:
+            shares = [hypervolume(points) / reference for points, _ in runs[name, budget]]
+            cells.append(f"{np.mean(shares):.2%} (min {min(shares):.2%})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Configs of the reference front ({len(best)}) among the trials, mean over the seeds:",
+        "",
+        *header,
+    ]
+    for name in names:
+        cells = [
+            f"{np.mean([len(tried & best) for _, tried in runs[name, b]]):.1f}" for b in budgets
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    sensitivity = measured_sensitivity(table.weights)
+    source = (
+        f"all {len(table.rows)} configs"
+        if exhaustive
+        else f"the front of the {len(table.rows)} configs any run tried"
+    )
+    lines += [
+        "",
+        f"Reference hypervolume {reference:.4f} ({source}); the sensitivity pass took "
+        f"{sensitivity.seconds:.1f} s and predicts {len(predicted_front(sensitivity))} Pareto "
+        f"configs. Mean over seeds {', '.join(map(str, SEEDS))} of the fraction of the "
+        "reference hypervolume (worst seed in brackets).",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
 from quantsearch.search._sensitivity import (
     PredictedPoint,
+    SeedGuide,
     measure_sensitivity,
     predicted_front,
     seed_configs,
@@ -68,6 +69,7 @@ __all__ = [
     "ParamSensitivity",
     "PredictedPoint",
     "SearchSpec",
+    "SeedGuide",
     "Sensitivity",
     "SensitivityEntry",
     "SensitivitySpec",

@@ -8,8 +8,9 @@ weight also gets HAWQ-V2's mean Hessian trace (Hutchinson's estimator) times
 
 The predicted cost of a whole config is the sum of its parameters' increases, its size the
 float size plus the sum of their size changes: the Pareto set of (increase, size) is a
-multiple-choice knapsack, solved exactly by merging the Pareto sets layer by layer. A few of
-its configs, spread along the size axis, are queued as the study's first sampled trials.
+multiple-choice knapsack, solved exactly by merging the Pareto sets layer by layer. Its configs are
+queued as the study's first sampled trials, one at a time, while they keep reaching the
+front (``SeedGuide``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import optuna
 import torch
 from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor, nn
 
 from quantsearch.pipeline import (
@@ -34,6 +36,7 @@ from quantsearch.pipeline import (
     Sensitivity,
     SensitivityEntry,
     TrialRecord,
+    accuracy_interval,
     build_compressed,
     load_state,
     sensitivity_of,
@@ -44,21 +47,21 @@ from quantsearch.quantization._base import wrappers_of
 from quantsearch.search._config_builder import FLOAT, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._objective import train_config
-from quantsearch.search._space import BITS_PARAMS, SearchSpec
+from quantsearch.search._space import BITS_PARAMS, DEFAULT_PATIENCE, SearchSpec
 from quantsearch.tasks import Task, seed_everything
 from quantsearch.tasks._training import batches_of
 
 __all__ = [
     "SEED_MARK",
     "PredictedPoint",
-    "default_seed_count",
-    "enqueue_seeds",
+    "SeedGuide",
     "ensure_sensitivity",
     "measure_sensitivity",
     "pareto_configs",
     "predicted_front",
     "searched_tensors",
     "seed_configs",
+    "seed_limit",
     "seed_study",
 ]
 
@@ -68,6 +71,8 @@ SEED_MARK = "sensitivity"
 _ACTIVATIONS = ("input", "output")
 # Config keys the ptq quantizer takes besides the bits (others belong to training).
 _PTQ_KEYS = ("quant_scheme", "quant_dtype", "observer", "percentile")
+# A seed trial that ended with a result (a failed one is retried or is an error, not a miss).
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _param_values(param: NniParam) -> list[Bits]:
@@ -450,24 +455,24 @@ def seed_configs(
     exclude: Sequence[Mapping[str, Bits]] = (),
     spread: str = "hypervolume",
 ) -> list[dict[str, Bits]]:
-    """``count`` configs of the predicted Pareto set, smallest first.
+    """``count`` configs of the predicted Pareto set, in the order they are to be tried.
 
-    ``spread``: ``size`` takes the configs nearest to ``count`` sizes spaced evenly between
-    the smallest and the largest; ``hypervolume`` adds, one at a time, the config that grows
-    the predicted front's hypervolume most (size / float size against the increase scaled
-    to [0, 1]), which puts them where the front bends. Configs in ``exclude`` (the
-    baselines) are skipped: they run anyway.
+    ``spread``: ``hypervolume`` adds, one at a time, the config that grows the predicted
+    front's hypervolume most (size / float size against the increase scaled to [0, 1]), so
+    every prefix covers where the front bends; ``size`` takes the configs nearest to
+    ``count`` sizes spaced evenly between the smallest and the largest, the two ends first
+    and then halving the gaps. Configs in ``exclude`` (the baselines) are skipped: they run
+    anyway.
     """
     front = [p for p in predicted_front(sensitivity) if dict(p.bits) not in list(exclude)]
-    if count <= 0 or not front:
+    count = min(count, len(front))
+    if count <= 0:
         return []
-    if count >= len(front):
-        return [p.bits for p in front]
     if spread == "size":
-        chosen = _by_size(front, count)
+        chosen = _halving_order(sorted(_by_size(front, count)))
     else:
         chosen = _by_hypervolume(front, count, sensitivity.float_size_bytes)
-    return [front[i].bits for i in sorted(chosen)]
+    return [front[i].bits for i in chosen]
 
 
 def _by_size(front: Sequence[PredictedPoint], count: int) -> list[int]:
@@ -478,6 +483,22 @@ def _by_size(front: Sequence[PredictedPoint], count: int) -> list[int]:
         free = [i for i in range(len(front)) if i not in chosen]
         chosen.append(min(free, key=lambda i: abs(front[i].size_bytes - target)))
     return chosen
+
+
+def _halving_order(items: Sequence[int]) -> list[int]:
+    """The first and the last item, then the middle of each gap, coarsest gaps first."""
+    if len(items) <= 2:
+        return list(items)
+    order = [0, len(items) - 1]
+    gaps = [(0, len(items) - 1)]
+    while gaps:
+        low, high = gaps.pop(0)
+        if high - low < 2:
+            continue
+        middle = (low + high) // 2
+        order.append(middle)
+        gaps += [(low, middle), (middle, high)]
+    return [items[i] for i in order]
 
 
 # Reference point of the predicted hypervolume: float size, and a little past the worst
@@ -508,38 +529,117 @@ def _by_hypervolume(front: Sequence[PredictedPoint], count: int, float_size: int
     return chosen
 
 
-def default_seed_count(spec: SearchSpec) -> int:
-    """Half the trials, at most 50, leaving room for the baselines (``sensitivity.seeds``
-    when given). Half measured better than a quarter (benchmarks/bench_search.py)."""
+def seed_limit(spec: SearchSpec) -> int:
+    """The most seed trials: ``sensitivity.seeds``, else 50; never more than the trials
+    left after the baselines."""
     options = spec.sensitivity
-    if options is not None and options.seeds is not None:
-        count = options.seeds
-    else:
-        count = min(50, max(1, spec.n_trials // 2))
+    count = options.seeds if options is not None and options.seeds is not None else 50
     return max(0, min(count, spec.n_trials - len(spec.baselines.labels)))
 
 
-def enqueue_seeds(
-    study: optuna.Study, spec: SearchSpec, plan: SpacePlan, sensitivity: Sensitivity
-) -> int:
-    """Queue the seed configs not queued yet (``seed_of: sensitivity``); returns how many."""
-    baselines = [_baseline_bits(plan, label) for label in spec.baselines.labels]
-    spread = spec.sensitivity.spread if spec.sensitivity else "hypervolume"
-    configs = seed_configs(sensitivity, default_seed_count(spec), exclude=baselines, spread=spread)
-    records = [TrialRecord.of(t) for t in study.get_trials(deepcopy=False)]
-    # A seed run again after an interruption is the same seed (its retry_of is set).
-    queued = sum(r.seed_of == SEED_MARK and r.retry_of is None for r in records)
-    attrs = TrialRecord(seed_of=SEED_MARK).model_dump(include={"seed_of"})
-    added = 0
-    for bits in configs[queued:]:
+@dataclass(frozen=True)
+class SeedGuide:
+    """Queues the predicted Pareto set's configs one trial at a time, while they pay off.
+
+    The configs come in ``seed_configs`` order (the most predicted hypervolume first). The
+    guide stops for good after ``patience`` finished seeds in a row that missed the front
+    (``misses``: the prediction has stopped finding it), or when its configs are used up;
+    the sampler then goes on alone. Everything it decides
+    is read back from the trials, so a resumed study or another machine goes on where it was.
+    """
+
+    plan: SpacePlan
+    configs: tuple[dict[str, Bits], ...]
+    patience: int
+
+    @classmethod
+    def of(cls, spec: SearchSpec, plan: SpacePlan, sensitivity: Sensitivity) -> SeedGuide:
+        options = spec.sensitivity
+        baselines = [_baseline_bits(plan, label) for label in spec.baselines.labels]
+        configs = seed_configs(
+            sensitivity,
+            seed_limit(spec),
+            exclude=baselines,
+            spread=options.spread if options else "hypervolume",
+        )
+        patience = options.patience if options else DEFAULT_PATIENCE
+        return cls(plan=plan, configs=tuple(configs), patience=patience)
+
+    def next_params(self, trials: Sequence[FrozenTrial]) -> dict[str, Any] | None:
+        """The parameters of the next seed to queue, or None: a seed is still waiting, or
+        the guide has ended (``ended``)."""
+        records = [TrialRecord.of(t) for t in trials]
+        waiting = any(
+            t.state == TrialState.WAITING and r.seed_of == SEED_MARK
+            for t, r in zip(trials, records, strict=True)
+        )
+        if waiting or self.ended(trials, records):
+            return None
+        tried = {self._key(t.params) for t in trials}
+        return next(
+            (p for p in map(self._params, self.configs) if self._key(p) not in tried), None
+        )
+
+    def ended(self, trials: Sequence[FrozenTrial], records: Sequence[TrialRecord]) -> str | None:
+        """Why no seed is queued any more, or None while the guide goes on."""
+        tried = {self._key(t.params) for t in trials}
+        if all(self._key(p) in tried for p in map(self._params, self.configs)):
+            return f"all {len(self.configs)} configs of the predicted front tried"
+        if sum(r.seed_of == SEED_MARK and r.retry_of is None for r in records) >= len(
+            self.configs
+        ):
+            return f"{len(self.configs)} seeds run"
+        if self.patience and self.misses(trials, records) >= self.patience:
+            return f"{self.patience} seeds in a row missed the front"
+        return None
+
+    def misses(self, trials: Sequence[FrozenTrial], records: Sequence[TrialRecord]) -> int:
+        """Finished seeds in a row, the latest last, that missed the front: another trial is
+        at most as large and more accurate than the seed's 95% interval reaches (a difference
+        within the validation split's noise is no miss)."""
+        done = [
+            (t.number, r.val_accuracy, r.size_bytes)
+            for t, r in zip(trials, records, strict=True)
+            if t.state == TrialState.COMPLETE
+            and r.val_accuracy is not None
+            and r.size_bytes is not None
+        ]
+        misses = 0
+        for trial, record in zip(trials, records, strict=True):
+            if record.seed_of != SEED_MARK or trial.state not in _FINISHED:
+                continue
+            accuracy, size = record.val_accuracy, record.size_bytes
+            if trial.state != TrialState.COMPLETE or accuracy is None or size is None:
+                misses += 1
+                continue
+            reach = accuracy_interval(accuracy, record.val_samples or 0)[1]
+            if math.isnan(reach):
+                reach = accuracy
+            beaten = any(
+                n != trial.number and s <= size and a > reach for n, a, s in done
+            )
+            misses = misses + 1 if beaten else 0
+        return misses
+
+    def _params(self, bits: Mapping[str, Bits]) -> dict[str, Any]:
         params = {}
         for name, value in bits.items():
-            param = plan.params[name]
+            param = self.plan.params[name]
             assert isinstance(param, NniParam)
             params[name] = param.encode(value)
+        return params
+
+    def _key(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(params.get(name) for name in searched_tensors(self.plan))
+
+    def queue_next(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
+        """Queue the next seed (``seed_of: sensitivity``) if there is one; whether it did."""
+        params = self.next_params(trials)
+        if params is None:
+            return False
+        attrs = TrialRecord(seed_of=SEED_MARK).model_dump(include={"seed_of"})
         study.enqueue_trial(params, user_attrs=attrs)
-        added += 1
-    return added
+        return True
 
 
 def _baseline_bits(plan: SpacePlan, label: str) -> dict[str, Bits]:
@@ -555,8 +655,9 @@ def _baseline_bits(plan: SpacePlan, label: str) -> dict[str, Bits]:
 
 def seed_study(
     study: optuna.Study, context: Any, float_path: Path, *, log: Callable[[str], None]
-) -> Sensitivity:
-    """The study's hook: measure (or read back) the sensitivity, then queue its seeds."""
+) -> SeedGuide:
+    """The study's hook: measure (or read back) the sensitivity; the guide that queues its
+    seeds as the study goes."""
     spec = context.spec
     sensitivity = ensure_sensitivity(
         study,
@@ -567,7 +668,5 @@ def seed_study(
         float_size_bytes=context.float_size_bytes,
         log=log,
     )
-    added = enqueue_seeds(study, spec, context.plan, sensitivity)
-    if added:
-        log(f"sensitivity: queued {added} config(s) of its predicted Pareto set")
-    return sensitivity
+    guide = SeedGuide.of(spec, context.plan, sensitivity)
+    return guide

@@ -55,6 +55,8 @@ QUANT_SCHEMES: tuple[str, ...] = (
 OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse")
 SENSITIVITY_METHODS: tuple[str, ...] = ("loss", "hessian")
 SEED_SPREADS: tuple[str, ...] = ("hypervolume", "size")
+# Seeds in a row off the front before the sampler goes on alone (benchmarks/bench_search.py).
+DEFAULT_PATIENCE = 3
 OBJECTIVES: tuple[str, ...] = ("accuracy", "size_bytes")
 # Names a space may use for a metric besides its own.
 _METRIC_ALIASES = {"size": "size_bytes"}
@@ -151,9 +153,10 @@ class SensitivitySpec:
 
     ``method``: ``loss`` ranks a tensor by the validation loss with it alone quantized;
     ``hessian`` by HAWQ-V2's mean Hessian trace x ||Q(W) - W||^2 (weights; activations keep
-    the loss). ``batches``: validation batches each measurement evaluates. ``seeds``: configs
-    of the predicted Pareto set queued as trials (None: half of n_trials, at most 50);
-    ``spread``: how they are picked from it (``hypervolume`` or ``size``).
+    the loss). ``batches``: validation batches each measurement evaluates. ``seeds``: the most
+    configs of the predicted Pareto set queued as trials (None: 50); ``spread``: their order
+    (``hypervolume`` or ``size``); ``patience``: seeds in a row that miss the front before
+    the sampler goes on alone (0: never stop early).
     """
 
     method: str = "loss"
@@ -161,6 +164,7 @@ class SensitivitySpec:
     seeds: int | None = None
     hessian_samples: int = 4
     spread: str = "hypervolume"
+    patience: int = DEFAULT_PATIENCE
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +173,8 @@ class SensitivitySpec:
             "seeds": self.seeds,
             "hessian_samples": self.hessian_samples,
             "spread": self.spread,
+            # Written only when set, so studies made before the key existed keep their hash.
+            **({"patience": self.patience} if self.patience != DEFAULT_PATIENCE else {}),
         }
 
 
@@ -632,7 +638,7 @@ class _Parser:
         rule = _mapping(
             value,
             key="sensitivity",
-            allowed=("method", "batches", "seeds", "hessian_samples", "spread"),
+            allowed=("method", "batches", "seeds", "hessian_samples", "spread", "patience"),
         )
         if per_layer is None:
             raise SpaceError(
@@ -662,6 +668,9 @@ class _Parser:
                 f"{spread!r} is not a spread; allowed: {', '.join(SEED_SPREADS)}",
                 key="sensitivity.spread",
             )
+        patience = rule.get("patience", DEFAULT_PATIENCE)
+        if not _is_int(patience) or patience < 0:
+            raise SpaceError(f"{patience!r} is not an integer >= 0", key="sensitivity.patience")
         seeds = rule.get("seeds")
         if seeds is not None and (not _is_int(seeds) or seeds < 0):
             raise SpaceError(f"{seeds!r} is not an integer >= 0", key="sensitivity.seeds")
@@ -686,6 +695,7 @@ class _Parser:
             seeds=seeds,
             hessian_samples=rule.get("hessian_samples", 4),
             spread=spread,
+            patience=patience,
         )
 
     def target(self, value: Any, top: Mapping[str, Any]) -> Target | None:

@@ -49,7 +49,7 @@ from quantsearch.search._objective import (
     train_config,
     trial_seed,
 )
-from quantsearch.search._sensitivity import seed_study
+from quantsearch.search._sensitivity import SeedGuide, seed_study
 from quantsearch.search._space import BITS_PARAMS, SearchSpec, changed_keys, check_study_name
 from quantsearch.search._target import TargetState, apply_target, reached
 from quantsearch.search._workers import (
@@ -833,6 +833,8 @@ class _Loop:
     # The target (smallest model within an accuracy drop): the study stops once it is met.
     target: TargetState | None = None
     _target_trial: int | None = None
+    # Queues the sensitivity's predicted front, a trial at a time, before the sampler's own.
+    guide: SeedGuide | None = None
 
     @property
     def spec(self) -> SearchSpec:
@@ -948,6 +950,8 @@ class _Loop:
                 _fail_stale_trials(self.study)
             if self._counted_now() >= self.spec.n_trials or self._target_met():
                 return
+            if self.guide is not None:
+                self._queue_seed(self.guide)
             ticket = self._ask()
             original = self.finished.get(ticket.key)
             elsewhere = None if original is not None else self._running_elsewhere(ticket)
@@ -961,6 +965,16 @@ class _Loop:
                 self.parked_elsewhere.setdefault(elsewhere, []).append(ticket)
             else:
                 self._submit(pool, ticket)
+
+    def _queue_seed(self, guide: SeedGuide) -> None:
+        """Queue the guide's next seed; once it has ended, say why (once) and drop it."""
+        trials = self._read_trials()
+        if guide.queue_next(self.study, trials):
+            return
+        reason = guide.ended(trials, [TrialRecord.of(t) for t in trials])
+        if reason is not None:
+            self.progress.message(f"seeds: {reason}; the sampler goes on alone")
+            self.guide = None
 
     def _target_met(self) -> bool:
         """Whether a trial within the target is as small as the space allows (said once)."""
@@ -1202,7 +1216,7 @@ def run_study(
         if made is not None:
             loop.float_model, loop.float_model_path = made
             if spec.sensitivity is not None:
-                seed_study(study, context, made[1], log=progress.message)
+                loop.guide = seed_study(study, context, made[1], log=progress.message)
             if spec.target is not None:
                 loop.context, loop.target = apply_target(study, context, made[0])
         torch.set_num_threads(num_threads if jobs == 1 else 1)

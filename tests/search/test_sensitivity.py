@@ -27,7 +27,13 @@ from quantsearch.search import (
     seed_configs,
     sensitivity_of,
 )
-from quantsearch.search._sensitivity import _area, default_seed_count, ensure_sensitivity
+from quantsearch.search._sensitivity import (
+    SEED_MARK,
+    SeedGuide,
+    _area,
+    ensure_sensitivity,
+    seed_limit,
+)
 from quantsearch.search._study import FLOAT_MODEL_FILE, artifacts_dir
 
 SpaceFile = Callable[..., Path]
@@ -70,6 +76,7 @@ class _Log:
         ({"sensitivity": {"method": "fisher"}}, "sensitivity.method", "allowed: loss, hessian"),
         ({"sensitivity": {"batches": 0}}, "sensitivity.batches", "integer >= 1"),
         ({"sensitivity": {"seeds": 9}}, "sensitivity.seeds", "do not fit in n_trials (4)"),
+        ({"sensitivity": {"patience": -1}}, "sensitivity.patience", "integer >= 0"),
         ({"sensitivity": {"speed": 1}}, "sensitivity.speed", "unknown key 'speed'"),
         (
             {"sensitivity": {}, "per_layer": None, "params": {"quant_bits": 8}},
@@ -116,10 +123,15 @@ def test_a_space_without_sensitivity_keeps_its_dict(space_file: SpaceFile) -> No
     assert on.sensitivity.batches == 8 and on.sensitivity.seeds is None
     assert on.to_dict()["sensitivity"]["method"] == "hessian"
     assert on.space_hash != spec.space_hash
-    # Half the trials (at most 50), leaving room for the two baselines (float, uniform-8).
-    assert default_seed_count(on) == 2
-    assert default_seed_count(on.with_overrides(n_trials=3)) == 1
-    assert default_seed_count(on.with_overrides(n_trials=200)) == 50
+    # At most 50 seeds, leaving room for the two baselines (float, uniform-8).
+    assert seed_limit(on) == 2
+    assert seed_limit(on.with_overrides(n_trials=3)) == 1
+    assert seed_limit(on.with_overrides(n_trials=200)) == 50
+    # The default patience is not written, so studies made before the key keep their hash.
+    assert "patience" not in on.to_dict()["sensitivity"]
+    patient = load_space(space_file(sensitivity={"patience": 0}))
+    assert patient.sensitivity is not None and patient.sensitivity.patience == 0
+    assert patient.to_dict()["sensitivity"]["patience"] == 0
 
 
 def test_a_study_measures_once_and_starts_from_the_predicted_front(
@@ -275,10 +287,16 @@ def test_hessian_measure_is_trace_times_the_weight_error(space_file: SpaceFile) 
     assert sensitivity.increase("relu1.quant_bits", 2) == loss_increase
 
 
-def _synthetic(seed: int, params: int = 4, bits: tuple = (2, 3, 4, 8, "float")) -> Sensitivity:
+def _synthetic(
+    seed: int,
+    params: int = 4,
+    bits: tuple = (2, 3, 4, 8, "float"),
+    names: tuple[str, ...] = (),
+) -> Sensitivity:
     rng = random.Random(seed)
     out = []
-    for index in range(params):
+    names = names or tuple(f"l{index}.weight_bits" for index in range(params))
+    for name in names:
         size = rng.randint(100, 5000)
         entries = [
             SensitivityEntry(
@@ -289,7 +307,7 @@ def _synthetic(seed: int, params: int = 4, bits: tuple = (2, 3, 4, 8, "float")) 
             )
             for b in bits
         ]
-        out.append(ParamSensitivity(param=f"l{index}.weight_bits", tensors=[], entries=entries))
+        out.append(ParamSensitivity(param=name, tensors=[], entries=entries))
     return Sensitivity(
         method="loss",
         batches=1,
@@ -331,9 +349,10 @@ def test_seeds_spread_along_the_size_axis_and_skip_baselines() -> None:
     front = predicted_front(sensitivity)
     assert len(front) > 6
     seeds = seed_configs(sensitivity, 3, spread="size")
-    assert seeds[0] == front[0].bits and seeds[-1] == front[-1].bits
+    # The two ends first, then the middle.
+    assert seeds[0] == front[0].bits and seeds[1] == front[-1].bits
     sizes = [p.size_bytes for p in front]
-    middle = next(p for p in front if p.bits == seeds[1]).size_bytes
+    middle = next(p for p in front if p.bits == seeds[2]).size_bytes
     target = (sizes[0] + sizes[-1]) / 2
     assert abs(middle - target) == min(abs(s - target) for s in sizes)
     skipped = seed_configs(sensitivity, 3, exclude=[front[0].bits], spread="size")
@@ -381,3 +400,124 @@ def test_a_trial_reusing_a_seed_is_not_a_seed() -> None:
     reused = seed.reused_by(duplicate_of=3, seed=1)
     assert reused.seed_of is None and reused.val_accuracy == 0.9
     assert "seed_of" not in reused.to_attrs()
+
+
+# Weights only: each weighted layer at 2, 3, 4 or 8 bits or float; no baseline but float.
+GUIDED = {
+    **PTQ,
+    "n_trials": 40,
+    "baselines": {"float": True},
+    "quantize": {"weight": {"op_types": ["Conv2d", "Linear"]}},
+    "per_layer": {
+        "op_types": ["Conv2d", "Linear"],
+        "quant_bits": {"_type": "choice", "_value": [2, 3, 4, 8, "float"]},
+    },
+    "sensitivity": {"batches": 1},
+}
+
+
+def _guide(space_file: SpaceFile, **options: Any) -> tuple[SeedGuide, Any]:
+    spec = load_space(space_file(**{**GUIDED, "sensitivity": {"batches": 1, **options}}))
+    context = prepare(spec)
+    names = tuple(f"{layer}.quant_bits" for layer in ("conv1", "conv2", "fc1", "fc2"))
+    sensitivity = _synthetic(0, names=names)
+    return SeedGuide.of(spec, context.plan, sensitivity), context
+
+
+def _run(
+    study: optuna.Study,
+    context: Any,
+    guide: SeedGuide,
+    result: Callable[[dict[str, Any]], tuple[float, int]],
+    trials: int,
+    samples: int | None = None,
+) -> list[TrialRecord]:
+    """``trials`` asks of the study with the guide queueing first, answered by ``result``
+    (an accuracy on ``samples`` validation images, and a size)."""
+    for _ in range(trials):
+        guide.queue_next(study, study.get_trials(deepcopy=False))
+        trial = study.ask(context.plan.distributions)
+        accuracy, size = result(trial.params)
+        record = TrialRecord(val_accuracy=accuracy, size_bytes=size, val_samples=samples)
+        for key, value in record.to_attrs().items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, [accuracy, size])
+    return [TrialRecord.of(t) for t in study.get_trials()]
+
+
+def test_the_guide_queues_the_predicted_front_in_order_one_at_a_time(
+    space_file: SpaceFile,
+) -> None:
+    guide, context = _guide(space_file)
+    float_bits = {name: "float" for name in guide.configs[0]}
+    assert float_bits not in guide.configs  # the float baseline runs anyway
+    assert len(guide.configs) == len(predicted_front(_synthetic(0))) - 1
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    assert guide.queue_next(study, study.get_trials())
+    # One seed waits: nothing more is queued until it is asked.
+    assert not guide.queue_next(study, study.get_trials())
+    assert len(study.get_trials()) == 1
+    # Every seed lands on the front (accuracy falls as size falls): all are tried, in order.
+    order = {tuple(sorted(c.items())): i for i, c in enumerate(guide.configs)}
+    sizes = {k: 1000 - 10 * i for k, i in order.items()}
+
+    def on_front(params: dict[str, Any]) -> tuple[float, int]:
+        key = tuple(sorted(context.plan.values(params).items()))
+        key = tuple((k, v) for k, v in key if k in guide.configs[0])
+        if key not in sizes:  # a trial of the sampler's
+            return 0.1, 10**6
+        return 0.9 + sizes[key] / 1e5, sizes[key]
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    records = _run(study, context, guide, on_front, len(guide.configs) + 3)
+    assert [r.seed_of for r in records] == [SEED_MARK] * len(guide.configs) + [None] * 3
+    tried = [
+        {k: context.plan.values(t.params)[k] for k in guide.configs[0]}
+        for t in study.get_trials()[: len(guide.configs)]
+    ]
+    assert tried == list(guide.configs)
+
+
+def test_the_guide_stops_after_patience_seeds_off_the_front(space_file: SpaceFile) -> None:
+    guide, context = _guide(space_file, patience=2)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    # A trial that dominates every seed: 100% accuracy at one byte.
+    dominant = study.ask(context.plan.distributions)
+    for key, value in TrialRecord(val_accuracy=1.0, size_bytes=1).to_attrs().items():
+        dominant.set_user_attr(key, value)
+    study.tell(dominant, [1.0, 1])
+    records = _run(study, context, guide, lambda params: (0.5, 500), 6)
+    # Two seeds, both dominated; then the sampler alone.
+    assert [r.seed_of for r in records] == [None, SEED_MARK, SEED_MARK, None, None, None, None]
+    trials = study.get_trials()
+    assert guide.misses(trials, [TrialRecord.of(t) for t in trials]) == 2
+    # A new guide on the same trials (a resumed study) decides the same.
+    again, _ = _guide(space_file, patience=2)
+    assert again.next_params(trials) is None
+    # With patience 0 it goes on to the next config not yet tried.
+    endless, _ = _guide(space_file, patience=0)
+    params = endless.next_params(trials)
+    assert params is not None and params not in [t.params for t in trials]
+
+
+def test_a_seed_on_the_front_resets_the_misses(space_file: SpaceFile) -> None:
+    guide, context = _guide(space_file, patience=2)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    answers = iter([(0.5, 500), (0.5, 600), (0.99, 100), (0.5, 700), (0.5, 800), (0.6, 900)])
+    records = _run(study, context, guide, lambda params: next(answers), 6)
+    # On the front, missed, on the front, missed twice: the guide stops; the sampler goes on.
+    assert [r.seed_of for r in records] == [SEED_MARK] * 5 + [None]
+
+
+def test_a_seed_within_the_validation_noise_is_no_miss(space_file: SpaceFile) -> None:
+    guide, context = _guide(space_file, patience=1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    # Seed 2 is larger and 1 point less accurate than seed 1: on 400 images (95% interval
+    # about +-2 points) no miss; on 40,000 (+-0.2 points) a miss that ends the seeding.
+    answers = iter([(0.95, 500), (0.94, 600), (0.5, 700)])
+    records = _run(study, context, guide, lambda params: next(answers), 3, samples=400)
+    assert [r.seed_of for r in records] == [SEED_MARK] * 3
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    answers = iter([(0.95, 500), (0.94, 600), (0.5, 700)])
+    records = _run(study, context, guide, lambda params: next(answers), 3, samples=40_000)
+    assert [r.seed_of for r in records] == [SEED_MARK, SEED_MARK, None]
