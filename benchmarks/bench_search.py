@@ -191,7 +191,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def measured_sensitivity(weights: Path, method: str = "loss") -> Any:
     """The space's sensitivity, measured once (per method) for every strategy and budget."""
-    from quantsearch.pipeline import load_state
     from quantsearch.search import parse_space, prepare
     from quantsearch.search._sensitivity import measure_sensitivity
 
@@ -202,7 +201,7 @@ def measured_sensitivity(weights: Path, method: str = "loss") -> Any:
             context.spec,
             context.task,
             context.plan,
-            load_state(weights),
+            weights,
             float_size_bytes=context.float_size_bytes,
         )
     return _SENSITIVITY_CACHE[method]

@@ -167,6 +167,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sensitivity.add_argument("--space", type=Path, required=True, help="the search-space file")
     sensitivity.add_argument("--storage", help="override the space's storage")
     sensitivity.add_argument("--threads", type=_positive_int, help="torch threads")
+    sensitivity.add_argument(
+        "--jobs", type=_positive_int, default=1, help="measurements run at once (processes)"
+    )
     _add_data_dir(sensitivity)
 
     export = commands.add_parser("export", help="export a trial's quantized model")
@@ -461,6 +464,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from quantsearch.search import (
+        ConsoleProgress,
         describe_front,
         prepare,
         sensitivity_pivot,
@@ -469,7 +473,13 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args)
     context = prepare(spec)
-    sensitivity = study_sensitivity(context, threads=args.threads, log=print)
+    progress = ConsoleProgress()
+    try:
+        sensitivity = study_sensitivity(
+            context, threads=args.threads, jobs=args.jobs, progress=progress
+        )
+    finally:
+        progress.close()
     print(
         f"\nsensitivity of {spec.study_name!r} ({sensitivity.method}, "
         f"{sensitivity.samples} validation images; float loss {sensitivity.float_loss:.4f}, "

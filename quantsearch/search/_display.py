@@ -60,7 +60,28 @@ class ConsoleProgress:
         else:
             self._print(text)
 
+    def count(self, label: str, done: int, total: int) -> None:
+        """A bar of its own for work before the trials (the sensitivity pass)."""
+        if self.quiet:
+            return
+        if self.bar is None or self.bar.desc != label:
+            self.close()
+            self.bar = tqdm(
+                total=total,
+                initial=done,
+                desc=label,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                smoothing=0,
+                leave=False,
+            )
+        self.bar.update(max(0, done - self.bar.n))
+        self.bar.refresh()
+        if done >= total:
+            self.close()
+
     def start(self, *, total: int, done: int, front: int) -> None:
+        self.close()
         self.started = time.perf_counter()
         if done:
             self._print(f"resuming: {done} of {total} trials done, front of {front}")

@@ -101,6 +101,16 @@ class TrialJob:
     # processes set their threads once when they start.
     num_threads: int | None = None
 
+    def run(self) -> TrialOutcome:
+        return run_trial(self)
+
+    def on_device(self, device: str) -> TrialJob:
+        return replace(self, train={**self.train, "device": device})
+
+    def died(self, reason: str) -> TrialOutcome:
+        record = TrialRecord(fail_reason=f"{reason} while training")
+        return TrialOutcome(state="FAIL", record=record)
+
 
 @dataclass(frozen=True)
 class TrialOutcome:

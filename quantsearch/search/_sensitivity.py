@@ -19,7 +19,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,16 @@ from quantsearch.pipeline import (
     TrialRecord,
     accuracy_interval,
     build_compressed,
-    load_state,
     sensitivity_of,
     state_sha256,
 )
 from quantsearch.quantization import model_size_bytes
 from quantsearch.quantization._base import wrappers_of
-from quantsearch.search._config_builder import FLOAT, SpacePlan
+from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
-from quantsearch.search._objective import train_config
+from quantsearch.search._objective import build_task, float_state_of, train_config
 from quantsearch.search._space import BITS_PARAMS, DEFAULT_PATIENCE, SearchSpec
+from quantsearch.search._workers import InlinePool, ProcessPool
 from quantsearch.tasks import Task, seed_everything
 from quantsearch.tasks._training import batches_of
 
@@ -55,6 +55,8 @@ __all__ = [
     "SEED_MARK",
     "PredictedPoint",
     "SeedGuide",
+    "SensitivityError",
+    "SensitivityJob",
     "ensure_sensitivity",
     "measure_sensitivity",
     "pareto_configs",
@@ -266,25 +268,79 @@ def _weight_error(wrapper: Any) -> float:
     return float((error**2).sum())
 
 
+@dataclass(frozen=True)
+class SensitivityJob:
+    """One (per-layer bits parameter, bit width) to measure, in whichever process runs it."""
+
+    number: int
+    spec: SearchSpec
+    float_weights: str
+    float_size_bytes: int
+    param: str
+    tensors: tuple[str, ...]
+    bits: Bits
+    layer_traces: dict[str, float] | None = None
+
+    def run(self) -> SensitivityEntry | str:
+        """The entry, or why it could not be measured."""
+        try:
+            measurer = _measurer_of(self.spec, self.float_weights, self.float_size_bytes)
+            measurer.layer_traces = self.layer_traces
+            return measurer.measure(self.param, self.tensors, self.bits)
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    def on_device(self, device: str) -> SensitivityJob:
+        spec = replace(self.spec, train={**self.spec.train, "device": device})
+        return replace(self, spec=spec)
+
+    def died(self, reason: str) -> str:
+        return f"{reason} while measuring"
+
+
+# The measurer of the last space and float model this process measured (a worker runs many).
+_MEASURERS: dict[tuple[str, str, float, str], _Measurer] = {}
+
+
+def _measurer_of(spec: SearchSpec, float_weights: str, float_size: int) -> _Measurer:
+    device = str(spec.train.get("device"))
+    key = (spec.space_hash, float_weights, Path(float_weights).stat().st_mtime, device)
+    if key not in _MEASURERS:
+        _MEASURERS.clear()
+        task = build_task(spec.task, spec.seed)
+        plan = SpacePlan(spec, ModelLayers.of(task.build_model()))
+        _MEASURERS[key] = _Measurer(spec, task, plan, float_state_of(float_weights), float_size)
+    return _MEASURERS[key]
+
+
+class SensitivityError(RuntimeError):
+    """A sensitivity measurement that failed (its message says which and why)."""
+
+
 def measure_sensitivity(
     spec: SearchSpec,
     task: Task,
     plan: SpacePlan,
-    float_state: Mapping[str, Tensor],
+    float_weights: str | Path,
     *,
     float_size_bytes: int,
     stored: Sensitivity | None = None,
+    pool: InlinePool | ProcessPool | None = None,
     save: Callable[[Sensitivity], None] = lambda s: None,
     log: Callable[[str], None] = lambda text: None,
+    count: Callable[[int, int], None] = lambda done, total: None,
 ) -> Sensitivity:
-    """Measure every (per-layer bits parameter, bit width) not yet in ``stored``.
+    """Measure every (per-layer bits parameter, bit width) not yet in ``stored``, on the
+    ``pool``'s workers (default: in this process).
 
-    ``save`` gets the sensitivity after each new entry (so a killed pass resumes from it).
+    ``save`` gets the sensitivity after each new entry (so a killed pass resumes from it),
+    ``count`` the entries done and their total.
     """
     started = time.perf_counter()
     options = spec.sensitivity
     method = options.method if options else "loss"
     seed_everything(spec.seed)
+    float_state = float_state_of(str(float_weights))
     measurer = _Measurer(spec, task, plan, float_state, float_size_bytes)
     tensors = searched_tensors(plan)
     candidates = _candidates(plan)
@@ -333,33 +389,78 @@ def measure_sensitivity(
             for layer in layers
         }
     total = sum(len(v) for v in candidates.values())
-    done = sum(len(p.entries) for p in current.params)
-    for index, (name, values) in enumerate(candidates.items()):
-        param = current.param(name)
-        new = [b for b in values if param.entry(b) is None]
-        if not new:
-            continue
-        for bits in new:
-            entry = measurer.measure(name, tensors[name], bits)
-            param = param.model_copy(update={"entries": [*param.entries, entry]})
-            params = [param if p.param == name else p for p in current.params]
-            current = current.model_copy(
-                update={
-                    "params": params,
-                    "seconds": current.seconds + time.perf_counter() - started,
-                }
-            )
-            started = time.perf_counter()
-            done += 1
-            save(current)
-        shown = "  ".join(f"{e.bits}: {e.loss - current.float_loss:+.3f}" for e in param.entries)
-        log(
-            f"sensitivity {done}/{total} ({index + 1}/{len(candidates)} {name}): "
-            f"loss increase {shown}"
+    missing_bits = {
+        name: [b for b in values if current.param(name).entry(b) is None]
+        for name, values in candidates.items()
+    }
+    measured = [(name, b) for name, values in missing_bits.items() for b in values if b != FLOAT]
+    jobs = [
+        SensitivityJob(
+            number=number,
+            spec=spec,
+            float_weights=str(float_weights),
+            float_size_bytes=float_size_bytes,
+            param=name,
+            tensors=tuple(tensors[name]),
+            bits=bits,
+            layer_traces=measurer.layer_traces,
         )
+        for number, (name, bits) in enumerate(measured)
+    ]
+    # A parameter's float entry is the float model's own result: nothing to run.
+    floats = [
+        (name, measurer.measure(name, tensors[name], FLOAT))
+        for name, values in missing_bits.items()
+        if FLOAT in values
+    ]
+    done = total - sum(len(v) for v in missing_bits.values())
+    count(done, total)
+    for name, entry in itertools.chain(floats, _run_jobs(jobs, pool or InlinePool())):
+        param = current.param(name)
+        entries = sorted([*param.entries, entry], key=lambda e: candidates[name].index(e.bits))
+        param = param.model_copy(update={"entries": entries})
+        now = time.perf_counter()
+        current = current.model_copy(
+            update={
+                "params": [param if p.param == name else p for p in current.params],
+                "seconds": current.seconds + now - started,
+            }
+        )
+        started = now
+        done += 1
+        save(current)
+        count(done, total)
+        if len(entries) == len(candidates[name]):
+            finished = sum(len(p.entries) == len(candidates[p.param]) for p in current.params)
+            shown = "  ".join(f"{e.bits}: {e.loss - current.float_loss:+.3f}" for e in entries)
+            log(
+                f"sensitivity {done}/{total} ({finished}/{len(candidates)} {name}): "
+                f"loss increase {shown}"
+            )
     current = current.model_copy(update={"complete": True})
     save(current)
     return current
+
+
+def _run_jobs(
+    jobs: Sequence[SensitivityJob], pool: InlinePool | ProcessPool
+) -> Iterator[tuple[str, SensitivityEntry]]:
+    """(parameter, entry) of each job, as its worker finishes it."""
+    waiting = list(jobs)
+    running: dict[int, SensitivityJob] = {}
+    while waiting or running:
+        while waiting and pool.has_capacity:
+            job = waiting.pop(0)
+            running[job.number] = job
+            pool.submit(job)
+        number, result = pool.next_result()
+        job = running.pop(number)
+        if not isinstance(result, SensitivityEntry):
+            raise SensitivityError(
+                f"measuring {job.param} at {job.bits} bits failed: {result}; the entries "
+                "measured so far are stored, and the next run goes on from them"
+            )
+        yield job.param, result
 
 
 def ensure_sensitivity(
@@ -371,12 +472,14 @@ def ensure_sensitivity(
     *,
     float_size_bytes: int,
     log: Callable[[str], None],
+    count: Callable[[int, int], None] = lambda done, total: None,
+    pool: InlinePool | ProcessPool | None = None,
 ) -> Sensitivity:
     """The study's sensitivity: read back when complete, else measured (from where a killed
-    pass stopped) and stored in the study as it goes."""
+    pass stopped, on the ``pool``'s workers) and stored in the study as it goes."""
     stored = sensitivity_of(study)
-    state = load_state(float_path)
-    if stored is not None and stored.complete and stored.float_sha256 == state_sha256(state):
+    sha = state_sha256(float_state_of(str(float_path)))
+    if stored is not None and stored.complete and stored.float_sha256 == sha:
         return stored
     if stored is not None:
         log(f"sensitivity: resuming ({sum(len(p.entries) for p in stored.params)} measured)")
@@ -390,11 +493,13 @@ def ensure_sensitivity(
         spec,
         task,
         plan,
-        state,
+        float_path,
         float_size_bytes=float_size_bytes,
         stored=stored,
+        pool=pool,
         save=save,
         log=log,
+        count=count,
     )
     log(f"sensitivity: done in {made.seconds:.1f} s")
     return made
@@ -654,10 +759,16 @@ def _baseline_bits(plan: SpacePlan, label: str) -> dict[str, Bits]:
 
 
 def seed_study(
-    study: optuna.Study, context: Any, float_path: Path, *, log: Callable[[str], None]
+    study: optuna.Study,
+    context: Any,
+    float_path: Path,
+    *,
+    pool: InlinePool | ProcessPool,
+    log: Callable[[str], None],
+    count: Callable[[int, int], None],
 ) -> SeedGuide:
-    """The study's hook: measure (or read back) the sensitivity; the guide that queues its
-    seeds as the study goes."""
+    """The study's hook: measure (or read back) the sensitivity on the ``pool``'s workers;
+    the guide that queues its seeds as the study goes."""
     spec = context.spec
     sensitivity = ensure_sensitivity(
         study,
@@ -667,6 +778,7 @@ def seed_study(
         float_path,
         float_size_bytes=context.float_size_bytes,
         log=log,
+        count=count,
+        pool=pool,
     )
-    guide = SeedGuide.of(spec, context.plan, sensitivity)
-    return guide
+    return SeedGuide.of(spec, context.plan, sensitivity)

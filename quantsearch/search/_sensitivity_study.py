@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
 
 import pandas as pd
 import torch
@@ -17,23 +17,30 @@ from quantsearch.search._sensitivity import (
     searched_tensors,
 )
 from quantsearch.search._study import (
+    Progress,
     StudyContext,
+    _Silent,
     _study_lock,
     artifacts_dir,
     ensure_float_model,
     open_study,
     study_threads,
 )
+from quantsearch.search._workers import InlinePool, ProcessPool, available_cores
 
 __all__ = ["describe_front", "sensitivity_frame", "sensitivity_pivot", "study_sensitivity"]
 
 
 def study_sensitivity(
-    context: StudyContext, *, threads: int | None = None, log: Callable[[str], None] = print
+    context: StudyContext,
+    *,
+    threads: int | None = None,
+    jobs: int = 1,
+    progress: Progress | None = None,
 ) -> Sensitivity:
     """The study's sensitivity: opens (or creates) the study, gets its float model and
-    measures what is not yet stored; runs no trial. A space without a ``sensitivity`` key is
-    measured with the defaults (``method: loss``, 8 batches)."""
+    measures what is not yet stored, in ``jobs`` processes; runs no trial. A space without a
+    ``sensitivity`` key is measured with the defaults (``method: loss``, 8 batches)."""
     spec = context.spec
     if not searched_tensors(context.plan):
         raise SpaceError(
@@ -52,9 +59,12 @@ def study_sensitivity(
     study = open_study(context)
     _, folder = artifacts_dir(spec)
     local = sqlite_path(spec.storage) is not None
-    torch.set_num_threads(study_threads(spec, 1, threads))
-    with _study_lock(folder) if local else contextlib.nullcontext():
-        made = ensure_float_model(study, context, log=log)
+    num_threads = study_threads(spec, jobs, threads)
+    torch.set_num_threads(min(available_cores(), num_threads * jobs))
+    progress = progress or _Silent()
+    pool = InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=num_threads)
+    with _study_lock(folder) if local else contextlib.nullcontext(), pool:
+        made = ensure_float_model(study, context, log=progress.message)
         assert made is not None
         return ensure_sensitivity(
             study,
@@ -63,7 +73,9 @@ def study_sensitivity(
             context.plan,
             made[1],
             float_size_bytes=context.float_size_bytes,
-            log=log,
+            log=progress.message,
+            count=functools.partial(progress.count, "sensitivity"),
+            pool=pool,
         )
 
 

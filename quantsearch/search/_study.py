@@ -740,6 +740,9 @@ class TrialReport:
 class Progress(Protocol):
     def message(self, text: str) -> None: ...
 
+    def count(self, label: str, done: int, total: int) -> None:
+        """Work before the trials (``label``: what): ``done`` of ``total`` steps."""
+
     def start(self, *, total: int, done: int, front: int) -> None: ...
 
     def trial(self, report: TrialReport, *, done: int, front: int) -> None: ...
@@ -749,6 +752,9 @@ class Progress(Protocol):
 
 class _Silent:
     def message(self, text: str) -> None:
+        pass
+
+    def count(self, label: str, done: int, total: int) -> None:
         pass
 
     def start(self, *, total: int, done: int, front: int) -> None:
@@ -1213,13 +1219,6 @@ def run_study(
         # The float model trains here, on every thread the jobs will share.
         torch.set_num_threads(min(available_cores(), num_threads * jobs))
         made = ensure_float_model(study, context, log=progress.message)
-        if made is not None:
-            loop.float_model, loop.float_model_path = made
-            if spec.sensitivity is not None:
-                loop.guide = seed_study(study, context, made[1], log=progress.message)
-            if spec.target is not None:
-                loop.context, loop.target = apply_target(study, context, made[0])
-        torch.set_num_threads(num_threads if jobs == 1 else 1)
         # Each worker process sets its torch threads once, when it starts.
         pool: InlinePool | ProcessPool = (
             InlinePool()
@@ -1234,6 +1233,20 @@ def run_study(
         )
         try:
             with pool, heartbeat or contextlib.nullcontext():
+                if made is not None:
+                    loop.float_model, loop.float_model_path = made
+                    if spec.sensitivity is not None:
+                        loop.guide = seed_study(
+                            study,
+                            context,
+                            made[1],
+                            pool=pool,
+                            log=progress.message,
+                            count=functools.partial(progress.count, "sensitivity"),
+                        )
+                    if spec.target is not None:
+                        loop.context, loop.target = apply_target(study, context, made[0])
+                torch.set_num_threads(num_threads if jobs == 1 else 1)
                 loop.run(pool)
         finally:
             progress.close()

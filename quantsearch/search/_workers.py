@@ -1,7 +1,8 @@
 """Where trials train: in the study's own process, or in worker processes it feeds.
 
 The study's process alone talks to the Optuna storage (so SQLite never sees two writers); a
-worker receives a :class:`TrialJob`, trains it and sends back a :class:`TrialOutcome`.
+worker receives a :class:`Job` (a trial to train, a sensitivity to measure), runs it and sends
+back its result.
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from quantsearch._malloc import keep_freed_memory
-from quantsearch.pipeline import TrialRecord
-from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial
 
 __all__ = [
     "WORKER_DIED",
     "Heartbeat",
     "InlinePool",
+    "Job",
     "ProcessPool",
     "available_cores",
     "threads_per_worker",
@@ -67,6 +67,22 @@ def worker_devices(
     return [None] * jobs
 
 
+class Job(Protocol):
+    """What a pool runs: picklable, numbered, and never touching the Optuna storage."""
+
+    number: int
+
+    def run(self) -> Any:
+        """Do the work; the result goes back to the study's process."""
+
+    def on_device(self, device: str) -> Job:
+        """The same job, run on ``device``."""
+
+    def died(self, reason: str) -> Any:
+        """The result that stands for the job when its worker process died running it
+        (``reason``: that it died, and its exit code)."""
+
+
 def threads_per_worker(jobs: int) -> int:
     """Torch threads for each of ``jobs`` workers, so that together they fill the cores."""
     return max(1, available_cores() // jobs)
@@ -76,7 +92,7 @@ class InlinePool:
     """One trial at a time, trained in this process when its result is asked for."""
 
     def __init__(self) -> None:
-        self._job: TrialJob | None = None
+        self._job: Job | None = None
 
     def __enter__(self) -> InlinePool:
         return self
@@ -88,14 +104,14 @@ class InlinePool:
     def has_capacity(self) -> bool:
         return self._job is None
 
-    def submit(self, job: TrialJob) -> None:
+    def submit(self, job: Job) -> None:
         assert self._job is None, "InlinePool takes one job at a time"
         self._job = job
 
-    def next_result(self) -> tuple[int, TrialOutcome]:
+    def next_result(self) -> tuple[int, Any]:
         job, self._job = self._job, None
         assert job is not None, "no job was submitted"
-        return job.number, run_trial(job)
+        return job.number, job.run()
 
     def terminate(self) -> None:
         self._job = None
@@ -136,22 +152,22 @@ def _worker_main(
         if job is None:
             return
         if device is not None:
-            job = replace(job, train={**job.train, "device": device})
-        outbox.put((index, job.number, run_trial(job)))
+            job = job.on_device(device)
+        outbox.put((index, job.number, job.run()))
 
 
 @dataclass
 class _Worker:
     process: Any
     inbox: Any
-    job: int | None = None
+    job: Job | None = None
 
 
 class ProcessPool:
-    """``jobs`` spawned worker processes, each training one trial at a time.
+    """``jobs`` spawned worker processes, each running one job at a time.
 
-    A worker that dies (killed, out of memory) fails its trial with the exit code and is
-    replaced; the study goes on.
+    A worker that dies (killed, out of memory) is replaced; its job's result is
+    ``job.died(reason)`` with the exit code (a trial fails; the study goes on).
     """
 
     def __init__(
@@ -186,12 +202,12 @@ class ProcessPool:
     def has_capacity(self) -> bool:
         return any(worker.job is None for worker in self._workers)
 
-    def submit(self, job: TrialJob) -> None:
+    def submit(self, job: Job) -> None:
         worker = next(w for w in self._workers if w.job is None)
-        worker.job = job.number
+        worker.job = job
         worker.inbox.put(job)
 
-    def next_result(self) -> tuple[int, TrialOutcome]:
+    def next_result(self) -> tuple[int, Any]:
         while True:
             try:
                 index, number, outcome = self._outbox.get(timeout=_POLL_SECONDS)
@@ -203,15 +219,14 @@ class ProcessPool:
             self._workers[index].job = None
             return number, outcome
 
-    def _replace_dead(self) -> tuple[int, TrialOutcome] | None:
+    def _replace_dead(self) -> tuple[int, Any] | None:
         for index, worker in enumerate(self._workers):
             if worker.process.is_alive():
                 continue
-            number, code = worker.job, worker.process.exitcode
+            job, code = worker.job, worker.process.exitcode
             self._workers[index] = self._start(index)
-            if number is not None:
-                reason = f"{WORKER_DIED} (exit code {code}) while training"
-                return number, TrialOutcome(state="FAIL", record=TrialRecord(fail_reason=reason))
+            if job is not None:
+                return job.number, job.died(f"{WORKER_DIED} (exit code {code})")
         return None
 
     def close(self) -> None:

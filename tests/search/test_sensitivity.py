@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 import pytest
 
-from quantsearch.pipeline import TrialRecord, load_state
+from quantsearch.pipeline import TrialRecord
 from quantsearch.search import (
     ParamSensitivity,
     Sensitivity,
@@ -30,11 +30,13 @@ from quantsearch.search import (
 from quantsearch.search._sensitivity import (
     SEED_MARK,
     SeedGuide,
+    SensitivityError,
     _area,
     ensure_sensitivity,
     seed_limit,
 )
 from quantsearch.search._study import FLOAT_MODEL_FILE, artifacts_dir
+from quantsearch.search._workers import ProcessPool
 
 SpaceFile = Callable[..., Path]
 
@@ -56,9 +58,13 @@ PTQ = {
 class _Log:
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.counts: list[tuple[str, int, int]] = []
 
     def message(self, text: str) -> None:
         self.lines.append(text)
+
+    def count(self, label: str, done: int, total: int) -> None:
+        self.counts.append((label, done, total))
 
     def start(self, **_: Any) -> None:
         pass
@@ -265,7 +271,7 @@ def test_hessian_measure_is_trace_times_the_weight_error(space_file: SpaceFile) 
         spec,
         context.task,
         context.plan,
-        load_state(folder / FLOAT_MODEL_FILE),
+        folder / FLOAT_MODEL_FILE,
         float_size_bytes=context.float_size_bytes,
     )
     stored = sensitivity_of(study)
@@ -521,3 +527,75 @@ def test_a_seed_within_the_validation_noise_is_no_miss(space_file: SpaceFile) ->
     answers = iter([(0.95, 500), (0.94, 600), (0.5, 700)])
     records = _run(study, context, guide, lambda params: next(answers), 3, samples=40_000)
     assert [r.seed_of for r in records] == [SEED_MARK, SEED_MARK, None]
+
+
+def test_workers_measure_what_the_study_process_measures(space_file: SpaceFile) -> None:
+    one = {**PTQ, "n_trials": 1, "baselines": {"float": True}, "sensitivity": {"batches": 2}}
+    spec = load_space(space_file(**one))
+    context = prepare(spec)
+    run_study(context, progress=_Log())  # the float model (and the float baseline)
+    _, folder = artifacts_dir(spec)
+    counts: list[tuple[int, int]] = []
+
+    def measure(pool: Any) -> Sensitivity:
+        return measure_sensitivity(
+            spec,
+            context.task,
+            context.plan,
+            folder / FLOAT_MODEL_FILE,
+            float_size_bytes=context.float_size_bytes,
+            pool=pool,
+            count=lambda done, total: counts.append((done, total)),
+        )
+
+    inline = measure(None)
+    assert counts[0] == (0, 21) and counts[-1] == (21, 21) and len(counts) == 22
+    with ProcessPool(2, num_threads=1) as pool:
+        parallel = measure(pool)
+    assert parallel.model_dump(exclude={"seconds"}) == inline.model_dump(exclude={"seconds"})
+
+
+class _FailingPool:
+    """A pool whose every job comes back as its worker's death."""
+
+    def __init__(self) -> None:
+        self.job: Any = None
+
+    @property
+    def has_capacity(self) -> bool:
+        return self.job is None
+
+    def submit(self, job: Any) -> None:
+        self.job = job
+
+    def next_result(self) -> tuple[int, Any]:
+        job, self.job = self.job, None
+        return job.number, job.died("worker process died (exit code -9)")
+
+
+def test_a_measurement_whose_worker_died_stops_the_pass_with_its_name(
+    space_file: SpaceFile,
+) -> None:
+    one = {**PTQ, "n_trials": 1, "baselines": {"float": True}, "sensitivity": {"batches": 2}}
+    spec = load_space(space_file(**one))
+    context = prepare(spec)
+    run_study(context, progress=_Log())
+    _, folder = artifacts_dir(spec)
+    saved: list[Sensitivity] = []
+    with pytest.raises(SensitivityError) as caught:
+        measure_sensitivity(
+            spec,
+            context.task,
+            context.plan,
+            folder / FLOAT_MODEL_FILE,
+            float_size_bytes=context.float_size_bytes,
+            pool=_FailingPool(),
+            save=saved.append,
+        )
+    assert str(caught.value).startswith(
+        "measuring conv1.quant_bits at 2 bits failed: worker process died (exit code -9) "
+        "while measuring; the entries measured so far are stored"
+    )
+    # The float entries, which need no job, were stored before the failure.
+    assert [len(p.entries) for p in saved[-1].params] == [1] * 7
+    assert not saved[-1].complete
