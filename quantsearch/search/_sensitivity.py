@@ -648,13 +648,15 @@ class SeedGuide:
 
     The configs come in ``seed_configs`` order (the most predicted hypervolume first). The
     guide stops for good after ``patience`` finished seeds in a row that missed the front
-    (``misses``: the prediction has stopped finding it), or when its configs are used up;
-    the sampler then goes on alone. Everything it decides
-    is read back from the trials, so a resumed study or another machine goes on where it was.
+    (``misses``: the prediction has stopped finding it), or when its configs are used up; the
+    sampler then goes on alone. Everything it decides is read back from the trials, so a
+    resumed study or another machine goes on where it was.
     """
 
-    plan: SpacePlan
     configs: tuple[dict[str, Bits], ...]
+    """The seed configs' bits, in the order they are tried."""
+    params: tuple[dict[str, Any], ...]
+    """The same as Optuna parameters."""
     patience: int
 
     @classmethod
@@ -667,8 +669,16 @@ class SeedGuide:
             exclude=baselines,
             spread=options.spread if options else "hypervolume",
         )
+        params = []
+        for bits in configs:
+            encoded = {}
+            for name, value in bits.items():
+                param = plan.params[name]
+                assert isinstance(param, NniParam)
+                encoded[name] = param.encode(value)
+            params.append(encoded)
         patience = options.patience if options else DEFAULT_PATIENCE
-        return cls(plan=plan, configs=tuple(configs), patience=patience)
+        return cls(configs=tuple(configs), params=tuple(params), patience=patience)
 
     def next_params(self, trials: Sequence[FrozenTrial]) -> dict[str, Any] | None:
         """The parameters of the next seed to queue, or None: a seed is still waiting, or
@@ -680,23 +690,23 @@ class SeedGuide:
         )
         if waiting or self.ended(trials, records):
             return None
-        tried = {self._key(t.params) for t in trials}
-        return next(
-            (p for p in map(self._params, self.configs) if self._key(p) not in tried), None
-        )
+        return self._untried(trials)[0]
 
     def ended(self, trials: Sequence[FrozenTrial], records: Sequence[TrialRecord]) -> str | None:
         """Why no seed is queued any more, or None while the guide goes on."""
-        tried = {self._key(t.params) for t in trials}
-        if all(self._key(p) in tried for p in map(self._params, self.configs)):
-            return f"all {len(self.configs)} configs of the predicted front tried"
-        if sum(r.seed_of == SEED_MARK and r.retry_of is None for r in records) >= len(
-            self.configs
-        ):
-            return f"{len(self.configs)} seeds run"
+        if not self._untried(trials):
+            return f"all {len(self.configs)} seed configs tried"
         if self.patience and self.misses(trials, records) >= self.patience:
             return f"{self.patience} seeds in a row missed the front"
         return None
+
+    def _untried(self, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
+        """The seed configs no trial has (whatever its other parameters)."""
+        if not self.params:
+            return []
+        names = list(self.params[0])
+        tried = {tuple(t.params.get(n) for n in names) for t in trials}
+        return [p for p in self.params if tuple(p[n] for n in names) not in tried]
 
     def misses(self, trials: Sequence[FrozenTrial], records: Sequence[TrialRecord]) -> int:
         """Finished seeds in a row, the latest last, that missed the front: another trial is
@@ -720,22 +730,9 @@ class SeedGuide:
             reach = accuracy_interval(accuracy, record.val_samples or 0)[1]
             if math.isnan(reach):
                 reach = accuracy
-            beaten = any(
-                n != trial.number and s <= size and a > reach for n, a, s in done
-            )
+            beaten = any(n != trial.number and s <= size and a > reach for n, a, s in done)
             misses = misses + 1 if beaten else 0
         return misses
-
-    def _params(self, bits: Mapping[str, Bits]) -> dict[str, Any]:
-        params = {}
-        for name, value in bits.items():
-            param = self.plan.params[name]
-            assert isinstance(param, NniParam)
-            params[name] = param.encode(value)
-        return params
-
-    def _key(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
-        return tuple(params.get(name) for name in searched_tensors(self.plan))
 
     def queue_next(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
         """Queue the next seed (``seed_of: sensitivity``) if there is one; whether it did."""

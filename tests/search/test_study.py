@@ -16,8 +16,8 @@ from quantsearch.search import (
     FLOAT_MODEL_FILE,
     SpaceError,
     StudyBusyError,
+    _objective,
     _study,
-    _workers,
     counted_trials,
     load_space,
     load_study,
@@ -161,14 +161,14 @@ def test_an_interrupted_run_requeues_its_trial(
     space_file: SpaceFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = space_file(n_trials=3)
-    real_run_trial = _workers.run_trial
+    real_run_trial = _objective.run_trial
 
     def interrupted_second(job):  # type: ignore[no-untyped-def]
         if job.number == 1:
             raise KeyboardInterrupt
         return real_run_trial(job)
 
-    monkeypatch.setattr(_workers, "run_trial", interrupted_second)
+    monkeypatch.setattr(_objective, "run_trial", interrupted_second)
     with pytest.raises(KeyboardInterrupt):
         _run(path)
     study = load_study(load_space(path))
@@ -176,7 +176,7 @@ def test_an_interrupted_run_requeues_its_trial(
     assert study.trials[1].user_attrs["fail_reason"].startswith("interrupted")
     assert study.trials[2].user_attrs == {"retry_of": 1, "baseline": "uniform-8"}
 
-    monkeypatch.setattr(_workers, "run_trial", real_run_trial)
+    monkeypatch.setattr(_objective, "run_trial", real_run_trial)
     study = _run(path)
     assert _states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[2].params == study.trials[1].params
