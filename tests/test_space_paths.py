@@ -4,6 +4,8 @@ are relative to the working folder (issue 10)."""
 from __future__ import annotations
 
 import gzip
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,19 @@ def test_a_storage_in_a_space_file_is_relative_to_its_folder(
     assert load_space(path).storage == expected.format(folder=tmp_path / "spaces")
 
 
+def test_a_space_read_from_a_pipe_keeps_the_working_folder(tmp_path: Path) -> None:
+    fifo = tmp_path / "space.fifo"
+    os.mkfifo(fifo)
+    text = yaml.safe_dump({**MINIMAL, "storage": "runs/s.db"})
+    writer = threading.Thread(target=fifo.write_text, args=(text,))
+    writer.start()
+    try:
+        spec = load_space(fifo)
+    finally:
+        writer.join()
+    assert spec.storage == "sqlite:///runs/s.db"
+
+
 def test_absolute_and_home_paths_are_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,6 +185,23 @@ def test_a_task_file_is_relative_to_the_space_file(
     spec = load_space(path)
     assert spec.task.name == resolved.format(folder=tmp_path / "spaces", parent=tmp_path)
     assert spec.space_hash == parse_space({**MINIMAL, "task": name}, source="x").space_hash
+
+
+def test_a_task_file_named_from_the_working_folder_before_matches_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    old = parse_space({**MINIMAL, "task": "tasks/t.py:make"}, source="old")
+    path = _write(tmp_path / "spaces" / "s.yaml", {**MINIMAL, "task": "../tasks/t.py:make"})
+    new = load_space(path)
+    assert new.task.name == f"{tmp_path}/tasks/t.py:make"
+    assert new.space_hash != old.space_hash
+    assert new.matches_stored(old.space_hash, old.to_dict())
+    assert new.changed_from(old.to_dict()) == []
+    _write(path, {**MINIMAL, "task": "../tasks/u.py:make"})
+    other = load_space(path)
+    assert not other.matches_stored(old.space_hash, old.to_dict())
+    assert other.changed_from(old.to_dict()) == ["task.name"]
 
 
 def test_a_user_task_file_beside_the_space_is_found_from_another_folder(

@@ -317,8 +317,9 @@ class SearchSpec:
         for key in written:
             old = task.get(key)
             new = resolved.get(key)
+            old_file = _cwd_resolved(key, old)
             if isinstance(old, str) and (
-                old == new or _cwd_resolved(key, old) == _cwd_resolved(key, new)
+                old == new or (old_file is not None and old_file == _cwd_resolved(key, new))
             ):
                 written[key] = old
         return written
