@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,18 @@ NEEDS_DATA = {"bnn_cifar10.yaml", "qat_mnist.yaml", "qat_mnist_finetune.yaml"}
 def test_bundled_digits_spaces_validate(space: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "--space", str(SPACES / space)]) == 0
     assert f"{space}: valid" in capsys.readouterr().out
+
+
+def _repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *spaces: str) -> Path:
+    """A copy of the repository's layout (search_spaces/ with ``spaces``) under ``tmp_path``,
+    run from another folder: the spaces' ../data and ../studies are the copy's."""
+    root = tmp_path / "repo"
+    (root / "search_spaces").mkdir(parents=True)
+    for space in spaces:
+        shutil.copy(SPACES / space, root / "search_spaces" / space)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return root
 
 
 def _write_cifar(directory: Path) -> None:
@@ -46,26 +59,30 @@ def _write_mnist(directory: Path) -> None:
 def test_bnn_cifar10_space_validates_on_cifar_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert main(["validate", "--space", str(SPACES / "bnn_cifar10.yaml")]) == 2
-    assert "data directory data/cifar10 does not exist" in capsys.readouterr().err
-    _write_cifar(tmp_path / "data" / "cifar10")
-    assert main(["validate", "--space", str(SPACES / "bnn_cifar10.yaml")]) == 0
+    root = _repository(tmp_path, monkeypatch, "bnn_cifar10.yaml")
+    space = str(root / "search_spaces" / "bnn_cifar10.yaml")
+    assert main(["validate", "--space", space]) == 2
+    # data_dir: ../data/cifar10, from the space's folder (the message names the resolved path)
+    assert f"data directory {root / 'data' / 'cifar10'} does not exist" in capsys.readouterr().err
+    _write_cifar(root / "data" / "cifar10")
+    assert main(["validate", "--space", space]) == 0
     out = capsys.readouterr().out
     assert "classifier.0, classifier.3" in out and "baselines  float, uniform-1" in out
-    assert not (tmp_path / "studies").exists()  # validate writes nothing
+    assert f"storage sqlite:///{root / 'studies' / 'bnn_cifar10.db'})" in out
+    assert not (root / "studies").exists()  # validate writes nothing
 
 
 @pytest.mark.slow
 def test_bnn_cifar10_uniform_baseline_is_the_nni_example_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    _write_cifar(tmp_path / "data" / "cifar10")
-    args = ["study", "--space", str(SPACES / "bnn_cifar10.yaml"), "--n-trials", "2", "--quiet",
-            "--no-report"]
+    root = _repository(tmp_path, monkeypatch, "bnn_cifar10.yaml")
+    _write_cifar(root / "data" / "cifar10")
+    args = ["study", "--space", str(root / "search_spaces" / "bnn_cifar10.yaml"), "--n-trials",
+            "2", "--quiet", "--no-report"]
     assert main(args) == 0
-    study = optuna.load_study(study_name="bnn-cifar10", storage="sqlite:///studies/bnn_cifar10.db")
+    storage = f"sqlite:///{root / 'studies' / 'bnn_cifar10.db'}"
+    study = optuna.load_study(study_name="bnn-cifar10", storage=storage)
     example_trial = next(t for t in study.trials if t.user_attrs.get("baseline") == "uniform-1")
     config_list = example_trial.user_attrs["config_list"]
     names = {
@@ -82,27 +99,27 @@ def test_bnn_cifar10_uniform_baseline_is_the_nni_example_config(
 def test_qat_mnist_space_validates_on_idx_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    _write_mnist(tmp_path / "data" / "mnist")
-    assert main(["validate", "--space", str(SPACES / "qat_mnist.yaml")]) == 0
+    root = _repository(tmp_path, monkeypatch, "qat_mnist.yaml")
+    _write_mnist(root / "data" / "mnist")
+    assert main(["validate", "--space", str(root / "search_spaces" / "qat_mnist.yaml")]) == 0
     assert "layers     conv1, conv2, fc1, fc2" in capsys.readouterr().out
 
 
 def test_qat_mnist_finetune_space_runs_from_a_data_dir_given_on_the_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.chdir(tmp_path)
-    _write_mnist(tmp_path / "elsewhere")
-    space = str(SPACES / "qat_mnist_finetune.yaml")
+    root = _repository(tmp_path, monkeypatch, "qat_mnist_finetune.yaml")
+    _write_mnist(tmp_path / "cwd" / "elsewhere")  # --data-dir: relative to the working folder
+    space = str(root / "search_spaces" / "qat_mnist_finetune.yaml")
     assert main(["validate", "--space", space]) == 2
-    assert "data directory data/mnist does not exist" in capsys.readouterr().err
+    assert f"data directory {root / 'data' / 'mnist'} does not exist" in capsys.readouterr().err
     assert main(["validate", "--space", space, "--data-dir", "elsewhere"]) == 0
     args = ["study", "--space", space, "--data-dir", "elsewhere", "--n-trials", "3", "--quiet",
             "--no-report", "--threads", "1"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "float model: training 3 epochs (once per study) ..." in out
-    storage = "sqlite:///studies/qat_mnist_finetune.db"
+    storage = f"sqlite:///{root / 'studies' / 'qat_mnist_finetune.db'}"
     study = optuna.load_study(study_name="qat-mnist-finetune", storage=storage)
     modes = [(t.user_attrs["mode"], t.user_attrs["steps"]) for t in study.trials]
     assert modes == [("float", 0), ("finetune", 150), ("finetune", 150)]

@@ -66,7 +66,7 @@ def test_study_then_trials_then_report(workdir: Path, capsys: pytest.CaptureFixt
     assert (
         "study 'small': qat on digits (from the float model), objectives accuracy, size_bytes, "
         f"3 trials, 1 job(s) x 1 thread(s) on {available_cores()} cores, "
-        "storage sqlite:///studies/" in out
+        f"storage sqlite:///{workdir}/studies/" in out  # the space's folder, given absolute
     )
     assert "float model: training 5 epochs (once per study) ..." in out
     lines = [line for line in out.splitlines() if "] trial " in line]

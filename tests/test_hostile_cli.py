@@ -321,9 +321,10 @@ def test_an_artifacts_folder_that_cannot_be_made_is_refused_before_the_first_tri
     Path("studies").mkdir()
     Path("studies/small_artifacts").write_text("a file where the folder goes")
     message = _refused(["study", "--space", str(space), "--no-report"], capsys)
+    studies = workdir / "studies"  # the space's storage, from its (absolute) folder
     assert message == (
-        "quantsearch: error: the artifacts folder studies/small_artifacts/small: cannot be "
-        "created: studies/small_artifacts is a file, not a folder"
+        f"quantsearch: error: the artifacts folder {studies}/small_artifacts/small: cannot be "
+        f"created: {studies}/small_artifacts is a file, not a folder"
     )
     assert sorted(os.listdir("studies")) == ["small_artifacts"]
 

@@ -64,7 +64,7 @@ def state_sha256(state: Mapping[str, Tensor]) -> str:
 
 def load_state(path: str | Path) -> dict[str, Tensor]:
     """A state dict from a file written by ``torch.save``; FloatModelError names the file."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FloatModelError(f"{path}: no such state-dict file")
     try:

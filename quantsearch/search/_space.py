@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -21,6 +22,7 @@ from quantsearch.quantization import QUANT_TYPES, QUANTIZERS
 from quantsearch.search._errors import SpaceError, shown
 from quantsearch.search._nni_syntax import NniParam, is_nni_param, parse_nni_param
 from quantsearch.tasks import LR_SCHEDULES, OPTIMIZERS
+from quantsearch.tasks._task import user_task_file
 
 __all__ = [
     "BITS_PARAMS",
@@ -39,6 +41,7 @@ __all__ = [
     "check_study_name",
     "load_space",
     "parse_space",
+    "resolve_path",
     "storage_url",
 ]
 
@@ -83,15 +86,28 @@ Param = NniParam | int | float | str
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """The task of a space. Paths a space file writes (``data_dir``, ``pretrained``, the file of
+    a ``path/to/file.py:function`` task) are held resolved against the file's folder;
+    ``written`` keeps the hashed ones (``name``, ``pretrained``) as the file writes them."""
+
     name: str = "digits"
     data_dir: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None
+    written: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The task as the study uses it (resolved paths): recorded with the study."""
         out = {"name": self.name, "data_dir": self.data_dir, "options": dict(self.options)}
         if self.pretrained is not None:
             out["pretrained"] = self.pretrained
+        return out
+
+    def search_dict(self) -> dict[str, Any]:
+        """The hashed part: no data_dir, and paths as written, so that a study's hash does not
+        depend on the folder it is run from (nor on where its files were moved to)."""
+        out = {k: v for k, v in self.to_dict().items() if k != "data_dir"}
+        out.update({k: v for k, v in self.written.items() if k in out})
         return out
 
 
@@ -276,10 +292,61 @@ class SearchSpec:
         to another machine.
         """
         out = {k: v for k, v in self.to_dict().items() if k not in _UNHASHED_KEYS}
-        out["task"] = {k: v for k, v in out["task"].items() if k != "data_dir"}
+        out["task"] = self.task.search_dict()
         for key in ("train", "float_train"):
             out[key] = {k: v for k, v in out[key].items() if k != "num_threads"}
         return out
+
+    def matches_stored(self, stored_hash: str, stored: Mapping[str, Any]) -> bool:
+        """Whether a study recorded with ``stored_hash`` (and the ``to_dict`` ``stored``) was
+        created from this space.
+
+        Its hash is of the paths as the space file writes them. A study created before those
+        paths were relative to the file's folder recorded them relative to the working
+        directory: rewritten to name the same files from the file's folder, they still match.
+        """
+        if stored_hash == self.space_hash:
+            return True
+        written = self._written_as_stored(stored)
+        if written == self.task.written:
+            return False
+        again = replace(self, task=replace(self.task, written=written))
+        return again.space_hash == stored_hash
+
+    def _written_as_stored(self, stored: Mapping[str, Any]) -> dict[str, str]:
+        """``task.written``, with the recorded value of each path that names the same file."""
+        written = dict(self.task.written)
+        task = stored.get("task")
+        if not isinstance(task, Mapping):
+            return written
+        resolved = self.task.to_dict()
+        for key in written:
+            old = task.get(key)
+            new = resolved.get(key)
+            old_file = _cwd_resolved(key, old)
+            if isinstance(old, str) and (
+                old == new or (old_file is not None and old_file == _cwd_resolved(key, new))
+            ):
+                written[key] = old
+        return written
+
+    def changed_from(self, stored: Mapping[str, Any]) -> list[str]:
+        """The searched keys whose values differ between ``stored`` (the ``to_dict`` recorded
+        with a study) and this space, compared as ``search_dict`` compares them (a path that
+        names the same file is the same)."""
+        new = self.search_dict()
+        old = {k: v for k, v in stored.items() if k in new}
+        task = old.get("task")
+        if isinstance(task, Mapping):
+            task = {k: v for k, v in task.items() if k != "data_dir"}
+            for key, written in self._written_as_stored(stored).items():
+                if key in task and written == task[key]:
+                    task[key] = self.task.written[key]
+            old["task"] = task
+        for key in ("train", "float_train"):
+            if isinstance(old.get(key), Mapping):
+                old[key] = {k: v for k, v in old[key].items() if k != "num_threads"}
+        return changed_keys(old, new)
 
     @property
     def threads(self) -> int | None:
@@ -330,7 +397,12 @@ def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
 
 
 def load_space(path: str | Path) -> SearchSpec:
-    """Read and check a search-space YAML file; SpaceError names the file and the key."""
+    """Read and check a search-space YAML file; SpaceError names the file and the key.
+
+    A relative path in the file (task.data_dir, task.pretrained, a task file, storage) is
+    resolved against the file's folder; a space read from a pipe or a device resolves them
+    against the working directory.
+    """
     path = Path(path)
     source = str(path)
     try:
@@ -361,7 +433,8 @@ def load_space(path: str | Path) -> SearchSpec:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise SpaceError(f"not valid YAML: {where}{problem}", source=source) from None
-    return parse_space(data, source=source, default_name=path.stem)
+    base = path.parent if path.is_file() else None
+    return parse_space(data, source=source, default_name=path.stem, base=base)
 
 
 class _TooLarge(Exception):
@@ -453,10 +526,19 @@ _YamlLoader.add_implicit_resolver(
 )
 
 
-def parse_space(data: Any, *, source: str, default_name: str = "study") -> SearchSpec:
-    """Check the data of a search space; SpaceError names ``source`` and the key path."""
+def parse_space(
+    data: Any, *, source: str, default_name: str = "study", base: str | Path | None = None
+) -> SearchSpec:
+    """Check the data of a search space; SpaceError names ``source`` and the key path.
+
+    ``base``: the folder relative paths in ``data`` are resolved against (that of the file it
+    was read from), ``~`` expanded; None (data not from a file) leaves them as given, relative
+    to the working directory. Defaults (``studies/<study_name>.db``) stay relative to it.
+    """
     try:
-        return _Parser(source).parse(data, default_name=default_name)
+        return _Parser(source, None if base is None else Path(base)).parse(
+            data, default_name=default_name
+        )
     except SpaceError as error:
         raise error.with_source(source) from None
 
@@ -552,8 +634,13 @@ _TRAIN_RULES: dict[str, _Rule] = {
 
 
 class _Parser:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, base: Path | None = None) -> None:
         self.source = source
+        self.base = base
+
+    def path(self, value: str) -> str:
+        """``value``, a path written in the space, resolved against ``base`` when given."""
+        return resolve_path(value, self.base)
 
     def parse(self, data: Any, *, default_name: str) -> SearchSpec:
         if data is None:
@@ -583,7 +670,10 @@ class _Parser:
         seed = top.get("seed", 0)
         if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
             raise SpaceError(f"{shown(seed)} is not an integer in 0..{MAX_SEED}", key="seed")
-        storage = storage_url(top.get("storage", f"studies/{study_name}.db"), key="storage")
+        if "storage" in top:
+            storage = storage_url(top["storage"], key="storage", base=self.base)
+        else:  # the default, like a command-line path: relative to the working directory
+            storage = storage_url(f"studies/{study_name}.db", key="storage")
         return SearchSpec(
             source=self.source,
             study_name=study_name,
@@ -737,7 +827,7 @@ class _Parser:
         if isinstance(value, str):
             if not value.strip():
                 raise SpaceError("is empty; give a task name such as digits", key="task")
-            return TaskSpec(name=value)
+            return self.task_spec(name=value)
         task = _mapping(value, key="task", allowed=("name", "data_dir", "options", "pretrained"))
         name = task.get("name")
         if not isinstance(name, str) or not name.strip():
@@ -753,8 +843,36 @@ class _Parser:
             raise SpaceError(
                 f"{pretrained!r} is not a state-dict file path", key="task.pretrained"
             )
-        return TaskSpec(
+        return self.task_spec(
             name=name, data_dir=data_dir, options=dict(options), pretrained=pretrained
+        )
+
+    def task_spec(
+        self,
+        *,
+        name: str,
+        data_dir: str | None = None,
+        options: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+    ) -> TaskSpec:
+        """The TaskSpec with its paths resolved; ``written`` keeps the hashed ones as given."""
+        written: dict[str, str] = {}
+        task_file = user_task_file(name)
+        if task_file is not None and self.base is not None:
+            file, rest = task_file
+            resolved = self.path(file) + rest
+            if resolved != name:
+                written["name"], name = name, resolved
+        if data_dir is not None:
+            data_dir = self.path(data_dir)
+        if pretrained is not None and self.path(pretrained) != pretrained:
+            written["pretrained"], pretrained = pretrained, self.path(pretrained)
+        return TaskSpec(
+            name=name,
+            data_dir=data_dir,
+            options=dict(options or {}),
+            pretrained=pretrained,
+            written=written,
         )
 
     def train(self, value: Any, *, key: str = "train") -> dict[str, Any]:
@@ -1024,8 +1142,38 @@ def check_study_name(name: Any, *, key: str = "study_name", hint: str = "") -> s
     return name
 
 
-def storage_url(value: Any, *, key: str = "--storage") -> str:
-    """A storage URL from a SQLite file path or a database URL (SpaceError naming ``key``)."""
+def _cwd_resolved(key: str, value: Any) -> str | None:
+    """A task ``name`` (a task file's) or ``pretrained`` path read from the working directory
+    (as spaces were before their paths were relative to their file), made absolute."""
+    if not isinstance(value, str):
+        return None
+    if key == "pretrained":
+        return resolve_path(value, Path.cwd())
+    task_file = user_task_file(value)
+    if task_file is None:
+        return None
+    file, rest = task_file
+    return resolve_path(file, Path.cwd()) + rest
+
+
+def resolve_path(value: str, base: Path | None) -> str:
+    """``value`` (``~`` expanded) joined to the folder ``base`` unless absolute, ``..`` taken
+    out (``search_spaces/../studies/a.db`` is ``studies/a.db``: a ``base`` given relative to
+    the working directory gives a path relative to it); unchanged when ``base`` is None."""
+    if base is None:
+        return value
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    return os.path.normpath(base / path)
+
+
+def storage_url(value: Any, *, key: str = "--storage", base: Path | None = None) -> str:
+    """A storage URL from a SQLite file path or a database URL (SpaceError naming ``key``).
+
+    ``base``: the folder a relative SQLite file (a path, or a ``sqlite:///`` URL) is in, for a
+    storage written in a space file; None: the working directory (left relative).
+    """
     if not isinstance(value, str) or not value.strip() or "\0" in value:
         shown_value = shown(mask_url(value)) if isinstance(value, str) else shown(value)
         raise SpaceError(
@@ -1033,15 +1181,32 @@ def storage_url(value: Any, *, key: str = "--storage") -> str:
             "(sqlite:///path.db, postgresql://...)",
             key=key,
         )
-    url = value if "://" in value else f"sqlite:///{Path(value).expanduser()}"
+    if "://" not in value:
+        path = Path(value).expanduser()
+        url = f"sqlite:///{resolve_path(str(path), base)}"
+    else:
+        url = value
     try:
-        make_url(url)
+        parsed = make_url(url)
     except ArgumentError:
         raise SpaceError(
             f"{shown(mask_url(value))} is not a database URL (sqlite:///path.db, "
             "postgresql://user@host/db)",
             key=key,
         ) from None
+    database = parsed.database
+    if (
+        base is not None
+        and "://" in value
+        and parsed.drivername.startswith("sqlite")
+        and database
+        and database != ":memory:"
+        and not database.startswith("file:")  # an SQLite URI filename: left as given
+        and not Path(database).is_absolute()
+    ):
+        url = f"{value[: value.index('://')]}:///{os.path.normpath(base / database)}"
+        if parsed.query:
+            url += "?" + value.partition("?")[2]
     return url
 
 

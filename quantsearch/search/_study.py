@@ -9,7 +9,7 @@ import os
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,7 +50,7 @@ from quantsearch.search._objective import (
     trial_seed,
 )
 from quantsearch.search._sensitivity import SeedGuide, seed_study
-from quantsearch.search._space import BITS_PARAMS, SearchSpec, changed_keys, check_study_name
+from quantsearch.search._space import BITS_PARAMS, SearchSpec, check_study_name
 from quantsearch.search._target import TargetState, apply_target, reached
 from quantsearch.search._workers import (
     WORKER_DIED,
@@ -522,11 +522,11 @@ def _existing_study_id(storage: RDBStorage, name: str) -> int | None:
 
 def _check_space(study: optuna.Study, spec: SearchSpec) -> None:
     stored_hash = study.user_attrs.get("space_hash")
-    if stored_hash is None or stored_hash == spec.space_hash:
+    stored = study.user_attrs.get("space")
+    stored = stored if isinstance(stored, Mapping) else {}
+    if stored_hash is None or spec.matches_stored(stored_hash, stored):
         return
-    stored = study.user_attrs.get("space") or {}
-    old = {k: v for k, v in stored.items() if k in spec.search_dict()}
-    changed = changed_keys(old, spec.search_dict()) or ["(unknown)"]
+    changed = spec.changed_from(stored) or ["(unknown)"]
     raise SpaceError(
         f"the study {spec.study_name!r} in {mask_url(spec.storage)} was created from a different "
         f"space (changed: {', '.join(changed)}); a study never mixes two spaces: give the "

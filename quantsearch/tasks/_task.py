@@ -290,6 +290,27 @@ def _is_user_spec(name: str) -> bool:
     return ":" in name or name.endswith(".py")
 
 
+def _split_user_spec(spec: str) -> tuple[str, str, bool]:
+    """``(target, attribute, is_file)`` of a user task name: a module or a file, a function."""
+    target, colon, attribute = spec.rpartition(":")
+    if not colon:
+        target, attribute = spec, USER_TASK_FUNCTION
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    return target, attribute, is_file
+
+
+def user_task_file(name: str) -> tuple[str, str] | None:
+    """The file of a user task named ``path/to/file.py:function`` (or ``file.py``) and the rest
+    of the name (``:function``, or ``""``); None for a built-in task or a module's."""
+    name = name.strip()
+    if name.lower().replace("_", "-") in _BUILTINS or not _is_user_spec(name):
+        return None
+    target, _, is_file = _split_user_spec(name)
+    if not is_file or not target:
+        return None
+    return target, name[len(target) :]
+
+
 def _import_file(path: Path, spec: str) -> ModuleType:
     resolved = path.expanduser().resolve()
     if not resolved.is_file():
@@ -339,14 +360,11 @@ def _import_module(module_name: str, spec: str) -> ModuleType:
 
 
 def _resolve_factory(spec: str) -> Callable[..., Any]:
-    target, colon, attribute = spec.rpartition(":")
-    if not colon:
-        target, attribute = spec, USER_TASK_FUNCTION
+    target, attribute, is_file = _split_user_spec(spec)
     if not target or not attribute:
         raise TaskError(
             f"user task {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'"
         )
-    is_file = target.endswith(".py") or "/" in target or "\\" in target
     module = _import_file(Path(target), spec) if is_file else _import_module(target, spec)
     factory: Any = module
     for part in attribute.split("."):

@@ -75,7 +75,7 @@ per_layer:
     )
     spec = load_space(path)
     assert spec.source == str(path)
-    assert spec.task.data_dir == "~/data/mnist"
+    assert spec.task.data_dir == str(Path.home() / "data" / "mnist")  # ~ expanded
     assert spec.task.options == {"limit": 100}
     # YAML 1.1 reads 1e-2 as a string; the space reads it as the number it means.
     assert spec.train["lr"] == 0.01
@@ -88,7 +88,7 @@ per_layer:
     assert spec.hopeless.after_epoch == 1
     assert spec.quantize["output"].op_names == ("relu1",)
     assert spec.per_layer.params["weight_bits"].value == (2, 4, 8, "float")
-    assert spec.storage == "sqlite:///x/y.db"
+    assert spec.storage == f"sqlite:///{tmp_path}/x/y.db"  # relative to the file's folder
 
 
 def test_a_plain_storage_path_is_a_sqlite_file() -> None:
