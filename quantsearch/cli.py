@@ -412,8 +412,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             )
     print(f"  searched   {len(searched)} parameter(s)")
     if spec.sensitivity is not None:
+        from quantsearch.search._sensitivity import seed_limit
+
         options = spec.sensitivity
-        print(f"  sensitivity {options.method} on {options.batches} validation batches, then seeds")
+        stop = f", until {options.patience} in a row miss the front" if options.patience else ""
+        print(
+            f"  sensitivity {options.method} on {options.batches} validation batches, then up "
+            f"to {seed_limit(spec)} configs of its predicted front first{stop}"
+        )
     print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
     return 0
 

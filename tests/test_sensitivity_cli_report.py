@@ -67,6 +67,24 @@ def test_the_command_measures_once_and_prints_the_table(
     assert again.split("\nsensitivity of")[1] == first.split("\nsensitivity of")[1]
 
 
+def test_the_command_measures_on_workers_and_validate_says_what_seeds(
+    space: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate", "--space", str(space)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "sensitivity" in x)
+    # n_trials 2 less the float baseline leaves one seed.
+    assert line.split() == (
+        "sensitivity loss on 1 validation batches, then up to 1 configs of its predicted "
+        "front first, until 3 in a row miss the front"
+    ).split()
+    assert main(["sensitivity", "--space", str(space), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity 12/12 (" in out
+    sensitivity = sensitivity_of(load_study(load_space(space)))
+    assert sensitivity is not None and sensitivity.complete
+    assert [len(p.entries) for p in sensitivity.params] == [3, 3, 3, 3]
+
+
 def test_the_command_refuses_a_space_without_per_layer_bits(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
