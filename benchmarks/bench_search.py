@@ -316,7 +316,10 @@ def main() -> None:
     if args.enumerate_only:
         return
     every = {**STRATEGIES, **VARIANTS}
-    names = args.strategies or list(every)
+    unknown = set(args.strategies or ()) - set(every)
+    if unknown:
+        parser.error(f"unknown strategies: {', '.join(sorted(unknown))}")
+    names = [name for name in every if not args.strategies or name in args.strategies]
     runs: dict[tuple[str, int], list[tuple[np.ndarray, set[str]]]] = {}
     started = time.perf_counter()
     for name in names:
