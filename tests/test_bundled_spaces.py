@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import pickle
 import shutil
 from pathlib import Path
@@ -12,7 +11,7 @@ import optuna
 import pytest
 
 from quantsearch.cli import main
-from tests.tasks.conftest import cifar_batch, class_images, idx_bytes
+from tests.tasks.conftest import cifar_batch, write_mnist_files
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 NEEDS_DATA = {"bnn_cifar10.yaml", "qat_mnist.yaml", "qat_mnist_finetune.yaml"}
@@ -44,16 +43,6 @@ def _write_cifar(directory: Path) -> None:
     for offset, name in enumerate(names):
         with (directory / name).open("wb") as handle:
             pickle.dump(cifar_batch((np.arange(8) + offset) % 10), handle, protocol=2)
-
-
-def _write_mnist(directory: Path) -> None:
-    directory.mkdir(parents=True)
-    for stem, count in (("train", 60), ("t10k", 20)):
-        labels = np.arange(count, dtype=np.uint8) % 10
-        (directory / f"{stem}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(idx_bytes(class_images(labels, 28)))
-        )
-        (directory / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
 
 
 def test_bnn_cifar10_space_validates_on_cifar_files(
@@ -100,7 +89,7 @@ def test_qat_mnist_space_validates_on_idx_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = _repository(tmp_path, monkeypatch, "qat_mnist.yaml")
-    _write_mnist(root / "data" / "mnist")
+    write_mnist_files(root / "data" / "mnist")
     assert main(["validate", "--space", str(root / "search_spaces" / "qat_mnist.yaml")]) == 0
     assert "layers     conv1, conv2, fc1, fc2" in capsys.readouterr().out
 
@@ -109,7 +98,7 @@ def test_qat_mnist_finetune_space_runs_from_a_data_dir_given_on_the_command_line
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = _repository(tmp_path, monkeypatch, "qat_mnist_finetune.yaml")
-    _write_mnist(tmp_path / "cwd" / "elsewhere")  # --data-dir: relative to the working folder
+    write_mnist_files(tmp_path / "cwd" / "elsewhere")  # --data-dir: relative to the working folder
     space = str(root / "search_spaces" / "qat_mnist_finetune.yaml")
     assert main(["validate", "--space", space]) == 2
     assert f"data directory {root / 'data' / 'mnist'} does not exist" in capsys.readouterr().err

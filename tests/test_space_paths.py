@@ -3,14 +3,11 @@ are relative to the working folder (issue 10)."""
 
 from __future__ import annotations
 
-import gzip
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import pytest
 import torch
@@ -20,17 +17,10 @@ from quantsearch.cli import main
 from quantsearch.search import load_space, open_study, parse_space, prepare
 from quantsearch.tasks import get_task
 from tests.search._spaces import SMALL_SPACE
-from tests.tasks.conftest import class_images, idx_bytes
+from tests.tasks.conftest import write_mnist_files
 
 MINIMAL = {"algorithm": "qat", "params": {"quant_bits": {"_type": "choice", "_value": [4, 8]}}}
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _write(path: Path, space: dict[str, Any]) -> Path:
@@ -51,16 +41,6 @@ def _layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path
 def _save_digits_weights(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(get_task("digits", options={"limit": 300}).build_model().state_dict(), path)
-
-
-def _write_mnist(directory: Path) -> None:
-    directory.mkdir(parents=True)
-    for stem, count in (("train", 60), ("t10k", 20)):
-        labels = np.arange(count, dtype=np.uint8) % 10
-        (directory / f"{stem}-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(idx_bytes(class_images(labels, 28)))
-        )
-        (directory / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
 
 
 # --- Parsing ------------------------------------------------------------------------------
@@ -273,12 +253,12 @@ def test_a_data_dir_in_a_space_is_relative_to_it_and_data_dir_to_the_working_fol
     path = _write(project / "spaces" / "s.yaml", {k: v for k, v in space.items() if v is not None})
     assert main(["validate", "--space", str(path)]) == 2
     assert f"data directory {project / 'data' / 'mnist'} does not exist" in capsys.readouterr().err
-    _write_mnist(project / "data" / "mnist")
+    write_mnist_files(project / "data" / "mnist")
     assert main(["validate", "--space", str(path)]) == 0
     capsys.readouterr()
     assert main(["validate", "--space", str(path), "--data-dir", "here"]) == 2
     assert "data directory here does not exist" in capsys.readouterr().err
-    _write_mnist(cwd / "here")
+    write_mnist_files(cwd / "here")
     assert main(["validate", "--space", str(path), "--data-dir", "here"]) == 0
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from ._spaces import write_space
 
@@ -19,8 +18,3 @@ def space_file(tmp_path: Path) -> Callable[..., Path]:
 
     return make
 
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread() -> None:
-    # The trials of these tests are tiny: more threads only contend for shared cores.
-    torch.set_num_threads(1)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 IDX_STEMS = (
     "train-images-idx3-ubyte",
@@ -46,13 +45,16 @@ def cifar_batch(labels: np.ndarray) -> dict[bytes, object]:
     }
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread() -> Iterator[None]:
-    # The tests share a small machine with other jobs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+
+def write_mnist_files(directory: Path) -> None:
+    """A tiny MNIST in ``directory``: 60 training and 20 test images, gzipped IDX files."""
+    directory.mkdir(parents=True)
+    for stem, count in (("train", 60), ("t10k", 20)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        (directory / f"{stem}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(idx_bytes(class_images(labels, 28)))
+        )
+        (directory / f"{stem}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
 
 
 @pytest.fixture(name="idx_bytes")
