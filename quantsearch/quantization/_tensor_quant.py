@@ -21,6 +21,7 @@ from ._math import (
     dorefa_levels_to_weight,
     fake_quantize,
     fake_quantize_clamped,
+    lsq_quantize,
     quant_range,
     round_ste,
     to_float32,
@@ -410,7 +411,9 @@ class LsqQuant(TensorQuant):
         grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
         step = self._step_size()
         step = (step - step * grad_factor).detach() + step * grad_factor
-        return round_ste(torch.clamp(x / step, self.qmin, self.qmax)) * step
+        # round_ste(torch.clamp(x / step, qmin, qmax)) * step, values and gradients bit for bit,
+        # without keeping x / step and the codes for backward.
+        return lsq_quantize(x, step, self.qmin, self.qmax)
 
     def param_bytes(self) -> int:
         return 4  # the learned float32 step size; the zero point is always 0
