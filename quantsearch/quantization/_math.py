@@ -228,18 +228,23 @@ class _FakeQuantize(torch.autograd.Function):
         return grad, *(None,) * 6
 
 
-#: Elements per thread of one chunk of the chunked fake quantization: a chunk and its output
-#: stay in the cache between the passes (2 x 1 MiB at float32, the L2 of two cores).
-CHUNK_PER_THREAD = 1 << 18
+#: Elements of one chunk of the chunked fake quantization: a chunk and its output stay in the
+#: cache between the passes (2 x 1 MiB at float32).
+CHUNK_NUMEL = 1 << 18
 
 
 def _chunk_size(x: Tensor, scale: float | Tensor) -> int:
-    """Elements per chunk for ``_fake_quantize_chunked``, or 0 where it does not apply (tensor
-    scales, tensors off the CPU or not contiguous, tensors of one chunk or less)."""
+    """Elements per chunk for ``_fake_quantize_chunked``, or 0 where it does not apply: tensor
+    scales, tensors off the CPU or not contiguous, tensors of one chunk or less, and torch
+    running more than one thread. There every chunk's pass would be a parallel region of its
+    own: on a machine shared with other work each region waits for a descheduled thread, and
+    a MobileNetV2 QAT step at two threads took twice the float step's CPU time in one such run
+    (README, "Real networks")."""
     if isinstance(scale, Tensor) or x.device.type != "cpu" or not x.is_contiguous():
         return 0
-    chunk = CHUNK_PER_THREAD * torch.get_num_threads()
-    return chunk if x.numel() > chunk else 0
+    if torch.get_num_threads() != 1:
+        return 0
+    return CHUNK_NUMEL if x.numel() > CHUNK_NUMEL else 0
 
 
 def _fake_quantize_chunked(
@@ -247,8 +252,9 @@ def _fake_quantize_chunked(
 ) -> tuple[Tensor, Tensor | None]:
     """``_FakeQuantize.forward``'s passes (x * (1/s), round, clamp, * s, and the 0/1 mask when
     ``mask``) run chunk by chunk: each chunk is read from memory once and passed over in the
-    cache, instead of four passes over the whole tensor. The same operations on every element,
-    so bit for bit the same values; one output tensor (and one mask) as before."""
+    cache, instead of four passes over the whole tensor (one thread only, see _chunk_size).
+    The same operations on every element, so bit for bit the same values; one output tensor
+    (and one mask) as before."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     inside = torch.empty_like(out) if mask else None
     flat_x, flat_out = x.reshape(-1), out.view(-1)

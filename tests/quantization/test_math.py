@@ -365,6 +365,14 @@ def test_chunked_fake_quantization_is_bit_identical(
     qmin, qmax = quant_range(bits, dtype)
     generator = torch.Generator().manual_seed(bits)
     numel = NATIVE_MAX_NUMEL + 1234
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # several threads: the whole-tensor passes
+    try:
+        assert _math._chunk_size(torch.zeros(numel), 0.1) == 0
+    finally:
+        torch.set_num_threads(1)  # chunks run at one thread only
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    torch.set_num_threads(threads)
     for trial in range(4):
         scale = to_float32(float(torch.rand((), generator=generator)) * 8 / (qmax - qmin) + 1e-3)
         zero_point = int(torch.randint(qmin, qmax + 1, (), generator=generator))
@@ -381,7 +389,7 @@ def test_chunked_fake_quantization_is_bit_identical(
         ]
         results = {}
         for chunk in (1000, 1 << 40):  # several chunks, and none (the whole-tensor passes)
-            monkeypatch.setattr(_math, "CHUNK_PER_THREAD", chunk)
+            monkeypatch.setattr(_math, "CHUNK_NUMEL", chunk)
             assert bool(_math._chunk_size(x, scale)) == (chunk == 1000)
             results[chunk] = [_with_gradient(fn, x) for fn in (quantize, *clamped)]
         reference = _with_gradient(
