@@ -18,6 +18,7 @@ __all__ = [
     "fake_quantize",
     "fake_quantize_clamped",
     "lsq_quantize",
+    "lsq_quantize_clamped",
     "quant_range",
     "round_ste",
     "to_float32",
@@ -121,21 +122,67 @@ class _LsqQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, step = ctx.saved_tensors  # type: ignore[attr-defined]
-        qmin, qmax = ctx.qmin, ctx.qmax  # type: ignore[attr-defined]
         need_x, need_step = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
-        scaled = torch.div(x, step)
-        inside = (scaled >= qmin).logical_and_(scaled <= qmax)
-        grad_scaled = torch.where(inside, grad * step, 0.0)
-        del inside
-        grad_x = torch.div(grad_scaled, step) if need_x else None
-        grad_step = None
-        if need_step:
-            # The division's gradient for s, -grad * ((x / s) / s), then the product's.
-            from_div = torch.div(scaled, step).mul_(grad_scaled.neg_()).sum_to_size(step.shape)
-            del grad_scaled
-            codes = scaled.clamp_(qmin, qmax).round_()
-            grad_step = codes.mul_(grad).sum_to_size(step.shape) + from_div
+        grad_x, grad_step = _lsq_backward(
+            x, step, grad, ctx.qmin, ctx.qmax, need_x, need_step  # type: ignore[attr-defined]
+        )
         return grad_x, grad_step, None, None
+
+
+def _lsq_backward(
+    x: Tensor, step: Tensor, grad: Tensor, qmin: int, qmax: int, need_x: bool, need_step: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of x and the step of round(clamp(x / step, qmin, qmax)) * step, as its
+    autograd graph computes them (see ``_LsqQuantize``)."""
+    scaled = torch.div(x, step)
+    inside = (scaled >= qmin).logical_and_(scaled <= qmax)
+    grad_scaled = torch.where(inside, grad * step, 0.0)
+    del inside
+    grad_x = torch.div(grad_scaled, step) if need_x else None
+    grad_step = None
+    if need_step:
+        # The division's gradient for s, -grad * ((x / s) / s), then the product's.
+        from_div = torch.div(scaled, step).mul_(grad_scaled.neg_()).sum_to_size(step.shape)
+        del grad_scaled
+        codes = scaled.clamp_(qmin, qmax).round_()
+        grad_step = codes.mul_(grad).sum_to_size(step.shape) + from_div
+    return grad_x, grad_step
+
+
+class _LsqQuantizeClamped(torch.autograd.Function):
+    """``_LsqQuantize`` of ``hardtanh(x, low, high)`` (a ReLU, ReLU6 or Hardtanh folded in),
+    keeping x, not the activation's output: the activation's gradient window low < x < high is
+    applied in backward, as ``hardtanh_backward`` does, so values and gradients are those of
+    the activation followed by ``_LsqQuantize`` bit for bit."""
+
+    @staticmethod
+    def forward(
+        ctx: object, x: Tensor, step: Tensor, qmin: int, qmax: int, low: float, high: float
+    ) -> Tensor:
+        ctx.qmin, ctx.qmax, ctx.low, ctx.high = qmin, qmax, low, high  # type: ignore[attr-defined]
+        ctx.save_for_backward(x, step)  # type: ignore[attr-defined]
+        return F.hardtanh(x, low, high).div_(step).clamp_(qmin, qmax).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, step = ctx.saved_tensors  # type: ignore[attr-defined]
+        low, high = ctx.low, ctx.high  # type: ignore[attr-defined]
+        need_x, need_step = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        grad_x, grad_step = _lsq_backward(
+            F.hardtanh(x, low, high), step, grad, ctx.qmin, ctx.qmax,  # type: ignore[attr-defined]
+            need_x, need_step,
+        )
+        if grad_x is not None:
+            grad_x = torch.ops.aten.hardtanh_backward(grad_x, x, low, high)
+        return grad_x, grad_step, None, None, None, None
+
+
+def lsq_quantize_clamped(
+    x: Tensor, step: Tensor, qmin: int, qmax: int, low: float, high: float
+) -> Tensor:
+    """``lsq_quantize(F.hardtanh(x, low, high), step, qmin, qmax)`` bit for bit, values and
+    gradients, keeping x instead of the activation's output for backward."""
+    return _LsqQuantizeClamped.apply(x, step, qmin, qmax, low, high)
 
 
 def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:

@@ -446,3 +446,43 @@ def test_lsq_function_matches_the_autograd_graph_of_its_formula(
         assert (grad is None and ref_grad is None) or torch.equal(grad, ref_grad)
         assert torch.equal(step_grad, ref_step_grad), (step_grad, ref_step_grad)
         assert "Lsq" in names[0] and "Lsq" not in names[1]  # the Function, and the graph
+
+
+@pytest.mark.parametrize(
+    ("activation", "low", "high"),
+    [(nn.ReLU(), 0.0, math.inf), (nn.ReLU6(), 0.0, 6.0), (nn.Hardtanh(), -1.0, 1.0)],
+    ids=["relu", "relu6", "hardtanh"],
+)
+@pytest.mark.parametrize("dtype", ["uint", "int"])
+def test_lsq_clamp_folded_into_output_quantization_is_bit_identical(
+    activation: nn.Module, low: float, high: float, dtype: str
+) -> None:
+    """LsqQuant.forward_clamped(x) == forward(activation(x)): the start value of the step,
+    outputs, x's gradient and the step's gradient, bit for bit, for x at and next to the
+    activation's bounds and the clamp bounds of the codes."""
+    folded, plain = LsqQuant(8, dtype=dtype).train(), LsqQuant(8, dtype=dtype).train()
+    generator = torch.Generator().manual_seed(len(dtype) + int(high if math.isfinite(high) else 9))
+    for step in range(3):
+        x = torch.randn(4, 8, 6, 6, generator=generator) * 3
+        if step:
+            s = to_float32(float(plain.scale.detach()))
+            special = [v for edge in (low, high, plain.qmin * s, plain.qmax * s,
+                                      (plain.qmax + 0.5) * s, 0.5 * s)
+                       if math.isfinite(edge) for v in _around(edge)]
+            x.view(-1)[: len(special)] = torch.tensor(special)
+        grad_out = torch.randn(x.shape, generator=generator)
+        results = []
+        for quant, fn in ((folded, lambda t: folded.forward_clamped(t, low, high)),
+                          (plain, lambda t: plain(activation(t)))):
+            quant.scale.grad = None
+            leaf = x.clone().requires_grad_(True)
+            out = fn(leaf)
+            out.backward(grad_out)
+            results.append((out.detach(), leaf.grad, quant.scale.grad.clone(),
+                            quant.scale.detach().clone()))
+        for ours, reference in zip(*results, strict=True):
+            assert torch.equal(ours, reference)
+        with torch.no_grad():  # an optimizer step, the same on both
+            for quant in (folded, plain):
+                quant.scale.sub_(quant.scale.grad * 0.1)
+    assert 0 < int((results[0][1] == 0).sum()) < x.numel()
