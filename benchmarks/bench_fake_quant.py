@@ -9,7 +9,10 @@
 3. A quantized ReLU6 output (the clamp folded into the quantizer) on 2,097,152 elements,
    forward and backward: the gradient passed on an interval of x against an explicit 0/1 mask
    tensor (bit-identical, tested), and the float ReLU6 alone.
-4. Minor page faults and time per QAT training step of the digits CNN (batch 64), with glibc's
+4. The same on one of MobileNetV2's large ReLU6 outputs at batch 128 (12,582,912 elements):
+   the quantizer's passes run chunk by chunk in the cache against over the whole tensor
+   (bit-identical, tested), the float ReLU6 alone, and the EMA's aminmax pass.
+5. Minor page faults and time per QAT training step of the digits CNN (batch 64), with glibc's
    malloc as it is and after ``keep_freed_memory`` (each in a fresh process: the setting is
    process-wide).
 """
@@ -106,6 +109,49 @@ def interval_section(repeats: int) -> None:
           f"quantization adds {a - c:.0f} against {b - c:.0f}")
 
 
+def chunk_section(rounds: int) -> None:
+    """MobileNetV2's ReLU6 output at batch 128 (96 channels, 32x32), forward + backward."""
+    shape = (128, 96, 32, 32)
+    x = (torch.randn(shape) * 3).requires_grad_(True)
+    grad = torch.randn(shape)
+    scale = float(torch.tensor(6.0 / 255))
+    chunked = _math.CHUNK_NUMEL
+
+    def quantized(chunk: int) -> Callable[[], None]:
+        def run() -> None:
+            _math.CHUNK_NUMEL = chunk
+            try:
+                fake_quantize_clamped(x, 0.0, 6.0, scale, 0, 0, 255).backward(grad)
+            finally:
+                _math.CHUNK_NUMEL = chunked
+        return run
+
+    cases = {
+        "chunked": quantized(chunked),
+        "whole tensor": quantized(1 << 62),
+        "float ReLU6": lambda: torch.nn.functional.hardtanh(x, 0.0, 6.0).backward(grad),
+        "aminmax": lambda: torch.aminmax(x.detach()),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for index in range(rounds + 1):  # interleaved; the first round warms up
+        for name, fn in cases.items():
+            x.grad = None
+            start = time.process_time()
+            fn()
+            if index:
+                times[name].append((time.process_time() - start) * 1e3)
+    ms = {name: statistics.median(values) for name, values in times.items()}
+    print(f"quantized ReLU6 output of {shape}, forward + backward (CPU ms, median of {rounds}):")
+    print(f"  chunked ({chunked} elements, 1 thread) {ms['chunked']:.1f}, whole-tensor passes "
+          f"{ms['whole tensor']:.1f} ({ms['whole tensor'] / ms['chunked']:.2f}x), "
+          f"float ReLU6 {ms['float ReLU6']:.1f}; aminmax (the EMA's statistics) "
+          f"{ms['aminmax']:.1f}")
+    print(f"  quantization adds {ms['chunked'] - ms['float ReLU6']:.1f} against "
+          f"{ms['whole tensor'] - ms['float ReLU6']:.1f}, aminmax included: "
+          f"{ms['chunked'] + ms['aminmax'] - ms['float ReLU6']:.1f} against "
+          f"{ms['whole tensor'] + ms['aminmax'] - ms['float ReLU6']:.1f}")
+
+
 STEPS_CHILD = """
 import resource, sys, time, torch
 from torch import nn
@@ -160,11 +206,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the chunk section")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fake_quant_section(args.repeats)
     mask_section(args.repeats)
     interval_section(args.repeats)
+    chunk_section(args.rounds)
     page_fault_section(args.threads)
     print(f"({args.threads} threads, torch {torch.__version__}, "
           f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MB)")

@@ -17,6 +17,8 @@ __all__ = [
     "dorefa_levels_to_weight",
     "fake_quantize",
     "fake_quantize_clamped",
+    "lsq_quantize",
+    "lsq_quantize_clamped",
     "quant_range",
     "round_ste",
     "to_float32",
@@ -98,6 +100,97 @@ def round_ste(x: Tensor) -> Tensor:
     return _RoundSTE.apply(x)
 
 
+class _LsqQuantize(torch.autograd.Function):
+    """x_hat = round(clamp(x / s, qmin, qmax)) * s with LSQ's gradients, keeping only x and s.
+
+    The autograd graph of that formula (``round_ste`` for the rounding) keeps x / s and the
+    rounded codes, two tensors of x's size; this one recomputes them in backward from x, with
+    the same operations, so values and gradients are those of the graph bit for bit:
+
+    - x: (g * s) where qmin <= x / s <= qmax (else 0), then / s (the graph's mul, clamp and div
+      backwards; (g * s) / s is not always g in float32);
+    - s: sum(g * codes) + sum(-(g_v) * ((x / s) / s)), g_v the x gradient before its / s; each
+      sum reduced to s's shape as autograd reduces a broadcast gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+        ctx.qmin, ctx.qmax = qmin, qmax  # type: ignore[attr-defined]
+        ctx.save_for_backward(x, step)  # type: ignore[attr-defined]
+        return torch.div(x, step).clamp_(qmin, qmax).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, step = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_x, need_step = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        grad_x, grad_step = _lsq_backward(
+            x, step, grad, ctx.qmin, ctx.qmax, need_x, need_step  # type: ignore[attr-defined]
+        )
+        return grad_x, grad_step, None, None
+
+
+def _lsq_backward(
+    x: Tensor, step: Tensor, grad: Tensor, qmin: int, qmax: int, need_x: bool, need_step: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of x and the step of round(clamp(x / step, qmin, qmax)) * step, as its
+    autograd graph computes them (see ``_LsqQuantize``)."""
+    scaled = torch.div(x, step)
+    inside = (scaled >= qmin).logical_and_(scaled <= qmax)
+    grad_scaled = torch.where(inside, grad * step, 0.0)
+    del inside
+    grad_x = torch.div(grad_scaled, step) if need_x else None
+    grad_step = None
+    if need_step:
+        # The division's gradient for s, -grad * ((x / s) / s), then the product's.
+        from_div = torch.div(scaled, step).mul_(grad_scaled.neg_()).sum_to_size(step.shape)
+        del grad_scaled
+        codes = scaled.clamp_(qmin, qmax).round_()
+        grad_step = codes.mul_(grad).sum_to_size(step.shape) + from_div
+    return grad_x, grad_step
+
+
+class _LsqQuantizeClamped(torch.autograd.Function):
+    """``_LsqQuantize`` of ``hardtanh(x, low, high)`` (a ReLU, ReLU6 or Hardtanh folded in),
+    keeping x, not the activation's output: the activation's gradient window low < x < high is
+    applied in backward, as ``hardtanh_backward`` does, so values and gradients are those of
+    the activation followed by ``_LsqQuantize`` bit for bit."""
+
+    @staticmethod
+    def forward(
+        ctx: object, x: Tensor, step: Tensor, qmin: int, qmax: int, low: float, high: float
+    ) -> Tensor:
+        ctx.qmin, ctx.qmax, ctx.low, ctx.high = qmin, qmax, low, high  # type: ignore[attr-defined]
+        ctx.save_for_backward(x, step)  # type: ignore[attr-defined]
+        return F.hardtanh(x, low, high).div_(step).clamp_(qmin, qmax).round_().mul_(step)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, step = ctx.saved_tensors  # type: ignore[attr-defined]
+        low, high = ctx.low, ctx.high  # type: ignore[attr-defined]
+        need_x, need_step = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        grad_x, grad_step = _lsq_backward(
+            F.hardtanh(x, low, high), step, grad, ctx.qmin, ctx.qmax,  # type: ignore[attr-defined]
+            need_x, need_step,
+        )
+        if grad_x is not None:
+            grad_x = torch.ops.aten.hardtanh_backward(grad_x, x, low, high)
+        return grad_x, grad_step, None, None, None, None
+
+
+def lsq_quantize_clamped(
+    x: Tensor, step: Tensor, qmin: int, qmax: int, low: float, high: float
+) -> Tensor:
+    """``lsq_quantize(F.hardtanh(x, low, high), step, qmin, qmax)`` bit for bit, values and
+    gradients, keeping x instead of the activation's output for backward."""
+    return _LsqQuantizeClamped.apply(x, step, qmin, qmax, low, high)
+
+
+def lsq_quantize(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+    """LSQ's ``round(clamp(x / step, qmin, qmax)) * step`` (straight-through rounding), keeping
+    only x and step for backward (see ``_LsqQuantize``)."""
+    return _LsqQuantize.apply(x, step, qmin, qmax)
+
+
 class _Binarize(torch.autograd.Function):
     """sign(x) with sign(0) = +1; the gradient passes unchanged or only where |x| <= 1."""
 
@@ -148,9 +241,16 @@ class _FakeQuantize(torch.autograd.Function):
         window: tuple[float, float] | None = None,
         passing: tuple[float, float] | None = None,
     ) -> Tensor:
-        codes = x.mul(inv_scale).round_()
         ctx.window = window  # type: ignore[attr-defined]
         ctx.passing = passing  # type: ignore[attr-defined]
+        chunk = _chunk_size(x, scale)
+        if chunk:
+            out, inside = _fake_quantize_chunked(
+                x, scale, inv_scale, low, high, chunk, mask=passing is None  # type: ignore[arg-type]
+            )
+            ctx.save_for_backward(inside, x if window is not None else None)  # type: ignore[attr-defined]
+            return out
+        codes = x.mul(inv_scale).round_()
         if passing is not None:
             # The gradient's mask is an open interval of x (see _passing_interval): no mask
             # tensor, and x is saved anyway for the window.
@@ -173,6 +273,51 @@ class _FakeQuantize(torch.autograd.Function):
         if window is not None:
             grad = torch.ops.aten.hardtanh_backward(grad, x, *window)
         return grad, *(None,) * 6
+
+
+#: Elements of one chunk of the chunked fake quantization: a chunk and its output stay in the
+#: cache between the passes (2 x 1 MiB at float32).
+CHUNK_NUMEL = 1 << 18
+
+
+def _chunk_size(x: Tensor, scale: float | Tensor) -> int:
+    """Elements per chunk for ``_fake_quantize_chunked``, or 0 where it does not apply: tensor
+    scales, tensors off the CPU or not contiguous, tensors of one chunk or less, and torch
+    running more than one thread. There every chunk's pass would be a parallel region of its
+    own: on a machine shared with other work each region waits for a descheduled thread, and
+    a MobileNetV2 QAT step at two threads took twice the float step's CPU time in one such run
+    (README, "Real networks")."""
+    if isinstance(scale, Tensor) or x.device.type != "cpu" or not x.is_contiguous():
+        return 0
+    if torch.get_num_threads() != 1:
+        return 0
+    return CHUNK_NUMEL if x.numel() > CHUNK_NUMEL else 0
+
+
+def _fake_quantize_chunked(
+    x: Tensor, scale: float, inv_scale: float, low: float, high: float, chunk: int, *, mask: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``_FakeQuantize.forward``'s passes (x * (1/s), round, clamp, * s, and the 0/1 mask when
+    ``mask``) run chunk by chunk: each chunk is read from memory once and passed over in the
+    cache, instead of four passes over the whole tensor (one thread only, see _chunk_size).
+    The same operations on every element, so bit for bit the same values; one output tensor
+    (and one mask) as before."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    inside = torch.empty_like(out) if mask else None
+    flat_x, flat_out = x.reshape(-1), out.view(-1)
+    flat_inside = inside.view(-1) if inside is not None else None
+    for start in range(0, flat_x.numel(), chunk):
+        part = flat_out[start:start + chunk]
+        if flat_inside is None:
+            torch.mul(flat_x[start:start + chunk], inv_scale, out=part).round_()
+            part.clamp_(low, high).mul_(scale)
+            continue
+        codes = flat_inside[start:start + chunk]
+        torch.mul(flat_x[start:start + chunk], inv_scale, out=codes).round_()
+        torch.clamp(codes, low, high, out=part)
+        torch.eq(part, codes, out=codes)
+        part.mul_(scale)
+    return out, inside
 
 
 #: Float32 neighbours searched on each side of an estimated rounding boundary.

@@ -21,6 +21,8 @@ from ._math import (
     dorefa_levels_to_weight,
     fake_quantize,
     fake_quantize_clamped,
+    lsq_quantize,
+    lsq_quantize_clamped,
     quant_range,
     round_ste,
     to_float32,
@@ -406,11 +408,27 @@ class LsqQuant(TensorQuant):
             self._init_scale(x)
         if not active:
             return x
+        # round_ste(torch.clamp(x / step, qmin, qmax)) * step, values and gradients bit for bit,
+        # without keeping x / step and the codes for backward.
+        return lsq_quantize(x, self._scaled_step(x), self.qmin, self.qmax)
+
+    def _scaled_step(self, x: Tensor) -> Tensor:
         # Scale the step size's gradient by 1/sqrt(numel * Qp) without changing its value.
         grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)
         step = self._step_size()
-        step = (step - step * grad_factor).detach() + step * grad_factor
-        return round_ste(torch.clamp(x / step, self.qmin, self.qmax)) * step
+        return (step - step * grad_factor).detach() + step * grad_factor
+
+    def forward_clamped(self, x: Tensor, low: float, high: float, active: bool = True) -> Tensor:
+        """``forward(F.hardtanh(x, low, high))`` bit for bit (values, start value, gradients),
+        keeping x rather than the activation's output for backward: for a ReLU, ReLU6 or
+        Hardtanh whose output this quantizes (``low <= 0 <= high``)."""
+        if not self._observed:
+            if not self.training:
+                return F.hardtanh(x, low, high)
+            self._init_scale(F.hardtanh(x.detach(), low, high))
+        if not active:
+            return F.hardtanh(x, low, high)
+        return lsq_quantize_clamped(x, self._scaled_step(x), self.qmin, self.qmax, low, high)
 
     def param_bytes(self) -> int:
         return 4  # the learned float32 step size; the zero point is always 0

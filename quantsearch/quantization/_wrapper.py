@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._math import to_float32
-from ._tensor_quant import EmaActivationQuant, TensorQuant
+from ._tensor_quant import EmaActivationQuant, LsqQuant, TensorQuant
 
 __all__ = ["QuantWrapper", "keep_transformers_on_slow_path"]
 
@@ -102,8 +102,10 @@ class QuantWrapper(nn.Module):
         # An activation whose quantized output can absorb it (forward_clamped): its range.
         self._clamp = (
             _clamp_range(module)
-            if isinstance(output_quant, EmaActivationQuant)
-            and not output_quant.per_channel
+            if (
+                (isinstance(output_quant, EmaActivationQuant) and not output_quant.per_channel)
+                or isinstance(output_quant, LsqQuant)
+            )
             and input_quant is None
             and weight_quant is None
             else None

@@ -10,6 +10,7 @@ from torch import nn
 from quantsearch.quantization import (
     BNNQuantizer,
     DoReFaQuantizer,
+    LsqQuantizer,
     NaiveQuantizer,
     QAT_Quantizer,
     QuantWrapper,
@@ -226,6 +227,34 @@ def test_activation_clamp_folded_into_output_quantization_trains_identically() -
         model = DigitsCNN()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         QAT_Quantizer(model, config, optimizer).compress()
+        wrappers = [m for m in model.modules() if isinstance(m, QuantWrapper)]
+        assert [w._clamp for w in wrappers if w.output_quant is not None] == [(0.0, 6.0)] * 3
+        if not fold:
+            for wrapper in wrappers:
+                wrapper._clamp = None
+        torch.manual_seed(1)
+        x = torch.rand(64, 1, 8, 8) * 16
+        train_steps(model, optimizer, 3)
+        runs.append((model(x), model.state_dict()))
+    (out_folded, state_folded), (out_plain, state_plain) = runs
+    assert torch.equal(out_folded, out_plain)
+    assert all(torch.equal(state_folded[k], state_plain[k]) for k in state_plain)
+
+
+def test_lsq_activation_clamp_folded_into_output_quantization_trains_identically() -> None:
+    """LSQ on ReLU6 outputs: the folded path (x kept instead of the ReLU6 output) against the
+    plain one, over real steps: outputs and every state entry (step sizes included) equal."""
+    config = [
+        {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d", "Linear"]},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"],
+         "quant_dtype": "uint"},
+    ]
+    runs = []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        model = DigitsCNN()
+        LsqQuantizer(model, config).compress()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         wrappers = [m for m in model.modules() if isinstance(m, QuantWrapper)]
         assert [w._clamp for w in wrappers if w.output_quant is not None] == [(0.0, 6.0)] * 3
         if not fold:

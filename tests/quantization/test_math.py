@@ -339,3 +339,150 @@ def test_lsq_step_size_that_overshoots_zero_keeps_learning() -> None:
     assert out.tolist() == pytest.approx([0.3, -0.7, 0.1])  # |s| = 0.1
     out.sum().backward()
     assert float(quant.scale.grad) != 0.0
+
+
+def _boundary_inputs(scale: float, zero_point: int, qmin: int, qmax: int, numel: int,
+                     generator: torch.Generator, extra: tuple[float, ...] = ()) -> torch.Tensor:
+    """Random values, plus every float32 within 3 ulps of the rounding boundaries of the lowest
+    and highest codes, of ties in between and of the ``extra`` values (activation bounds)."""
+    edges = [(qmin - zero_point - 0.5) * scale, (qmax - zero_point + 0.5) * scale,
+             (qmin - zero_point) * scale, (qmax - zero_point) * scale, 0.5 * scale,
+             -1.5 * scale, *extra]
+    special = [v for edge in edges if math.isfinite(edge) for v in _around(edge)]
+    x = torch.randn(numel, generator=generator) * (qmax - qmin) * scale / 3
+    x[: len(special)] = torch.tensor(special)
+    return x[torch.randperm(numel, generator=generator)]  # boundaries in every chunk
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(8, "uint"), (8, "int"), (4, "uint")])
+def test_chunked_fake_quantization_is_bit_identical(
+    bits: int, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large CPU tensors are fake-quantized chunk by chunk (the passes stay in the cache): the
+    values and gradients equal the whole-tensor passes and torch's kernel bit for bit, for
+    float32 values next to the rounding and clamp boundaries, in every chunk and in a last,
+    partial one; with the clamp of a ReLU, ReLU6 and Hardtanh folded in as well."""
+    qmin, qmax = quant_range(bits, dtype)
+    generator = torch.Generator().manual_seed(bits)
+    numel = NATIVE_MAX_NUMEL + 1234
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # several threads: the whole-tensor passes
+    try:
+        assert _math._chunk_size(torch.zeros(numel), 0.1) == 0
+    finally:
+        torch.set_num_threads(1)  # chunks run at one thread only
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    torch.set_num_threads(threads)
+    for trial in range(4):
+        scale = to_float32(float(torch.rand((), generator=generator)) * 8 / (qmax - qmin) + 1e-3)
+        zero_point = int(torch.randint(qmin, qmax + 1, (), generator=generator))
+        if trial == 0:
+            scale, zero_point = to_float32(6.0 / (qmax - qmin)), qmin  # ReLU6's own range
+        x = _boundary_inputs(scale, zero_point, qmin, qmax, numel, generator, (6.0, 1.0, -1.0))
+        quantize = functools.partial(
+            fake_quantize, scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax
+        )
+        clamped = [
+            functools.partial(fake_quantize_clamped, low=low, high=high, scale=scale,
+                              zero_point=zero_point, qmin=qmin, qmax=qmax)
+            for low, high in ((0.0, math.inf), (0.0, 6.0), (-1.0, 1.0))
+        ]
+        results = {}
+        for chunk in (1000, 1 << 40):  # several chunks, and none (the whole-tensor passes)
+            monkeypatch.setattr(_math, "CHUNK_NUMEL", chunk)
+            assert bool(_math._chunk_size(x, scale)) == (chunk == 1000)
+            results[chunk] = [_with_gradient(fn, x) for fn in (quantize, *clamped)]
+        reference = _with_gradient(
+            functools.partial(torch.fake_quantize_per_tensor_affine, scale=scale,
+                              zero_point=zero_point, quant_min=qmin, quant_max=qmax), x
+        )
+        for (out, grad), (ref_out, ref_grad) in zip(results[1000], results[1 << 40], strict=True):
+            assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad), (scale, zero_point)
+        assert torch.equal(results[1000][0][0], reference[0])
+        assert torch.equal(results[1000][0][1], reference[1])
+        assert 0 < int((results[1000][0][1] == 0).sum()) < numel
+
+
+def _lsq_reference(x: torch.Tensor, quant: LsqQuant) -> torch.Tensor:
+    """LsqQuant.forward as the autograd graph of its formula (before the custom Function)."""
+    grad_factor = 1.0 / math.sqrt(x.numel() * quant.qmax)
+    step = quant.scale.abs().clamp(min=SCALE_FLOOR)
+    step = (step - step * grad_factor).detach() + step * grad_factor
+    return _math.round_ste(torch.clamp(x / step, quant.qmin, quant.qmax)) * step
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(8, "int"), (8, "uint"), (3, "int"), (2, "uint")])
+@pytest.mark.parametrize("shape", [(5,), (64, 3, 3, 3), (8, 16, 12, 12)])
+def test_lsq_function_matches_the_autograd_graph_of_its_formula(
+    bits: int, dtype: str, shape: tuple[int, ...]
+) -> None:
+    """LSQ keeps only x and the step for backward and recomputes the rest there: values, x's
+    gradient and the step's gradient equal those of the plain autograd graph bit for bit, for
+    x at and next to the clamp bounds and the rounding boundaries, with and without x's
+    gradient, and for a step that went negative."""
+    generator = torch.Generator().manual_seed(bits + len(shape))
+    for trial in range(4):
+        quant = LsqQuant(bits, dtype=dtype)
+        with torch.no_grad():
+            quant.scale.fill_(float(torch.rand((), generator=generator)) * 0.2 + 0.01)
+            if trial == 3:
+                quant.scale.neg_()
+        quant._observed = True
+        s = to_float32(abs(float(quant.scale.detach())))
+        numel = math.prod(shape)
+        x = _boundary_inputs(s, 0, quant.qmin, quant.qmax, max(numel, 64), generator)[:numel]
+        x = x.reshape(shape)
+        grad_out = torch.randn(shape, generator=generator)
+        results, names = [], []
+        for fn in (quant, lambda t, quant=quant: _lsq_reference(t, quant)):
+            quant.scale.grad = None
+            leaf = x.clone().requires_grad_(trial != 2)
+            out = fn(leaf)
+            out.backward(grad_out)
+            names.append(type(out.grad_fn).__name__)
+            results.append((out.detach(), leaf.grad, quant.scale.grad.clone()))
+        (out, grad, step_grad), (ref_out, ref_grad, ref_step_grad) = results
+        assert torch.equal(out, ref_out)
+        assert (grad is None and ref_grad is None) or torch.equal(grad, ref_grad)
+        assert torch.equal(step_grad, ref_step_grad), (step_grad, ref_step_grad)
+        assert "Lsq" in names[0] and "Lsq" not in names[1]  # the Function, and the graph
+
+
+@pytest.mark.parametrize(
+    ("activation", "low", "high"),
+    [(nn.ReLU(), 0.0, math.inf), (nn.ReLU6(), 0.0, 6.0), (nn.Hardtanh(), -1.0, 1.0)],
+    ids=["relu", "relu6", "hardtanh"],
+)
+@pytest.mark.parametrize("dtype", ["uint", "int"])
+def test_lsq_clamp_folded_into_output_quantization_is_bit_identical(
+    activation: nn.Module, low: float, high: float, dtype: str
+) -> None:
+    """LsqQuant.forward_clamped(x) == forward(activation(x)): the start value of the step,
+    outputs, x's gradient and the step's gradient, bit for bit, for x at and next to the
+    activation's bounds and the clamp bounds of the codes."""
+    folded, plain = LsqQuant(8, dtype=dtype).train(), LsqQuant(8, dtype=dtype).train()
+    generator = torch.Generator().manual_seed(len(dtype) + int(high if math.isfinite(high) else 9))
+    for step in range(3):
+        x = torch.randn(4, 8, 6, 6, generator=generator) * 3
+        if step:
+            s = to_float32(float(plain.scale.detach()))
+            special = [v for edge in (low, high, plain.qmin * s, plain.qmax * s,
+                                      (plain.qmax + 0.5) * s, 0.5 * s)
+                       if math.isfinite(edge) for v in _around(edge)]
+            x.view(-1)[: len(special)] = torch.tensor(special)
+        grad_out = torch.randn(x.shape, generator=generator)
+        results = []
+        for quant, fn in ((folded, lambda t: folded.forward_clamped(t, low, high)),
+                          (plain, lambda t: plain(activation(t)))):
+            quant.scale.grad = None
+            leaf = x.clone().requires_grad_(True)
+            out = fn(leaf)
+            out.backward(grad_out)
+            results.append((out.detach(), leaf.grad, quant.scale.grad.clone(),
+                            quant.scale.detach().clone()))
+        for ours, reference in zip(*results, strict=True):
+            assert torch.equal(ours, reference)
+        with torch.no_grad():  # an optimizer step, the same on both
+            for quant in (folded, plain):
+                quant.scale.sub_(quant.scale.grad * 0.1)
+    assert 0 < int((results[0][1] == 0).sum()) < x.numel()
