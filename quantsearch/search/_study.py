@@ -545,12 +545,16 @@ def open_study(context: StudyContext) -> optuna.Study:
     path = sqlite_path(spec.storage)
     if path is None:
         return _open_or_create(context)
-    check_sqlite_file(path, write=True)  # before the folder is made: a refusal writes nothing
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise StorageError(f"{path.parent}: cannot create the folder ({error.strerror})") from None
-    # Two processes creating a new SQLite study at once: the second waits, then loads it.
+    if not path.parent.is_dir():
+        check_sqlite_file(path, write=True)  # before the folder is made: a refusal writes nothing
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(
+                f"{path.parent}: cannot create the folder ({error.strerror})"
+            ) from None
+    # Two processes creating a new SQLite study at once: the second waits, then loads it. The
+    # file is checked under the lock (by _storage), never while the other writes its tables.
     with _folder_lock(path.parent):
         return _open_or_create(context)
 
