@@ -94,9 +94,11 @@ def float_model(folder: Path) -> Path:
 
 
 class Table:
-    """Each config's trial result, by its config_list: evaluated once, kept in a JSON file."""
+    """Each config's trial result, by its config_list: evaluated once, kept in a JSON file
+    with the SHA-256 of the float model it was measured on (another model starts afresh)."""
 
     def __init__(self, weights: Path, path: Path) -> None:
+        from quantsearch.pipeline import load_state, state_sha256
         from quantsearch.search import parse_space, prepare
 
         self.weights, self.path = weights, path
@@ -104,7 +106,11 @@ class Table:
             space(str(weights), "sqlite:///unused.db", sensitivity=None), source="bench_search"
         )
         self.context = prepare(self.spec)
+        self.float_sha256 = state_sha256(load_state(weights))
         data = json.loads(path.read_text()) if path.exists() else {}
+        if data and data.get("float_sha256") != self.float_sha256:
+            print(f"{path}: results of another float model, evaluated again")
+            data = {}
         self.rows: dict[str, Any] = data.get("rows", {})
         self.float_size_bytes = self.context.float_size_bytes
         self._unsaved = 0
@@ -144,7 +150,11 @@ class Table:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"rows": self.rows, "float_size_bytes": self.float_size_bytes}
+        data = {
+            "rows": self.rows,
+            "float_size_bytes": self.float_size_bytes,
+            "float_sha256": self.float_sha256,
+        }
         self.path.write_text(json.dumps(data))
         self._unsaved = 0
 
@@ -299,6 +309,11 @@ def main() -> None:
     parser.add_argument("--task", choices=("digits", "mnist"), default="digits")
     parser.add_argument("--data-dir", help="the MNIST IDX files (--task mnist)")
     parser.add_argument("--table", type=Path, help="the cache of trial results")
+    parser.add_argument(
+        "--float-model",
+        type=Path,
+        help="the float model's state dict (default: trained once into benchmarks/.cache)",
+    )
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--strategies", nargs="+", help="names of strategies to run (default all)")
     parser.add_argument("--enumerate-only", action="store_true")
@@ -307,7 +322,7 @@ def main() -> None:
     torch.set_num_threads(1)
     TASK.update({"name": args.task, **({"data_dir": args.data_dir} if args.data_dir else {})})
     cache = REPO / "benchmarks" / ".cache"
-    weights = float_model(cache)
+    weights = args.float_model or float_model(cache)
     table = Table(weights, args.table or cache / f"bench_search_{args.task}.json")
     exhaustive = args.task == "digits"
     if exhaustive:

@@ -302,9 +302,13 @@ class SensitivityJob:
 _MEASURERS: dict[tuple[str, str, float, str], _Measurer] = {}
 
 
-def _measurer_of(spec: SearchSpec, float_weights: str, float_size: int) -> _Measurer:
+def _measurer_key(spec: SearchSpec, float_weights: str) -> tuple[str, str, float, str]:
     device = str(spec.train.get("device"))
-    key = (spec.space_hash, float_weights, Path(float_weights).stat().st_mtime, device)
+    return spec.space_hash, float_weights, Path(float_weights).stat().st_mtime, device
+
+
+def _measurer_of(spec: SearchSpec, float_weights: str, float_size: int) -> _Measurer:
+    key = _measurer_key(spec, float_weights)
     if key not in _MEASURERS:
         _MEASURERS.clear()
         task = build_task(spec.task, spec.seed)
@@ -342,6 +346,9 @@ def measure_sensitivity(
     seed_everything(spec.seed)
     float_state = float_state_of(str(float_weights))
     measurer = _Measurer(spec, task, plan, float_state, float_size_bytes)
+    # Jobs run in this process (an InlinePool) measure with it, not with a rebuilt one.
+    _MEASURERS.clear()
+    _MEASURERS[_measurer_key(spec, str(float_weights))] = measurer
     tensors = searched_tensors(plan)
     candidates = _candidates(plan)
     sha = state_sha256(float_state)
