@@ -189,7 +189,7 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 # Variants of the default, tried on the way to it.
 VARIANTS: dict[str, dict[str, Any]] = {
     "every seed first (patience 0) + NSGA-II": {"sensitivity": {"method": "loss", "patience": 0}},
-    "half the trials seeded + NSGA-II (the previous default)": {
+    "half the trials seeded + NSGA-II (the previous default's share)": {
         "sensitivity": {"method": "loss", "patience": 0},
         "half": True,
     },
@@ -237,7 +237,7 @@ def run_strategy(
 
     from quantsearch.pipeline import TrialRecord
     from quantsearch.search import SeedGuide, parse_space, prepare
-    from quantsearch.search._study import _sampler
+    from quantsearch.search._study import _initialise, _sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     changes = {k: v for k, v in strategy.items() if k not in ("alone", "half")}
@@ -259,9 +259,7 @@ def run_strategy(
     study = optuna.create_study(
         directions=context.directions, sampler=_sampler(replace(spec, seed=seed), 0)
     )
-    for label in spec.baselines.labels:
-        attrs = TrialRecord(baseline=label).model_dump(include={"baseline"})
-        study.enqueue_trial(plan.baseline_params(label), user_attrs=attrs)
+    _initialise(study, context)  # the study's attributes and its baselines, queued first
     tried: set[str] = set()
     for _ in range(n_trials):
         if guide is not None:

@@ -40,7 +40,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from quantsearch._paths import FolderError
     from quantsearch.pipeline import FloatModelError
     from quantsearch.quantization import ConfigError
-    from quantsearch.search import SpaceError, StorageError, StudyBusyError, StudyNotFoundError
+    from quantsearch.search import (
+        SensitivityError,
+        SpaceError,
+        StorageError,
+        StudyBusyError,
+        StudyNotFoundError,
+    )
     from quantsearch.tasks import TaskError
 
     errors: list[type[BaseException]] = [
@@ -53,6 +59,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StudyNotFoundError,
         FloatModelError,
         FolderError,
+        SensitivityError,
     ]
     try:
         from quantsearch.report import ExportError, ReportError
@@ -136,7 +143,8 @@ def _build_parser() -> argparse.ArgumentParser:
     study.add_argument(
         "--threads",
         type=_positive_int,
-        help="torch threads per job (default: the space's train.num_threads, else cores / jobs)",
+        help="torch threads per job (default: the space's train.num_threads, else for one job "
+        "this process's setting, for several cores / jobs)",
     )
     study.add_argument(
         "--quiet", action="store_true", help="no progress bar: one log line per trial"

@@ -138,3 +138,19 @@ def test_front_trials_within_the_test_noise_are_marked() -> None:
     apart = front.assign(test_low=[0.80, 0.94, 0.97, 0.998], test_high=[0.85, 0.96, 0.99, 1.0])
     assert indistinct(apart) == {}
     assert "Every front trial is distinguishable" in "\n".join(noise_markdown(apart))
+
+
+def test_a_failed_measurement_is_one_line_naming_it(
+    space: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quantsearch.search import _sensitivity_study
+    from quantsearch.search._sensitivity import SensitivityError
+
+    def failing(*args: object, **kwargs: object) -> None:
+        raise SensitivityError("measuring fc1.weight_bits at 2 bits failed: out of memory")
+
+    monkeypatch.setattr(_sensitivity_study, "ensure_sensitivity", failing)
+    assert main(["sensitivity", "--space", str(space)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("quantsearch: error: measuring fc1.weight_bits at 2 bits failed")
+    assert "Traceback" not in error

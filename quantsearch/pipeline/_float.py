@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
+from quantsearch._paths import replacing
 from quantsearch.tasks import (
     DivergedError,
     Task,
@@ -138,9 +138,8 @@ def make_float_model(
     test_accuracy = evaluate(model, task.test_set, device=train.device)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save(state, partial)
-    partial.replace(out)  # atomic: a killed study never leaves half a file
+    with replacing(out) as partial:  # a killed study never leaves half a file
+        torch.save(state, partial)
     return FloatModel(
         file=out.name,
         sha256=state_sha256(state),

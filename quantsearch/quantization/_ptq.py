@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._algorithms import _DTYPES, _WEIGHTED, _channels, _one_of
 from ._base import Example, Quantizer
-from ._config import AlgorithmRules, LayerConfig, quantizable_weight
+from ._config import AlgorithmRules, LayerConfig
 from ._math import affine_qparams, affine_qparams_float, fake_quantize
 from ._observers import (
     HISTOGRAM_BINS,
@@ -26,8 +27,6 @@ from ._tensor_quant import SCHEMES, AffineWeightQuant, TensorQuant, affine_fixed
 
 __all__ = ["NotCalibratedError", "PtqActivationQuant", "PtqQuantizer", "PtqWeightQuant"]
 
-_DTYPES = ("int", "uint")
-_WEIGHTED = ("conv1", "conv2", "fc")
 
 
 class NotCalibratedError(RuntimeError):
@@ -240,10 +239,6 @@ class PtqActivationQuant(TensorQuant):
         }
 
 
-def _one_of(allowed: tuple[str, ...]) -> Any:
-    return lambda v: None if v in allowed else f"expected one of {list(allowed)}"
-
-
 def _observer_value(value: Any) -> str | None:
     if isinstance(value, str) and value in OBSERVERS:
         return None
@@ -282,11 +277,6 @@ def _check_entry(
         chosen = sorted(set(_observers_of(entry).values()))
         return "percentile", f"only used with observer 'percentile' (this entry's: {chosen})"
     return None
-
-
-def _channels(module: nn.Module) -> int:
-    weight = quantizable_weight(module)
-    return int(weight.shape[0]) if weight is not None and weight.dim() else 1
 
 
 @register_quantizer("ptq")

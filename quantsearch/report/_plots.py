@@ -408,14 +408,15 @@ def hypervolume_history(
     points: list[list[float]] = []
     hypervolume_now = 0.0
     records = []
+    front = 0
     for _, row in ordered.iterrows():
         if row["state"] == "COMPLETE" and row["feasible"]:
             points.append([float(axis.unit(row[axis.name])) for axis in axes])
-            array = np.asarray(points)
-            hypervolume_now = hypervolume(array)
-            front = int(front_mask(array).sum())
-        else:
-            front = int(front_mask(np.asarray(points)).sum()) if points else 0
+            mask = front_mask(np.asarray(points))
+            # Only the front counts from now on: a dominated point never counts again.
+            points = [p for p, on in zip(points, mask, strict=True) if on]
+            hypervolume_now = hypervolume(np.asarray(points))
+            front = len(points)
         records.append(
             {"number": int(row["number"]), "hypervolume": hypervolume_now, "front_size": front}
         )
@@ -427,16 +428,19 @@ def history_figure(
     *,
     float_size_bytes: float | None = None,
     axes: Sequence[Axis] | None = None,
+    history: pd.DataFrame | None = None,
 ) -> Figure:
     """Hypervolume (``fig.axes[0]``) and front size (``fig.axes[1]``) after each trial.
 
     The hypervolume is that of :func:`hypervolume_history`: each objective on [0, 1] (sizes
     divided by the float model's), so it is comparable between studies of a task. Failed trials
-    are 'x' markers on the bottom edge of the hypervolume panel.
+    are 'x' markers on the bottom edge of the hypervolume panel. ``history``: that function's
+    result, when the caller has it already.
     """
-    if axes is None:
-        axes = objective_axes(frame, attrs={"float_size_bytes": float_size_bytes})
-    history = hypervolume_history(frame, axes=axes)
+    if history is None:
+        if axes is None:
+            axes = objective_axes(frame, attrs={"float_size_bytes": float_size_bytes})
+        history = hypervolume_history(frame, axes=axes)
     fig = _new_figure(8.0, 5.0)
     ax, below = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     ax.step(

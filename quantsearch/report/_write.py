@@ -94,12 +94,12 @@ def write_report(
             save_figure(figure, out / "pareto.svg")
             images["pareto_svg"] = "pareto.svg"
     save_figure(bits_heatmap_figure(frame, layers=attrs.get("layers")), out / "bits.png")
-    save_figure(history_figure(frame, axes=axes), out / "history.png")
+    history = hypervolume_history(frame, axes=axes)
+    save_figure(history_figure(frame, axes=axes, history=history), out / "history.png")
     images.update(bits="bits.png", history="history.png")
     with replacing(out / "trials.csv") as temporary:
         frame.to_csv(temporary, index=False)
 
-    history = hypervolume_history(frame, axes=axes)
     context = ReportContext(
         study_name=study.study_name,
         study_attrs=attrs,

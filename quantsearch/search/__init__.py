@@ -22,6 +22,7 @@ from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, tri
 from quantsearch.search._sensitivity import (
     PredictedPoint,
     SeedGuide,
+    SensitivityError,
     measure_sensitivity,
     predicted_front,
     seed_configs,
@@ -72,6 +73,7 @@ __all__ = [
     "SeedGuide",
     "Sensitivity",
     "SensitivityEntry",
+    "SensitivityError",
     "SensitivitySpec",
     "SpaceError",
     "SpacePlan",

@@ -11,6 +11,7 @@ import torch
 from quantsearch._studydata import sqlite_path
 from quantsearch.pipeline import Sensitivity
 from quantsearch.search._errors import SpaceError
+from quantsearch.search._objective import train_config
 from quantsearch.search._sensitivity import (
     ensure_sensitivity,
     predicted_front,
@@ -26,7 +27,12 @@ from quantsearch.search._study import (
     open_study,
     study_threads,
 )
-from quantsearch.search._workers import InlinePool, ProcessPool, available_cores
+from quantsearch.search._workers import (
+    InlinePool,
+    ProcessPool,
+    available_cores,
+    worker_devices,
+)
 
 __all__ = ["describe_front", "sensitivity_frame", "sensitivity_pivot", "study_sensitivity"]
 
@@ -62,7 +68,11 @@ def study_sensitivity(
     num_threads = study_threads(spec, jobs, threads)
     torch.set_num_threads(min(available_cores(), num_threads * jobs))
     progress = progress or _Silent()
-    pool = InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=num_threads)
+    # One GPU per worker where there are several, as the study's workers.
+    devices = worker_devices(train_config(context.task, spec.train).device, jobs)
+    pool = (
+        InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=num_threads, devices=devices)
+    )
     with _study_lock(folder) if local else contextlib.nullcontext(), pool:
         made = ensure_float_model(study, context, log=progress.message)
         assert made is not None

@@ -919,7 +919,8 @@ class _Loop:
                     self.unparked.append(ticket)
 
     def _done(self, trials: Sequence[FrozenTrial]) -> int:
-        return counted_trials(trials) - sum(t.state == TrialState.RUNNING for t in trials)
+        """Counted trials not running, of ``trials`` as ``_read_trials`` just read them."""
+        return self._counted - sum(t.state == TrialState.RUNNING for t in trials)
 
     def _read_trials(self) -> list[FrozenTrial]:
         """Read all trials from the storage; key its newly finished trials in ``finished``."""
