@@ -32,6 +32,7 @@ from quantsearch.pipeline._metrics import (
     Metric,
     ModelProfile,
     accuracy_interval,
+    front_mask,
     get_metric,
     register_metric,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "accuracy_interval",
     "adapt",
     "build_compressed",
+    "front_mask",
     "get_metric",
     "load_state",
     "load_weights",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,6 +22,7 @@ __all__ = [
     "Metric",
     "ModelProfile",
     "accuracy_interval",
+    "front_mask",
     "get_metric",
     "register_metric",
 ]
@@ -165,3 +167,12 @@ def accuracy_interval(accuracy: float, samples: int, z: float = _Z95) -> tuple[f
     half = z * math.sqrt(accuracy * (1 - accuracy) / samples + z * z / (4 * samples**2))
     half /= denominator
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def front_mask(points: np.ndarray) -> np.ndarray:
+    """True for the rows of ``points`` (every column minimised) that no other row dominates."""
+    if len(points) == 0:
+        return np.zeros(0, dtype=bool)
+    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
+    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
+    return ~(no_worse & better).any(axis=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,6 @@ class ReportContext:
 
     study_name: str
     study_attrs: Mapping[str, Any]
-    metric_names: Sequence[str] | None
     study_args: str
     command: str | None
     hypervolume: float

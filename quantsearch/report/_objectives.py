@@ -11,7 +11,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from quantsearch.pipeline import METRICS
+from quantsearch.pipeline import METRICS, front_mask
 
 __all__ = [
     "DEFAULT_OBJECTIVES",
@@ -91,15 +91,6 @@ def objective_axes(
 
 def study_axes(study: optuna.Study, frame: pd.DataFrame) -> list[Axis]:
     return objective_axes(frame, metric_names=study.metric_names, attrs=study.user_attrs)
-
-
-def front_mask(points: np.ndarray) -> np.ndarray:
-    """True for the rows of ``points`` (every column minimised) that no other row dominates."""
-    if len(points) == 0:
-        return np.zeros(0, dtype=bool)
-    no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
-    better = (points[:, None, :] < points[None, :, :]).any(axis=2)
-    return ~(no_worse & better).any(axis=0)
 
 
 def hypervolume(points: np.ndarray) -> float:

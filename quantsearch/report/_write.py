@@ -103,7 +103,6 @@ def write_report(
     context = ReportContext(
         study_name=study.study_name,
         study_attrs=attrs,
-        metric_names=study.metric_names,
         study_args=args,
         command=command,
         hypervolume=float(history["hypervolume"].iloc[-1]),

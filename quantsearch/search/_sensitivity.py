@@ -59,7 +59,6 @@ __all__ = [
     "SensitivityJob",
     "ensure_sensitivity",
     "measure_sensitivity",
-    "pareto_configs",
     "predicted_front",
     "searched_tensors",
     "seed_configs",
@@ -553,11 +552,6 @@ def _pareto(points: Sequence[PredictedPoint]) -> list[PredictedPoint]:
             kept.append(point)
             best = point.increase
     return kept
-
-
-def pareto_configs(sensitivity: Sensitivity) -> list[dict[str, Bits]]:
-    """The bits of each config of the predicted Pareto set, smallest first."""
-    return [p.bits for p in predicted_front(sensitivity)]
 
 
 def seed_configs(

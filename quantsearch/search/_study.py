@@ -31,6 +31,7 @@ from quantsearch.pipeline import (
     ModelProfile,
     TrialRecord,
     build_compressed,
+    front_mask,
     get_metric,
     load_state,
     load_weights,
@@ -792,15 +793,8 @@ def front_size(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> int:
         and TrialRecord.of(t).duplicate_of is None
         and all(c <= 0 for c in t.constraints.values())
     ]
-    if not points:
-        return 0
-    # Every objective minimised now: a point is dominated by one no worse anywhere and
-    # better somewhere; equal points all count.
-    array = np.asarray(points)
-    no_worse = (array[:, None, :] <= array[None, :, :]).all(axis=2)
-    better = (array[:, None, :] < array[None, :, :]).any(axis=2)
-    dominated = (no_worse & better).any(axis=0)
-    return int((~dominated).sum())
+    # Every objective minimised now; equal points all count.
+    return int(front_mask(np.asarray(points)).sum())
 
 
 @dataclass
@@ -822,7 +816,6 @@ class _Loop:
     # Set on a shared database (no lock file): other machines add and fail trials too.
     heartbeat: Heartbeat | None = None
     # The weights every trial starts from; None when trials train from scratch.
-    float_model: FloatModel | None = None
     float_model_path: Path | None = None
     in_flight: dict[int, _Ticket] = field(default_factory=dict)
     # Trials waiting for a running twin (same config_list) instead of training it again.
@@ -1041,7 +1034,7 @@ class _Loop:
             searched_train=ticket.train,
             config_list=ticket.config_list,
             objectives=spec.objectives,
-            float_weights=None if self.float_model is None else str(self.float_model_path),
+            float_weights=None if self.float_model_path is None else str(self.float_model_path),
             calibration_batches=spec.calibration_batches,
             checkpoint=str(folder / f"trial_{number}.pt"),
             hopeless=spec.hopeless,
@@ -1239,7 +1232,7 @@ def run_study(
         try:
             with pool, heartbeat or contextlib.nullcontext():
                 if made is not None:
-                    loop.float_model, loop.float_model_path = made
+                    loop.float_model_path = made[1]
                     if spec.sensitivity is not None:
                         loop.guide = seed_study(
                             study,
