@@ -80,7 +80,7 @@ def float_model(folder: Path) -> Path:
     """The float model every trial starts from, trained once (as a study would)."""
     from quantsearch.pipeline import make_float_model
     from quantsearch.search._objective import build_task, train_config
-    from quantsearch.search._space import TaskSpec
+    from quantsearch.search._spec import TaskSpec
 
     name = TASK["name"]
     path = folder / f"bench_search_{name}_float.pt"
@@ -202,7 +202,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def measured_sensitivity(weights: Path, method: str = "loss") -> Any:
     """The space's sensitivity, measured once (per method) for every strategy and budget."""
     from quantsearch.search import parse_space, prepare
-    from quantsearch.search._sensitivity import measure_sensitivity
+    from quantsearch.search._sensitivity_measure import measure_sensitivity
 
     if method not in _SENSITIVITY_CACHE:
         data = space(str(weights), "sqlite:///unused.db", sensitivity={"method": method})
@@ -237,7 +237,7 @@ def run_strategy(
 
     from quantsearch.pipeline import TrialRecord
     from quantsearch.search import SeedGuide, parse_space, prepare
-    from quantsearch.search._study import _initialise, _sampler
+    from quantsearch.search._storage import initialise, study_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     changes = {k: v for k, v in strategy.items() if k not in ("alone", "half")}
@@ -257,9 +257,9 @@ def run_strategy(
         assert guide is not None
         n_trials = min(budget, len(guide.configs) + len(spec.baselines.labels))
     study = optuna.create_study(
-        directions=context.directions, sampler=_sampler(replace(spec, seed=seed), 0)
+        directions=context.directions, sampler=study_sampler(replace(spec, seed=seed), 0)
     )
-    _initialise(study, context)  # the study's attributes and its baselines, queued first
+    initialise(study, context)  # the study's attributes and its baselines, queued first
     tried: set[str] = set()
     for _ in range(n_trials):
         if guide is not None:
@@ -364,7 +364,7 @@ def summary(
 ) -> str:
     """The two Markdown tables: share of the reference hypervolume, front configs found."""
     from quantsearch.report._objectives import hypervolume
-    from quantsearch.search._sensitivity import predicted_front
+    from quantsearch.search._predicted_front import predicted_front
 
     reference = reference_hypervolume(table)
     best = reference_front(table)

@@ -3,7 +3,9 @@
     compressed = build_compressed(task, "qat", config_list, float_state=state, train=config)
     adapted = adapt(compressed, task, "finetune", config, seed=1, calibration_batches=32)
     METRICS["bitops"].compute(evaluated)      # any registered metric, by name
-    TrialRecord.of(frozen_trial)              # what the study stored, typed
+    TrialRecord.of(frozen_trial)              # what the study stored about a trial, typed
+    StudyRecord.of(study)                     # ... and about the study as a whole
+    StudyLocation.of(storage, name)           # its database, artifacts folder and files
 
 Used by the search (objective, dry run) and the reports (tables, export) alike.
 """
@@ -25,6 +27,14 @@ from quantsearch.pipeline._float import (
     make_float_model,
     state_sha256,
 )
+from quantsearch.pipeline._location import (
+    FLOAT_MODEL_FILE,
+    StudyLocation,
+    mask_text,
+    mask_url,
+    sqlite_path,
+    storage_url,
+)
 from quantsearch.pipeline._metrics import (
     FLOAT_BITS,
     METRICS,
@@ -33,6 +43,7 @@ from quantsearch.pipeline._metrics import (
     ModelProfile,
     accuracy_interval,
     front_mask,
+    front_trials,
     get_metric,
     register_metric,
 )
@@ -45,12 +56,20 @@ from quantsearch.pipeline._sensitivity import (
     SensitivityEntry,
     sensitivity_of,
 )
+from quantsearch.pipeline._study_record import (
+    STUDY_RECORD_VERSION,
+    StudyRecord,
+    TargetState,
+    layer_order,
+)
 
 __all__ = [
     "FLOAT_BITS",
+    "FLOAT_MODEL_FILE",
     "METRICS",
     "RECORD_VERSION",
     "SENSITIVITY_ATTR",
+    "STUDY_RECORD_VERSION",
     "Adapted",
     "Bits",
     "Compressed",
@@ -62,18 +81,27 @@ __all__ = [
     "ParamSensitivity",
     "Sensitivity",
     "SensitivityEntry",
+    "StudyLocation",
+    "StudyRecord",
+    "TargetState",
     "TrialMode",
     "TrialRecord",
     "accuracy_interval",
     "adapt",
     "build_compressed",
     "front_mask",
+    "front_trials",
     "get_metric",
+    "layer_order",
     "load_state",
     "load_weights",
     "make_float_model",
+    "mask_text",
+    "mask_url",
     "register_metric",
     "sensitivity_of",
+    "sqlite_path",
     "state_sha256",
+    "storage_url",
     "trial_mode",
 ]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from optuna.trial import FrozenTrial, TrialState
 from torch import nn
+
+from quantsearch.pipeline._record import TrialRecord
 
 if TYPE_CHECKING:
     from quantsearch.tasks import Task
@@ -23,6 +26,7 @@ __all__ = [
     "ModelProfile",
     "accuracy_interval",
     "front_mask",
+    "front_trials",
     "get_metric",
     "register_metric",
 ]
@@ -176,3 +180,21 @@ def front_mask(points: np.ndarray) -> np.ndarray:
     no_worse = (points[:, None, :] <= points[None, :, :]).all(axis=2)
     better = (points[:, None, :] < points[None, :, :]).any(axis=2)
     return ~(no_worse & better).any(axis=0)
+
+
+def front_trials(trials: Sequence[FrozenTrial], directions: Sequence[str]) -> list[FrozenTrial]:
+    """The study's Pareto front (as ``study.best_trials``): complete trials that meet every
+    constraint and that no other such trial dominates, a reused result listed once (as the
+    trial that ran it). Equal points are all on it."""
+    signs = [1.0 if d == "minimize" else -1.0 for d in directions]
+    candidates = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and TrialRecord.of(t).duplicate_of is None
+        and all(c <= 0 for c in t.constraints.values())
+    ]
+    points = np.asarray(
+        [[sign * v for sign, v in zip(signs, t.values, strict=True)] for t in candidates]
+    ).reshape(len(candidates), len(signs))
+    return [t for t, on in zip(candidates, front_mask(points), strict=True) if on]

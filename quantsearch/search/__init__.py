@@ -41,34 +41,40 @@ from quantsearch.search._space import (
     parse_space,
     storage_url,
 )
-from quantsearch.search._study import (
-    FLOAT_MODEL_FILE,
+from quantsearch.search._prepare import DryRun, StudyContext, prepare, study_location
+from quantsearch.search._progress import Progress, TrialReport, counted_trials
+from quantsearch.search._samplers import (
+    SAMPLERS,
+    SamplerEntry,
+    SamplerOption,
+    make_sampler,
+    register_sampler,
+)
+from quantsearch.search._storage import (
     StorageError,
     StudyBusyError,
-    StudyContext,
     StudyNotFoundError,
-    TrialReport,
-    counted_trials,
-    ensure_float_model,
     load_study,
     load_study_from,
     open_study,
-    prepare,
-    run_study,
-    study_threads,
 )
+from quantsearch.search._study import ensure_float_model, run_study, study_threads
 from quantsearch.search._workers import available_cores
 
 __all__ = [
     "FLOAT",
-    "FLOAT_MODEL_FILE",
     "NNI_TYPES",
+    "SAMPLERS",
     "SENSITIVITY_ATTR",
     "ConsoleProgress",
+    "DryRun",
     "ModelLayers",
     "NniParam",
     "ParamSensitivity",
     "PredictedPoint",
+    "Progress",
+    "SamplerEntry",
+    "SamplerOption",
     "SearchSpec",
     "SeedGuide",
     "Sensitivity",
@@ -94,12 +100,14 @@ __all__ = [
     "load_space",
     "load_study",
     "load_study_from",
+    "make_sampler",
     "measure_sensitivity",
     "open_study",
     "parse_nni_param",
     "parse_space",
     "predicted_front",
     "prepare",
+    "register_sampler",
     "run_study",
     "run_trial",
     "seed_configs",
@@ -107,6 +115,7 @@ __all__ = [
     "sensitivity_of",
     "sensitivity_pivot",
     "storage_url",
+    "study_location",
     "study_sensitivity",
     "study_threads",
     "trial_seed",

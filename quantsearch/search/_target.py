@@ -14,9 +14,14 @@ from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel, ConfigDict
 
-from quantsearch.pipeline import FloatModel, TrialRecord, build_compressed
+from quantsearch.pipeline import (
+    FloatModel,
+    StudyRecord,
+    TargetState,
+    TrialRecord,
+    build_compressed,
+)
 from quantsearch.quantization import model_size_bytes
 from quantsearch.search._config_builder import FLOAT, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
@@ -24,31 +29,14 @@ from quantsearch.search._space import BITS_PARAMS
 from quantsearch.tasks import Task
 
 __all__ = [
-    "TARGET_ATTR",
-    "TargetState",
     "apply_target",
     "best_within",
     "reached",
     "smallest_size",
 ]
 
-#: The study user attribute holding the :class:`TargetState`.
-TARGET_ATTR = "target"
 # Global config keys whose values change a model's size (per-channel scales).
 _SIZED_KEYS = ("quant_scheme", "quant_dtype")
-
-
-class TargetState(BaseModel):
-    """What the target means for one study, once its float model is known."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_accuracy_drop: float
-    float_accuracy: float
-    min_accuracy: float
-    smallest_bytes: int
-    """The smallest model_size_bytes any config of the space gives (every bits parameter at
-    its lowest value)."""
 
 
 def smallest_size(task: Task, algorithm: str, plan: SpacePlan) -> int:
@@ -88,7 +76,7 @@ def apply_target(
         min_accuracy=floor if given is None else max(floor, given),
         smallest_bytes=smallest_size(context.task, spec.algorithm, context.plan),
     )
-    study.set_user_attr(TARGET_ATTR, state.model_dump())
+    StudyRecord.write(study, target=state)
     constraints = replace(spec.constraints, min_accuracy=state.min_accuracy)
     return replace(context, spec=replace(spec, constraints=constraints)), state
 

@@ -7,7 +7,7 @@ import pytest
 from optuna.distributions import IntDistribution
 
 from quantsearch.search import parse_space
-from quantsearch.search._study import _sampler
+from quantsearch.search._storage import study_sampler
 
 SPACE = {"algorithm": "qat", "params": {"quant_bits": 8}, "sampler": "random"}
 
@@ -20,7 +20,7 @@ def _draws(sampler: optuna.samplers.BaseSampler) -> list[int]:
 @pytest.mark.parametrize("name", ["random", "tpe", "nsga2"])
 def test_processes_on_a_shared_database_draw_different_parameters(name: str) -> None:
     spec = parse_space({**SPACE, "sampler": name}, source="s")
-    local = [_draws(_sampler(spec, 3)) for _ in range(2)]
+    local = [_draws(study_sampler(spec, 3)) for _ in range(2)]
     assert local[0] == local[1]  # one process per SQLite study: the seed decides
-    shared = [_draws(_sampler(spec, 3, shared=True)) for _ in range(3)]
+    shared = [_draws(study_sampler(spec, 3, shared=True)) for _ in range(3)]
     assert len({tuple(d) for d in shared}) == 3  # three machines joining at trial 3

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantsearch._studydata import mask_url
-from quantsearch.search import SpaceError, load_space, parse_space
+from quantsearch.search import SpaceError, load_space, parse_space, study_location
 from quantsearch.search._errors import shown
-from quantsearch.search._space import MAX_DEPTH, MAX_NODES, MAX_SEED, MAX_SPACE_BYTES
-from quantsearch.search._study import artifacts_dir
+from quantsearch.search._rules import MAX_SEED
+from quantsearch.search._yaml import MAX_DEPTH, MAX_NODES, MAX_SPACE_BYTES
 
 MINIMAL = {"algorithm": "qat", "params": {"quant_bits": {"_type": "choice", "_value": [4, 8]}}}
 RULE = (
@@ -68,7 +68,7 @@ def test_no_study_name_derives_a_path_outside_its_folders(name: str) -> None:
     except SpaceError as error:
         assert RULE in str(error)
         return
-    _, folder = artifacts_dir(spec)
+    folder = study_location(spec).folder
     storage = Path(spec.storage.removeprefix("sqlite:///"))
     report = Path("reports") / spec.study_name
     # Exactly one component below each folder, none of them a way out.

@@ -11,12 +11,20 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from quantsearch.pipeline import FloatModel, FloatModelError, TrialRecord, load_state, state_sha256
-from quantsearch.search import (
+from quantsearch.pipeline import (
     FLOAT_MODEL_FILE,
+    FloatModel,
+    FloatModelError,
+    TrialRecord,
+    _location,
+    load_state,
+    state_sha256,
+)
+from quantsearch.search import (
     SpaceError,
     StudyBusyError,
     _objective,
+    _storage,
     _study,
     counted_trials,
     load_space,
@@ -24,9 +32,10 @@ from quantsearch.search import (
     open_study,
     prepare,
     run_study,
+    study_location,
     trial_seed,
 )
-from quantsearch.search._study import _study_lock, artifacts_dir
+from quantsearch.search._storage import study_lock
 from quantsearch.tasks import evaluate, get_task
 
 from .test_objective import NAN_TASK
@@ -82,7 +91,9 @@ def test_a_small_study_fills_the_database(space_file: SpaceFile, tmp_path: Path)
     assert trials[1].user_attrs["config_list"][0]["op_names"] == ["conv1", "conv2", "fc1", "fc2"]
     assert set(trials[1].user_attrs["layer_bits"]["conv1"]) == {"weight"}
 
-    root, folder = artifacts_dir(spec)
+    location = study_location(spec)
+
+    root, folder = location.root, location.folder
     for trial in trials:
         user = trial.user_attrs
         assert set(user) >= {
@@ -239,8 +250,8 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
 
 def test_a_second_process_on_the_same_study_is_refused(space_file: SpaceFile) -> None:
     spec = load_space(space_file(n_trials=2))
-    _, folder = artifacts_dir(spec)
-    with _study_lock(folder), pytest.raises(StudyBusyError, match="already running in process"):
+    busy = pytest.raises(StudyBusyError, match="already running in process")
+    with study_lock(study_location(spec)), busy:
         run_study(prepare(spec))
 
 
@@ -251,9 +262,10 @@ def test_a_shared_database_fails_stale_trials_by_heartbeat(
     """The PostgreSQL path, on SQLite: no lock file; a trial whose heartbeat stopped is failed
     (by whichever machine looks next) and its parameters run again."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(_study, "sqlite_path", lambda url: None)
-    monkeypatch.setattr(_study, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(_study, "GRACE_SECONDS", 1)
+    monkeypatch.setattr(_location, "sqlite_path", lambda url: None)
+    for module in (_storage, _study):
+        monkeypatch.setattr(module, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(_storage, "GRACE_SECONDS", 1)
     context = prepare(load_space(space_file(n_trials=3)))
     (tmp_path / "studies").mkdir()  # a database server needs no folder; this file does
     study = open_study(context)
@@ -284,7 +296,8 @@ def test_the_float_model_is_made_once_and_every_trial_starts_from_it(
     study = _run(path)
     stored = FloatModel.model_validate(study.user_attrs["float_model"])
     spec = load_space(path)
-    root, folder = artifacts_dir(spec)
+    location = study_location(spec)
+    root, folder = location.root, location.folder
     weights = folder / FLOAT_MODEL_FILE
     assert root / stored.file == weights
     assert stored.sha256 == state_sha256(load_state(weights))
@@ -305,7 +318,7 @@ def test_the_float_model_is_made_once_and_every_trial_starts_from_it(
 def test_a_lost_float_model_is_made_again_and_must_hash_the_same(space_file: SpaceFile) -> None:
     path = space_file(n_trials=2)
     study = _run(path)
-    _, folder = artifacts_dir(load_space(path))
+    folder = study_location(load_space(path)).folder
     (folder / FLOAT_MODEL_FILE).unlink()
     _run(path, n_trials=3)  # trained again from the same seed: the same weights
     assert (folder / FLOAT_MODEL_FILE).is_file()
@@ -442,16 +455,83 @@ RAW_WEIGHT_TASK = SHARED_CONV_TASK.replace(
 )
 
 
+MOBILENET_V2_TASK = """
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from quantsearch.tasks import get_task
+
+
+def _divisible(value, divisor=8):
+    return max(divisor, int(value + divisor / 2) // divisor * divisor)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        layers = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    # torchvision's layout at width 0.5: 17 inverted residual blocks, separate ReLU6 modules.
+    def __init__(self, width=0.5):
+        super().__init__()
+        cin = _divisible(32 * width)
+        layers = [nn.Conv2d(1, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU6()]
+        for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                           (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]:
+            cout = _divisible(c * width)
+            for i in range(n):
+                layers.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1280, 10)
+        # BatchNorm statistics as after training: every block's output at unit scale.
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.momentum = None
+            self(torch.rand(64, 1, 8, 8, generator=generator))
+
+    def forward(self, x):
+        # At 32x32, as the network is meant to run: deep feature maps that are more than 1x1.
+        x = nn.functional.interpolate(x, size=32)
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def make_task(data_dir=None, options=None, seed=0):
+    return replace(get_task("digits", options={"limit": 100}, seed=seed), build_model=MobileNetV2)
+"""
+
+
 def _user_space(space_file: SpaceFile, tmp_path: Path, source: str, **changes: object) -> Path:
     task_file = tmp_path / "user_task.py"
     task_file.write_text(source)
-    return space_file(
-        task=f"{task_file}:make_task",
-        quantize={"weight": {"op_types": ["Conv2d", "Linear"]}},
-        per_layer=None,
-        params={"quant_bits": {"_type": "choice", "_value": [4, 8]}},
-        **changes,
-    )
+    settings: dict[str, object] = {
+        "quantize": {"weight": {"op_types": ["Conv2d", "Linear"]}},
+        "per_layer": None,
+        "params": {"quant_bits": {"_type": "choice", "_value": [4, 8]}},
+    }
+    return space_file(task=f"{task_file}:make_task", **{**settings, **changes})
 
 
 def test_the_dry_run_lists_folded_batch_norms_and_checks_16_bits(
@@ -470,7 +550,7 @@ def test_a_quantizer_that_changes_the_model_is_refused_before_any_trial(
 ) -> None:
     # Folding the BatchNorm into the conv also normalises the residual branch's input.
     path = _user_space(space_file, tmp_path, SHARED_CONV_TASK.replace("USE", "1"))
-    with pytest.raises(SpaceError, match=r"with every searched tensor at 16 bits the "
+    with pytest.raises(SpaceError, match=r"with every quantized tensor at 16 bits the "
                        r"qat-compressed model's outputs differ from the float model's by "):
         prepare(load_space(path))
     assert not (tmp_path / "studies").exists()
@@ -483,3 +563,21 @@ def test_a_model_that_reads_a_quantized_weight_directly_is_refused_up_front(
     with pytest.raises(SpaceError, match="the qat-compressed model fails a forward pass in "
                        "training mode: AttributeError"):
         prepare(load_space(path))
+
+
+def test_a_mobilenet_v2_with_fixed_8_bit_relu6_outputs_passes_the_dry_run(
+    space_file: SpaceFile, tmp_path: Path
+) -> None:
+    """Fixed 8-bit outputs through 17 blocks are at 16 bits too in the check, not only the
+    searched weights: the model is not refused."""
+    path = _user_space(
+        space_file,
+        tmp_path,
+        MOBILENET_V2_TASK,
+        quantize={"weight": {"op_types": ["Conv2d", "Linear"]}, "output": {"op_types": ["ReLU6"]}},
+        params={"weight_bits": {"_type": "choice", "_value": [4, 8]}, "output_bits": 8},
+    )
+    dry = prepare(load_space(path)).dry_run
+    assert dry is not None
+    assert len(dry.quantized_outputs) == 35  # every ReLU6
+    assert dry.difference_at_16_bits is not None and dry.difference_at_16_bits < 1e-2

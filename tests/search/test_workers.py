@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quantsearch.search import load_space, prepare, run_study
-from quantsearch.search._study import artifacts_dir
+from quantsearch.search import load_space, prepare, run_study, study_location
 from quantsearch.search._workers import threads_per_worker
 
 SpaceFile = Callable[..., Path]
@@ -48,7 +47,7 @@ def test_two_workers_run_a_study(space_file: SpaceFile) -> None:
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 6
     assert [t.user_attrs.get("baseline") for t in trials[:2]] == ["float", "uniform-8"]
-    root, _ = artifacts_dir(spec)
+    root = study_location(spec).root
     assert all((root / t.user_attrs["checkpoint"]).is_file() for t in trials)
     # Workers trained with their own seeds, as in one process.
     assert len({t.user_attrs["seed"] for t in trials}) == 6
