@@ -26,7 +26,7 @@ import torch
 
 from quantsearch.search import TrialJob, run_trial
 from quantsearch.search._objective import build_task
-from quantsearch.search._space import TaskSpec
+from quantsearch.search._spec import TaskSpec
 from quantsearch.tasks import TrainConfig, evaluate, fit, make_optimizer, seed_everything
 
 W8A8 = [

@@ -62,11 +62,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         SensitivityError,
     ]
     try:
-        from quantsearch.report import ExportError, ReportError
+        from quantsearch.report import ReportError
     except ImportError:
         pass
     else:
-        errors += [ReportError, ExportError]
+        errors.append(ReportError)
+    from quantsearch.export import ExportError
+
+    errors.append(ExportError)
     return tuple(errors)
 
 
@@ -115,11 +118,15 @@ def _add_study_source(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from quantsearch import __version__
+    from quantsearch.export import DEFAULT_FORMAT, EXPORT_FORMATS, describe_formats
+
     parser = _ArgumentParser(
         prog="quantsearch",
         description="Quantize PyTorch models with NNI-style quantizers and search their "
         "settings for the best accuracy/size trade-off.",
     )
+    parser.add_argument("--version", action="version", version=f"quantsearch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     study = commands.add_parser(
@@ -186,11 +193,7 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
     _add_data_dir(export)
     export.add_argument(
-        "--format",
-        choices=("packed", "onnx"),
-        default="packed",
-        help="packed: state dict, calibration and packed model (default); onnx: those and an "
-        "ONNX QDQ model, checked in onnxruntime and timed",
+        "--format", choices=tuple(EXPORT_FORMATS), default=DEFAULT_FORMAT, help=describe_formats()
     )
     return parser
 
@@ -237,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _mask(text: str) -> str:
-    from quantsearch._studydata import mask_text
+    from quantsearch.pipeline import mask_text
 
     return mask_text(text)
 
@@ -288,10 +291,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from quantsearch.search import (
         ConsoleProgress,
         available_cores,
-        front_table,
+        front_lines,
         prepare,
         run_study,
+        study_banner,
         study_threads,
+        target_line,
     )
 
     spec = _load_spec(args)
@@ -307,24 +312,17 @@ def _cmd_study(args: argparse.Namespace) -> int:
     # A shell starts background jobs with SIGINT ignored: `kill -INT` must still stop the study.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     progress = ConsoleProgress(quiet=args.quiet)
-    start = "trained from scratch" if spec.from_scratch else "from the float model"
     threads = study_threads(spec, args.jobs, args.threads)
     print(
-        f"study {spec.study_name!r}: {spec.algorithm} on {spec.task.name} ({start}), "
-        f"objectives {', '.join(spec.objectives)}, {spec.n_trials} trials, {args.jobs} job(s) "
-        f"x {threads} thread(s) on {available_cores()} cores, storage {_mask(spec.storage)}",
-        flush=True,
+        study_banner(spec, jobs=args.jobs, threads=threads, cores=available_cores()), flush=True
     )
     study = run_study(
         context, jobs=args.jobs, threads=args.threads, devices=args.devices, progress=progress
     )
-    front = front_table(study)
-    if front.empty:
-        print("no trial finished: the study has no Pareto front yet")
-    else:
-        print(f"\nPareto front ({len(front)} trials):")
-        print(front.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    _print_target(study)
+    print("\n".join(front_lines(study)))
+    target = target_line(study)
+    if target is not None:
+        print(target)
     if not args.no_report:
         _write_report(study, report_dir, args)
     return 0
@@ -371,85 +369,20 @@ def _open_study(args: argparse.Namespace) -> tuple[optuna.Study, str]:
 
 
 def _cmd_trials(args: argparse.Namespace) -> int:
-    from quantsearch.search import trials_table
+    from quantsearch.search import trials_lines
 
     study, _ = _open_study(args)
-    table = trials_table(study)
-    if table.empty:
-        print(f"study {study.study_name!r} has no trials")
-        return 0
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\n".join(trials_lines(study)))
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from quantsearch.pipeline import get_metric
-    from quantsearch.search import prepare
+    from quantsearch.search import prepare, validation_lines
 
     spec = _load_spec(args)
     context = prepare(spec)
-    plan = context.plan
-    searched = plan.distributions
-    print(f"{args.space}: valid")
-    storage = _mask(spec.storage)
-    print(f"  study      {spec.study_name} ({spec.n_trials} trials, storage {storage})")
-    print(f"  task       {spec.task.name}: {context.task.description or context.task.name}")
-    print(f"  layers     {', '.join(context.layers)}")
-    print(f"  algorithm  {spec.algorithm}")
-    print(f"  trials     {_start_of(spec)}")
-    print(
-        "  objectives "
-        + ", ".join(f"{name} ({get_metric(name).direction})" for name in spec.objectives)
-    )
-    print(f"  sampler    {spec.sampler.name} (seed {spec.seed})")
-    for name, param in spec.params.items():
-        print(f"  param      {name}: {_describe(param)}")
-    if spec.per_layer is not None:
-        for name, param in spec.per_layer.params.items():
-            layers = ", ".join(plan.per_layer_names)
-            print(f"  per layer  {name}: {_describe(param)} on {layers}")
-    dry = context.dry_run
-    if dry is not None:
-        folded = ", ".join(f"{bn} into {conv}" for conv, bn in dry.folded.items()) or "none"
-        print(f"  folded     {folded}")
-        print(f"  outputs    {', '.join(dry.quantized_outputs) or 'none quantized'}")
-        if dry.difference_at_16_bits is not None:
-            print(
-                f"  checked    forward passes in training and eval mode; at 16 bits the outputs "
-                f"are within {dry.difference_at_16_bits:.1e} of the float model's"
-            )
-    print(f"  searched   {len(searched)} parameter(s)")
-    if spec.sensitivity is not None:
-        from quantsearch.search._sensitivity import seed_limit
-
-        options = spec.sensitivity
-        stop = f", until {options.patience} in a row miss the front" if options.patience else ""
-        print(
-            f"  sensitivity {options.method} on {options.batches} validation batches, then up "
-            f"to {seed_limit(spec)} configs of its predicted front first{stop}"
-        )
-    print(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
+    print("\n".join(validation_lines(args.space, spec, context)))
     return 0
-
-
-def _start_of(spec: Any) -> str:
-    """How the space's trials get their weights, in words."""
-    if spec.from_scratch:
-        return "train a fresh model each (from_scratch)"
-    source = (
-        f"the weights in {spec.task.pretrained}"
-        if spec.task.pretrained
-        else "a float model trained once (float_train)"
-    )
-    ptq = spec.algorithm == "ptq"
-    how = f"calibrate {spec.calibration_batches} batches" if ptq else "fine-tune"
-    return f"start from {source}, then {how}"
-
-
-def _describe(param: Any) -> str:
-    from quantsearch.search import NniParam
-
-    return param.describe() if isinstance(param, NniParam) else f"fixed {param!r}"
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -465,10 +398,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    try:
-        from quantsearch.report import describe_export, export_trial, task_from_study
-    except ImportError:
-        raise _UserError("the quantsearch.report package is not available") from None
+    from quantsearch.export import describe_export, export_trial, task_from_study
+
     study, _ = _open_study(args)
     out = _output_folder(args.out, "--out")
     task = task_from_study(study, data_dir=args.data_dir) if args.data_dir else None
@@ -477,13 +408,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
-    from quantsearch.search import (
-        ConsoleProgress,
-        describe_front,
-        prepare,
-        sensitivity_pivot,
-        study_sensitivity,
-    )
+    from quantsearch.search import ConsoleProgress, prepare, sensitivity_lines, study_sensitivity
 
     spec = _load_spec(args)
     context = prepare(spec)
@@ -494,39 +419,5 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
-    print(
-        f"\nsensitivity of {spec.study_name!r} ({sensitivity.method}, "
-        f"{sensitivity.samples} validation images; float loss {sensitivity.float_loss:.4f}, "
-        f"accuracy {sensitivity.float_accuracy:.4f})"
-    )
-    for value, title in (
-        ("loss_increase", "validation loss increase, each parameter alone at each bit width"),
-        ("accuracy_drop", "validation accuracy drop"),
-        ("size_delta", "size change (bytes)"),
-        *((("predicted", "predicted cost (Hessian measure)"),)
-          if sensitivity.method == "hessian" else ()),
-    ):  # fmt: skip
-        print(f"\n{title}:")
-        pattern = "{:+,.0f}" if value == "size_delta" else "{:+.4f}"
-        table = sensitivity_pivot(sensitivity, value).astype(float)
-        print(table.to_string(float_format=pattern.format))
-    print(f"\n{describe_front(sensitivity)}")
+    print("\n".join(sensitivity_lines(spec.study_name, sensitivity)))
     return 0
-
-
-def _print_target(study: optuna.Study) -> None:
-    """The trial that meets the space's target (smallest within the accuracy drop)."""
-    from quantsearch.pipeline import TrialRecord
-    from quantsearch.search._target import TargetState, best_within
-
-    raw = study.user_attrs.get("target")
-    if raw is None:
-        return
-    target = TargetState.model_validate(raw)
-    best = best_within(study.trials, target.min_accuracy)
-    floor = f"validation accuracy >= {target.min_accuracy:.4f}"
-    if best is None:
-        print(f"target: no trial reaches {floor}")
-        return
-    size = TrialRecord.of(best).size_bytes
-    print(f"target: trial {best.number}, the smallest with {floor} ({size:,} bytes)")

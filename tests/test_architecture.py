@@ -112,6 +112,18 @@ def test_every_layer_imports_only_the_layers_below_it() -> None:
     assert wrong == []
 
 
+def test_no_package_reads_another_packages_private_modules() -> None:
+    wrong = []
+    for module, targets in _graph().items():
+        for target in targets:
+            package, _, name = target.rpartition(".")
+            # quantsearch's own private modules (_paths, _malloc) serve every package.
+            private = name.startswith("_") and package != "quantsearch"
+            if private and not (module == package or module.startswith(f"{package}.")):
+                wrong.append(f"{module} imports {target}")
+    assert wrong == []
+
+
 @pytest.mark.parametrize(
     "path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE))
 )

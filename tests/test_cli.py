@@ -121,6 +121,28 @@ def test_progress_bar_goes_to_stderr(workdir: Path, capsys: pytest.CaptureFixtur
     assert out.count(" COMPLETE ") == 2
 
 
+def test_version_prints_the_package_version(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.metadata
+
+    import quantsearch
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out, err = capsys.readouterr()
+    assert out == f"quantsearch {quantsearch.__version__}\n" and err == ""
+    # The version the package was installed as, and the command as a shell runs it.
+    assert quantsearch.__version__ == importlib.metadata.version("quantsearch")
+    shell = subprocess.run(
+        [sys.executable, "-m", "quantsearch", "--version"],
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )
+    assert (shell.returncode, shell.stdout) == (0, f"quantsearch {quantsearch.__version__}\n")
+    assert _files(workdir) == set()
+
+
 def test_validate_prints_the_space(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space = _space(workdir)
     code, out, _ = _run(["validate", "--space", str(space)], capsys)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from quantsearch.cli import main
-from quantsearch.pipeline import sensitivity_of
+from quantsearch.pipeline import StudyRecord
 from quantsearch.report import sensitivity_heatmap_figure
 from quantsearch.search import load_space, load_study, sensitivity_pivot
 from tests.search._spaces import SMALL_SPACE
@@ -45,7 +45,7 @@ def test_the_command_measures_once_and_prints_the_table(
     first = capsys.readouterr().out
     assert "sensitivity: measuring each per-layer bit width" in first
     assert "validation loss increase, each parameter alone at each bit width:" in first
-    sensitivity = sensitivity_of(load_study(load_space(space)))
+    sensitivity = StudyRecord.of(load_study(load_space(space))).sensitivity
     assert sensitivity is not None and sensitivity.complete
     for param in ("conv1.weight_bits", "conv2.weight_bits", "fc1.weight_bits", "fc2.weight_bits"):
         increase = sensitivity.increase(param, 2)
@@ -71,7 +71,7 @@ def test_the_command_measures_on_workers_and_validate_says_what_seeds(
     assert main(["sensitivity", "--space", str(space), "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "sensitivity 12/12 (" in out
-    sensitivity = sensitivity_of(load_study(load_space(space)))
+    sensitivity = StudyRecord.of(load_study(load_space(space))).sensitivity
     assert sensitivity is not None and sensitivity.complete
     assert [len(p.entries) for p in sensitivity.params] == [3, 3, 3, 3]
 
@@ -95,7 +95,7 @@ def test_the_report_draws_the_heatmap_and_the_table(
     out = tmp_path / "report"
     assert main(["study", "--space", str(space), "--report-dir", str(out), "--quiet"]) == 0
     capsys.readouterr()
-    sensitivity = sensitivity_of(load_study(load_space(space)))
+    sensitivity = StudyRecord.of(load_study(load_space(space))).sensitivity
     assert sensitivity is not None
     assert (out / "sensitivity.png").stat().st_size > 0
     text = (out / "report.md").read_text()
@@ -144,7 +144,7 @@ def test_a_failed_measurement_is_one_line_naming_it(
     space: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from quantsearch.search import _sensitivity_study
-    from quantsearch.search._sensitivity import SensitivityError
+    from quantsearch.search._sensitivity_measure import SensitivityError
 
     def failing(*args: object, **kwargs: object) -> None:
         raise SensitivityError("measuring fc1.weight_bits at 2 bits failed: out of memory")

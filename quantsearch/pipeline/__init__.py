@@ -12,6 +12,14 @@ Used by the search (objective, dry run) and the reports (tables, export) alike.
 
 from __future__ import annotations
 
+from quantsearch.pipeline._artifacts import (
+    ArtifactError,
+    ArtifactStore,
+    fetch_artifact,
+    file_sha256,
+    open_artifact_store,
+    store_artifact,
+)
 from quantsearch.pipeline._build import (
     Adapted,
     Compressed,
@@ -49,12 +57,10 @@ from quantsearch.pipeline._metrics import (
 )
 from quantsearch.pipeline._record import RECORD_VERSION, TrialMode, TrialRecord
 from quantsearch.pipeline._sensitivity import (
-    SENSITIVITY_ATTR,
     Bits,
     ParamSensitivity,
     Sensitivity,
     SensitivityEntry,
-    sensitivity_of,
 )
 from quantsearch.pipeline._study_record import (
     STUDY_RECORD_VERSION,
@@ -68,9 +74,10 @@ __all__ = [
     "FLOAT_MODEL_FILE",
     "METRICS",
     "RECORD_VERSION",
-    "SENSITIVITY_ATTR",
     "STUDY_RECORD_VERSION",
     "Adapted",
+    "ArtifactError",
+    "ArtifactStore",
     "Bits",
     "Compressed",
     "Evaluated",
@@ -89,6 +96,8 @@ __all__ = [
     "accuracy_interval",
     "adapt",
     "build_compressed",
+    "fetch_artifact",
+    "file_sha256",
     "front_mask",
     "front_trials",
     "get_metric",
@@ -98,10 +107,11 @@ __all__ = [
     "make_float_model",
     "mask_text",
     "mask_url",
+    "open_artifact_store",
     "register_metric",
-    "sensitivity_of",
     "sqlite_path",
     "state_sha256",
     "storage_url",
+    "store_artifact",
     "trial_mode",
 ]

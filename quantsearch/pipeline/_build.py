@@ -11,9 +11,16 @@ from torch import Tensor, nn
 
 from quantsearch.pipeline._float import load_weights
 from quantsearch.pipeline._record import TrialMode
-from quantsearch.quantization import Quantizer, get_quantizer
-from quantsearch.tasks import FitResult, Task, TrainConfig, evaluate, fit, make_optimizer
-from quantsearch.tasks._training import batches_of
+from quantsearch.quantization import Quantizer, algorithm_rules, get_quantizer
+from quantsearch.tasks import (
+    FitResult,
+    Task,
+    TrainConfig,
+    batches_of,
+    evaluate,
+    fit,
+    make_optimizer,
+)
 
 __all__ = ["Adapted", "Compressed", "adapt", "build_compressed", "trial_mode"]
 
@@ -24,7 +31,8 @@ def trial_mode(algorithm: str, config_list: list, *, from_scratch: bool) -> Tria
         return "scratch"
     if not config_list:
         return "float"
-    return "ptq" if algorithm == "ptq" else "finetune"
+    # An algorithm that never trains (post-training quantization) only calibrates.
+    return "finetune" if algorithm_rules(algorithm).trains else "ptq"
 
 
 @dataclass

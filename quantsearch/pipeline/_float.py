@@ -50,6 +50,8 @@ class FloatModel(BaseModel):
     val_accuracy: float
     test_accuracy: float
     steps: int = 0
+    artifact: str | None = None
+    """Its artifact id in the study's artifact store, when it has one."""
 
 
 def state_sha256(state: Mapping[str, Tensor]) -> str:

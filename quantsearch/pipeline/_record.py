@@ -55,6 +55,9 @@ class TrialRecord(BaseModel):
     steps: int | None = None
     """Optimizer steps the trial trained (0 for ptq and float trials)."""
     checkpoint: str | None = None
+    checkpoint_artifact: str | None = None
+    """The checkpoint's artifact id in the study's artifact store, when it has one."""
+    checkpoint_sha256: str | None = None
     fail_reason: str | None = None
     fail_detail: str | None = None
 

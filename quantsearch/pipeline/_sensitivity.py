@@ -5,20 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import optuna
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "SENSITIVITY_ATTR",
     "Bits",
     "ParamSensitivity",
     "Sensitivity",
     "SensitivityEntry",
-    "sensitivity_of",
 ]
 
-#: The study user attribute that holds the measured :class:`Sensitivity`.
-SENSITIVITY_ATTR = "sensitivity"
 SENSITIVITY_VERSION = 1
 FLOAT = "float"
 
@@ -109,9 +104,3 @@ class Sensitivity(BaseModel):
                     "hessian": entry.hessian,
                     "predicted": self.increase(param.param, entry.bits),
                 }
-
-
-def sensitivity_of(study: optuna.Study) -> Sensitivity | None:
-    """The sensitivity a study stored, or None."""
-    raw = study.user_attrs.get(SENSITIVITY_ATTR)
-    return None if raw is None else Sensitivity.model_validate(raw)

@@ -8,7 +8,7 @@ so ``optuna`` and optuna-dashboard show them; nothing else spells those keys.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -47,6 +47,8 @@ class StudyRecord(BaseModel):
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
+    #: The attribute written last at creation: a study that has it is quantsearch's, complete.
+    CREATED_ATTR: ClassVar[str] = "space_hash"
 
     record_version: int = STUDY_RECORD_VERSION
     space: dict[str, Any] = Field(default_factory=dict)
@@ -60,6 +62,8 @@ class StudyRecord(BaseModel):
     layers: list[str] = Field(default_factory=list)
     """The model's weighted layers, in model order."""
     float_model: FloatModel | None = None
+    artifacts: str | None = None
+    """The artifact store (a folder or ``s3://bucket/prefix``) every machine uploads to."""
     target: TargetState | None = None
     sensitivity: Sensitivity | None = None
 
@@ -75,7 +79,7 @@ class StudyRecord(BaseModel):
     @property
     def created(self) -> bool:
         """Whether quantsearch finished writing the study's creation attributes."""
-        return self.space_hash is not None
+        return getattr(self, self.CREATED_ATTR) is not None
 
     @staticmethod
     def write(study: optuna.Study, **fields: Any) -> None:

@@ -8,6 +8,12 @@
 Post-training: ``PtqQuantizer(model, config_list, dummy_input=x).compress()``, then
 ``with quantizer.calibrate(): model(batch)`` for a few batches, then evaluate.
 
+The core owns its vocabulary: :data:`SCHEMES` (``quant_scheme`` values), :data:`OBSERVERS`
+(PTQ's ``observer`` values), :data:`QUANT_TYPES`, and per registered algorithm its
+:class:`AlgorithmRules`, read with ``algorithm_rules(name)``: ``options``, ``quant_types``,
+``min_bits``/``max_bits``, ``trains`` (False for ptq, which only calibrates) and ``affine``
+(True where 16 bits reproduce the float model up to rounding: qat, ptq, naive).
+
 This package imports torch only: no search, no tasks.
 """
 
@@ -20,17 +26,22 @@ from ._algorithms import (
     QATQuantizer,
 )
 from ._base import Example, Quantizer, real_state_dict
-from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, ConfigError
+from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, AlgorithmRules, ConfigError, match_layers
+from ._observers import OBSERVERS
 from ._onnx import OnnxExport, OnnxExportError, OnnxTensor, export_onnx
 from ._pack import load_packed, model_size_bytes, save_packed
 from ._ptq import NotCalibratedError, PtqQuantizer
-from ._registry import QUANTIZERS, get_quantizer, register_quantizer
-from ._wrapper import QuantWrapper
+from ._registry import QUANTIZERS, algorithm_rules, get_quantizer, register_quantizer
+from ._tensor_quant import SCHEMES
+from ._wrapper import QuantWrapper, wrappers_of
 
 __all__ = [
     "DEFAULT_OP_TYPES",
+    "OBSERVERS",
     "QUANTIZERS",
     "QUANT_TYPES",
+    "SCHEMES",
+    "AlgorithmRules",
     "BNNQuantizer",
     "ConfigError",
     "DoReFaQuantizer",
@@ -46,11 +57,14 @@ __all__ = [
     "QAT_Quantizer",
     "QuantWrapper",
     "Quantizer",
+    "algorithm_rules",
     "export_onnx",
     "get_quantizer",
     "load_packed",
+    "match_layers",
     "model_size_bytes",
     "real_state_dict",
     "register_quantizer",
     "save_packed",
+    "wrappers_of",
 ]

@@ -56,7 +56,10 @@ class NaiveQuantizer(Quantizer):
     nearest level (NNI truncates toward zero). NNI takes only 8 bits; 2..16 are accepted here.
     Without a config_list every weighted layer gets 8 bits."""
 
-    rules = AlgorithmRules(name="NaiveQuantizer", quant_types=("weight",), min_bits=2, max_bits=16)
+    rules = AlgorithmRules(
+        name="NaiveQuantizer", quant_types=("weight",), min_bits=2, max_bits=16, trains=True,
+        affine=True,
+    )
     examples = (
         Example(
             "w4",
@@ -106,6 +109,8 @@ class QAT_Quantizer(Quantizer):
             "quant_scheme": ("per_tensor_affine", _one_of(SCHEMES)),
             "quant_dtype": ("uint", _one_of(_DTYPES)),
         },
+        trains=True,
+        affine=True,
     )
     folds_batch_norm = True
     examples = (
@@ -149,7 +154,10 @@ class DoReFaQuantizer(Quantizer):
     """DoReFa-Net weights (Zhou et al. 2016): tanh, rescale to [0, 1], k-bit levels, back to
     [-1, 1]. Weights only, 1..16 bits."""
 
-    rules = AlgorithmRules(name="DoReFaQuantizer", quant_types=("weight",), min_bits=1, max_bits=16)
+    rules = AlgorithmRules(
+        name="DoReFaQuantizer", quant_types=("weight",), min_bits=1, max_bits=16, trains=True,
+        affine=False,
+    )
     examples = (
         Example(
             "w2",
@@ -170,7 +178,8 @@ class BNNQuantizer(Quantizer):
     float weights are clipped to [-1, 1] after every optimizer step."""
 
     rules = AlgorithmRules(
-        name="BNNQuantizer", quant_types=("weight", "output"), min_bits=1, max_bits=1
+        name="BNNQuantizer", quant_types=("weight", "output"), min_bits=1, max_bits=1,
+        trains=True, affine=False,
     )
     examples = (
         Example(
@@ -181,6 +190,12 @@ class BNNQuantizer(Quantizer):
             ],
             {"conv1": {"weight": 1}, "conv2": {"weight": 1}, "fc": {"weight": 1},
              "relu2": {"output": 1}},
+        ),
+        # Weights only: the form that exports to ONNX (sign activations have no QDQ form).
+        Example(
+            "w1",
+            [{"quant_types": ["weight"], "quant_bits": 1, "op_types": ["Conv2d", "Linear"]}],
+            {name: {"weight": 1} for name in _WEIGHTED},
         ),
     )
 
@@ -213,6 +228,8 @@ class LsqQuantizer(Quantizer):
         min_bits=2,
         max_bits=16,
         options={"quant_dtype": ("int", _one_of(_DTYPES))},
+        trains=True,
+        affine=False,
     )
     examples = (
         Example(

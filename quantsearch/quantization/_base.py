@@ -1,4 +1,8 @@
-"""The quantizer base class: config_list -> wrapped layers, step counting, export."""
+"""The quantizer base class: config_list -> wrapped layers, step counting, export.
+
+The export methods call the modules that own each format (``_pack``, ``_onnx``); those import
+nothing from here, so the import graph has no cycle.
+"""
 
 from __future__ import annotations
 
@@ -14,40 +18,20 @@ import torch
 from torch import Tensor, nn
 
 from ._config import AlgorithmRules, ConfigError, LayerConfig, select_layers, validate_config_list
+from ._onnx import export_onnx
+from ._pack import save_packed
 from ._tensor_quant import TensorQuant
-from ._wrapper import QuantWrapper, keep_transformers_on_slow_path
+from ._wrapper import QuantWrapper, keep_transformers_on_slow_path, wrappers_of
 
 __all__ = [
     "Example",
     "Quantizer",
     "find_conv_bn_pairs",
     "real_state_dict",
-    "unwrapped_float_state",
-    "wrappers_of",
 ]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def wrappers_of(model: nn.Module) -> dict[str, QuantWrapper]:
-    """Every quantized layer of a model, by its original qualified name."""
-    return {m.name: m for m in model.modules() if isinstance(m, QuantWrapper)}
-
-
-def unwrapped_float_state(model: nn.Module) -> dict[str, Tensor]:
-    """The floating-point state tensors that no quantized layer owns, by state-dict key."""
-    prefixes = tuple(
-        f"{path}." for path, m in model.named_modules() if isinstance(m, QuantWrapper)
-    )
-    state: dict[str, Tensor] = {}
-    seen: set[int] = set()
-    for key, tensor in model.state_dict(keep_vars=True).items():
-        if key.startswith(prefixes) or not tensor.is_floating_point() or id(tensor) in seen:
-            continue
-        seen.add(id(tensor))  # tied weights are stored once
-        state[key] = tensor
-    return state
 
 
 def find_conv_bn_pairs(model: nn.Module, dummy_input: Any) -> dict[str, str]:
@@ -375,8 +359,6 @@ class Quantizer:
         if calibration_path is not None:
             Path(calibration_path).write_text(json.dumps(calibration, indent=2) + "\n")
         if onnx_path is not None:
-            from ._onnx import export_onnx
-
             export_onnx(model, onnx_path, dummy)
         return calibration
 
@@ -397,8 +379,6 @@ class Quantizer:
     def export_packed(self, path: str | Path) -> int:
         """Write the deployed model with integer weights packed at their bit width; returns the
         file's size in bytes. :func:`load_packed` reads it back."""
-        from ._pack import save_packed
-
         return save_packed(self._compressed_model(), path)
 
     def _compressed_model(self) -> nn.Module:

@@ -10,7 +10,7 @@ as "not excluded", unlike NNI, which only checks that the key is present).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "AlgorithmRules",
     "ConfigError",
     "LayerConfig",
+    "match_layers",
     "quantizable_weight",
     "select_layers",
     "validate_config_list",
@@ -55,7 +56,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AlgorithmRules:
-    """What one algorithm accepts: quant types, bit ranges and its own config keys."""
+    """What one algorithm accepts (quant types, bit ranges, its own config keys) and what it
+    is (whether it trains, whether its grid is affine)."""
 
     name: str
     quant_types: tuple[str, ...]
@@ -68,6 +70,12 @@ class AlgorithmRules:
     entry_check: (
         Callable[[Mapping[str, Any], Mapping[str, Any]], tuple[str, str] | None] | None
     ) = None
+    #: False for an algorithm that only calibrates (post-training): it never trains.
+    trains: bool = True
+    #: True where quantizing at 16 bits reproduces the float model up to rounding (an affine
+    #: grid over the tensor's range); False for grids that change the values (tanh, sign, a
+    #: learned step).
+    affine: bool = False
 
 
 @dataclass(frozen=True)
@@ -220,6 +228,26 @@ def _matches(entry: Mapping[str, Any], name: str, op_type: str) -> bool:
         if op_type not in types and not ("default" in types and op_type in DEFAULT_OP_TYPES):
             return False
     return "op_names" not in entry or name in entry["op_names"]
+
+
+def match_layers(
+    modules: Iterable[tuple[str, str]],
+    *,
+    op_types: Sequence[str] | None = None,
+    op_names: Sequence[str] | None = None,
+) -> list[str]:
+    """The names of ``modules`` (``(qualified name, class name)`` pairs) that a config_list
+    entry with these ``op_types`` and ``op_names`` selects, in their order.
+
+    NNI's rule: the class name is in ``op_types`` (``"default"`` standing for
+    :data:`DEFAULT_OP_TYPES`) and the name is in ``op_names``, each only when given.
+    """
+    entry = {
+        key: value
+        for key, value in (("op_types", op_types), ("op_names", op_names))
+        if value is not None
+    }
+    return [name for name, op_type in modules if _matches(entry, name, op_type)]
 
 
 def select_layers(

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._base import unwrapped_float_state, wrappers_of
-from ._tensor_quant import TensorQuant, decode
-from ._wrapper import keep_transformers_on_slow_path
+from ._codes import decode
+from ._tensor_quant import TensorQuant
+from ._wrapper import keep_transformers_on_slow_path, unwrapped_float_state, wrappers_of
 
 __all__ = [
     "PackedFileError",
@@ -93,7 +93,6 @@ def _qparam_record(payload: _Payload, meta: dict[str, Any]) -> dict[str, Any]:
     if "zero_point" in meta:
         record["zero_point"] = payload.add_int32(meta["zero_point"])
     return record
-
 
 
 @torch.no_grad()

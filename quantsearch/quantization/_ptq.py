@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ._algorithms import _DTYPES, _WEIGHTED, _channels, _one_of
 from ._base import Example, Quantizer
+from ._codes import QdqForm, affine_fixed_params, fixed_activation_form
 from ._config import AlgorithmRules, LayerConfig
 from ._math import affine_qparams, affine_qparams_float, fake_quantize
 from ._observers import (
@@ -23,10 +24,9 @@ from ._observers import (
     weight_range,
 )
 from ._registry import register_quantizer
-from ._tensor_quant import SCHEMES, AffineWeightQuant, TensorQuant, affine_fixed_params
+from ._tensor_quant import SCHEMES, AffineWeightQuant, TensorQuant
 
 __all__ = ["NotCalibratedError", "PtqActivationQuant", "PtqQuantizer", "PtqWeightQuant"]
-
 
 
 class NotCalibratedError(RuntimeError):
@@ -228,6 +228,9 @@ class PtqActivationQuant(TensorQuant):
         """What a deployed model needs to reproduce this quantizer in eval mode."""
         return affine_fixed_params(self)
 
+    def qdq_activation(self) -> QdqForm | None:
+        return fixed_activation_form(self) if self._observed else None
+
     def calibration(self, role: str) -> dict[str, Any]:
         if self._dirty:
             self._settle()
@@ -307,6 +310,8 @@ class PtqQuantizer(Quantizer):
             "percentile": (99.99, _percentile_value),
         },
         entry_check=_check_entry,
+        trains=False,
+        affine=True,
     )
     folds_batch_norm = True
     examples = (

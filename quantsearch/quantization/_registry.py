@@ -6,9 +6,15 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ._base import Quantizer
-from ._config import ConfigError
+from ._config import AlgorithmRules, ConfigError
 
-__all__ = ["QUANTIZERS", "get_quantizer", "missing_examples", "register_quantizer"]
+__all__ = [
+    "QUANTIZERS",
+    "algorithm_rules",
+    "get_quantizer",
+    "missing_examples",
+    "register_quantizer",
+]
 
 Q = TypeVar("Q", bound=type[Quantizer])
 
@@ -61,3 +67,11 @@ def get_quantizer(name: str) -> type[Quantizer]:
         raise ConfigError(
             f"unknown algorithm {name!r}: expected one of {', '.join(QUANTIZERS)}"
         ) from None
+
+
+def algorithm_rules(name: str) -> AlgorithmRules:
+    """The rules of the algorithm registered under ``name``: its ``options`` (key -> default
+    and validator), ``quant_types``, ``min_bits``/``max_bits``, whether it ``trains`` and
+    whether it is ``affine``. Raises :class:`ConfigError` naming the registered algorithms for
+    an unknown name."""
+    return get_quantizer(name).rules

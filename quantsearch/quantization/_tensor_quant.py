@@ -1,7 +1,9 @@
 """Tensor quantizers: each one fake-quantizes one tensor role of a layer (weight, input, output).
 
 Every tensor quantizer can also turn its fake-quantized output into integer codes and back
-(``codes`` / :func:`decode`), bit-exactly, which is what the packed export stores.
+(``codes`` / :func:`~._codes.decode`), bit-exactly, which is what the packed export stores, and
+says how a QDQ runtime reproduces it (``qdq_weight`` / ``qdq_activation``), which is what the
+ONNX export writes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._codes import (
+    NoQdqFormError,
+    QdqForm,
+    affine_codes,
+    affine_fixed_params,
+    affine_weight_form,
+    fixed_activation_form,
+)
 from ._math import (
     SCALE_FLOOR,
     affine_qparams,
@@ -36,7 +46,6 @@ __all__ = [
     "LsqQuant",
     "SignQuant",
     "TensorQuant",
-    "decode",
 ]
 
 SCHEMES = (
@@ -51,7 +60,7 @@ class TensorQuant(nn.Module):
     """Base class: ``forward(x, active)`` returns x fake-quantized (or x itself when inactive)."""
 
     bits: int
-    #: How the codes map back to floats: "affine", "dorefa" or "sign" (see :func:`decode`).
+    #: How the codes map back to floats: "affine", "dorefa" or "sign" (see :func:`~._codes.decode`).
     encoding: str = "affine"
     #: The layer and role this quantizer serves, for error messages ("conv1 (output)").
     owner: str = "a quantizer"
@@ -64,12 +73,30 @@ class TensorQuant(nn.Module):
         return 0
 
     def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        """Integer codes 0..2^bits-1 of a fake-quantized tensor, and what :func:`decode` needs."""
+        """Integer codes 0..2^bits-1 of a fake-quantized tensor, and what ``decode`` needs."""
         raise NotImplementedError
 
     def calibration(self, role: str) -> dict[str, Any]:
         """NNI-style calibration keys (``weight_bits``, ``tracked_min_output``...)."""
         return {f"{role}_bits": self.bits}
+
+    def qdq_weight(self, x_hat: Tensor) -> QdqForm:
+        """``x_hat`` (this quantizer's output for a weight) as integer codes, with the scale and
+        zero point that DequantizeLinear maps back to it exactly. A quantizer without such a
+        form keeps this default, which raises :class:`NoQdqFormError`."""
+        raise NoQdqFormError(
+            f"{type(self).__name__} has no QDQ form for a weight (it defines no qdq_weight)"
+        )
+
+    def qdq_activation(self) -> QdqForm | None:
+        """The fixed QuantizeLinear/DequantizeLinear this quantizer applies to an input or output
+        in eval mode; None when eval mode leaves the tensor in float (nothing observed yet). A
+        quantizer without such a form keeps this default, which raises
+        :class:`NoQdqFormError`."""
+        raise NoQdqFormError(
+            f"{type(self).__name__} has no QDQ form for an activation (it defines no "
+            "qdq_activation)"
+        )
 
     def observe(self, x: Tensor) -> None:
         """Update the statistics from ``x`` without quantizing it (``Quantizer.calibrate``).
@@ -107,52 +134,6 @@ class TensorQuant(nn.Module):
         self.qmin, self.qmax = quant_range(bits, dtype)
         self.per_channel = scheme.startswith("per_channel")
         self.symmetric = scheme.endswith("symmetric")
-
-
-def _affine_codes(
-    x_hat: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, axis: int | None
-) -> tuple[Tensor, dict[str, Any]]:
-    """Codes of an affine tensor; a ``None`` zero point means 0 and is not stored."""
-    shape = [1] * x_hat.dim()
-    if axis is not None:
-        shape[axis] = -1
-    s = scale.reshape(shape) if axis is not None else scale
-    q = torch.round(x_hat / s).to(torch.int64)
-    meta: dict[str, Any] = {"scale": scale.detach().float().reshape(-1).clone(), "axis": axis,
-                            "qmin": qmin}
-    if zero_point is not None:
-        q = q + (zero_point.reshape(shape) if axis is not None else zero_point).to(torch.int64)
-        meta["zero_point"] = zero_point.detach().to(torch.int32).reshape(-1).clone()
-    return q - qmin, meta
-
-
-def affine_fixed_params(quant: Any) -> dict[str, Any]:
-    """Scale, zero point, axis and range of an affine activation quantizer, as deployed (per
-    channel along dim 1)."""
-    scale, zero_point = quant.qparams()
-    return {
-        "scale": scale.reshape(-1).float(),
-        "zero_point": zero_point.reshape(-1).to(torch.int32),
-        "axis": 1 if quant.per_channel else None,
-        "qmin": quant.qmin,
-        "qmax": quant.qmax,
-    }
-
-
-def decode(codes: Tensor, encoding: str, bits: int, meta: dict[str, Any]) -> Tensor:
-    """Float tensor from integer codes 0..2^bits-1; bit-exact inverse of ``TensorQuant.codes``."""
-    if encoding == "sign":
-        return codes.to(torch.float32) * 2.0 - 1.0
-    if encoding == "dorefa":
-        return dorefa_levels_to_weight(codes.to(torch.float32), bits)
-    q = codes.to(torch.int64) + meta["qmin"]
-    scale, axis = meta["scale"], meta["axis"]
-    zero_point = meta.get("zero_point", torch.zeros(1, dtype=torch.int32)).to(torch.int64)
-    if axis is None:
-        return (q - zero_point.reshape(())).to(torch.float32) * scale.reshape(())
-    shape = [1] * codes.dim()
-    shape[axis] = -1
-    return (q - zero_point.reshape(shape)).to(torch.float32) * scale.reshape(shape)
 
 
 class AffineWeightQuant(TensorQuant):
@@ -196,9 +177,12 @@ class AffineWeightQuant(TensorQuant):
         return 8 * self.scale.numel()  # float32 scale + int32 zero point per tensor/channel
 
     def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        return _affine_codes(
+        return affine_codes(
             x_hat, self.scale, self.zero_point, self.qmin, 0 if self.per_channel else None
         )
+
+    def qdq_weight(self, x_hat: Tensor) -> QdqForm:
+        return affine_weight_form(self, x_hat)
 
     def calibration(self, role: str) -> dict[str, Any]:
         return {
@@ -314,6 +298,9 @@ class EmaActivationQuant(TensorQuant):
         """What a deployed model needs to reproduce this quantizer in eval mode."""
         return affine_fixed_params(self)
 
+    def qdq_activation(self) -> QdqForm | None:
+        return fixed_activation_form(self) if self._observed else None
+
     def calibration(self, role: str) -> dict[str, Any]:
         return {
             f"{role}_bits": self.bits,
@@ -346,6 +333,16 @@ class DoReFaWeightQuant(TensorQuant):
         n = 2**self.bits - 1
         return torch.round((x_hat + 1.0) * (n / 2.0)).to(torch.int64), {}
 
+    def qdq_weight(self, x_hat: Tensor) -> QdqForm:
+        # Level k of n = 2^b - 1 is 2k/n - 1 = (2k - n) * (1/n): the odd integers -n..n with
+        # scale 1/n and zero point 0 (zero point n/2 is not an integer).
+        codes, _ = self.codes(x_hat)
+        n = 2**self.bits - 1
+        return QdqForm(
+            self.bits, torch.tensor(1.0 / n), torch.tensor(0, dtype=torch.int32), -n, n, None,
+            2 * codes - n,
+        )
+
 
 class SignQuant(TensorQuant):
     """BNN: sign(x) with sign(0) = +1. ``window`` limits the gradient to |x| <= 1 (activations)."""
@@ -362,6 +359,20 @@ class SignQuant(TensorQuant):
 
     def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
         return (x_hat > 0).to(torch.int64), {}
+
+    def qdq_weight(self, x_hat: Tensor) -> QdqForm:
+        # sign with sign(0) = +1 is already in the weight: codes -1 and +1, scale 1.
+        codes, _ = self.codes(x_hat)
+        return QdqForm(
+            1, torch.tensor(1.0), torch.tensor(0, dtype=torch.int32), -1, 1, None, 2 * codes - 1
+        )
+
+    def qdq_activation(self) -> QdqForm | None:
+        raise NoQdqFormError(
+            "BNN's sign activation (+1 for x >= 0, -1 below) has no QDQ form: QuantizeLinear "
+            "rounds x / scale to the nearest integer, so values near 0 become 0 whatever the "
+            "scale and zero point; export BNN models that binarize weights only"
+        )
 
 
 class LsqQuant(TensorQuant):
@@ -442,9 +453,13 @@ class LsqQuant(TensorQuant):
         return self._step_size().detach().reshape(())
 
     def codes(self, x_hat: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        return _affine_codes(
-            x_hat, self._scale_value(), None, self.qmin, None
-        )
+        return affine_codes(x_hat, self._scale_value(), None, self.qmin, None)
+
+    def qdq_weight(self, x_hat: Tensor) -> QdqForm:
+        return affine_weight_form(self, x_hat)
+
+    def qdq_activation(self) -> QdqForm | None:
+        return fixed_activation_form(self) if self._observed else None
 
     def fixed_params(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""The module that stands in a model where a layer is quantized."""
+"""The module that stands in a model where a layer is quantized, and finding them in a model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from torch import Tensor, nn
 from ._math import to_float32
 from ._tensor_quant import EmaActivationQuant, LsqQuant, TensorQuant
 
-__all__ = ["QuantWrapper", "keep_transformers_on_slow_path"]
+__all__ = [
+    "QuantWrapper",
+    "keep_transformers_on_slow_path",
+    "unwrapped_float_state",
+    "wrappers_of",
+]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -372,3 +377,23 @@ def keep_transformers_on_slow_path(model: nn.Module, quantized: set[str]) -> Non
                 module.register_forward_pre_hook(_slow_path)
         elif isinstance(module, nn.TransformerEncoder):
             module.use_nested_tensor = False
+
+
+def wrappers_of(model: nn.Module) -> dict[str, QuantWrapper]:
+    """Every quantized layer of a model, by its original qualified name."""
+    return {m.name: m for m in model.modules() if isinstance(m, QuantWrapper)}
+
+
+def unwrapped_float_state(model: nn.Module) -> dict[str, Tensor]:
+    """The floating-point state tensors that no quantized layer owns, by state-dict key."""
+    prefixes = tuple(
+        f"{path}." for path, m in model.named_modules() if isinstance(m, QuantWrapper)
+    )
+    state: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key.startswith(prefixes) or not tensor.is_floating_point() or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))  # tied weights are stored once
+        state[key] = tensor
+    return state

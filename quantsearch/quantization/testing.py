@@ -2,157 +2,70 @@
 
 An algorithm joins it by declaring ``examples`` on its class and registering it
 (``@register_quantizer(name)``); :func:`conformance_cases` then yields one case per example of
-every registered algorithm, and a class without examples makes it raise. A test file
-parametrizes each check over the cases:
+every registered algorithm, and a class without examples makes it raise. :data:`CHECKS` names
+every check; a check declares whether it takes a folder and which modules it needs
+(:class:`Check`). With pytest, subclass :class:`ConformanceSuite` and every check runs on every
+case, a check added to CHECKS included (as Optuna's sampler test cases are inherited):
 
-    @pytest.mark.parametrize("case", conformance_cases(), ids=str)
-    def test_levels(case): check_levels(case)
+    class TestMyQuantizer(ConformanceSuite):
+        registry = {"mine": MyQuantizer}   # None (the default): every registered algorithm
 
-The checks raise ``AssertionError`` with a message; they need only torch (and a folder for the
-export checks).
+The checks raise ``AssertionError`` with a message; they need only torch, a folder for the
+export checks, and onnx, onnxscript and onnxruntime for the ONNX one (skipped without them).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from ._base import Example, Quantizer
+from ._base import Quantizer
+from ._codes import NoQdqFormError
+from ._conformance import (
+    ConformanceCase,
+    ConformanceNet,
+    build,
+    conformance_cases,
+    example_batch,
+    make_net,
+)
+from ._conformance import expect as _expect
+from ._conformance import outputs_of as _outputs_of
+from ._conformance import wrappers as _wrappers
+from ._onnx import OnnxExportError, export_onnx
 from ._pack import load_packed, model_size_bytes
-from ._registry import QUANTIZERS, missing_examples
 from ._tensor_quant import TensorQuant
-from ._wrapper import QuantWrapper
+
+if TYPE_CHECKING:
+    import pytest
 
 __all__ = [
     "CHECKS",
+    "Check",
     "ConformanceCase",
     "ConformanceNet",
+    "ConformanceSuite",
     "build",
     "check_calibration",
     "check_eval_freezes_statistics",
     "check_export_model_twice",
     "check_gradients",
     "check_levels",
+    "check_onnx_export",
     "check_packed_export",
     "check_shapes_and_dtypes",
     "check_state_dict_round_trip",
     "conformance_cases",
     "example_batch",
     "make_net",
+    "suite_parameters",
 ]
-
-
-class ConformanceNet(nn.Module):
-    """Conv-BN-ReLU6, Conv-ReLU6, Linear: every layer kind the core treats differently.
-
-    Input (N, 1, 8, 8), 5 classes. Declared examples refer to its layer names.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.relu1 = nn.ReLU6()
-        self.conv2 = nn.Conv2d(4, 6, 3, padding=1, bias=False)
-        self.relu2 = nn.ReLU6()
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(6 * 8 * 8, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.conv2(x))
-        return self.fc(self.flatten(x))
-
-
-def make_net(seed: int = 0) -> ConformanceNet:
-    """A ConformanceNet with weights seeded by ``seed``."""
-    torch.manual_seed(seed)
-    return ConformanceNet()
-
-
-def example_batch(seed: int = 0, n: int = 16) -> tuple[Tensor, Tensor]:
-    """Seeded inputs (n, 1, 8, 8) and labels 0..4."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 8, 8, generator=generator)
-    return x, torch.randint(0, 5, (n,), generator=generator)
-
-
-@dataclass(frozen=True)
-class ConformanceCase:
-    """One declared example of one registered algorithm."""
-
-    algorithm: str
-    cls: type[Quantizer]
-    example: Example
-
-    def __str__(self) -> str:
-        return f"{self.algorithm}-{self.example.id}"
-
-
-def conformance_cases(
-    registry: Mapping[str, type[Quantizer]] | None = None,
-) -> list[ConformanceCase]:
-    """Every example of every algorithm in ``registry`` (default: :data:`QUANTIZERS`).
-
-    Raises ``TypeError`` naming the algorithm when one declares no examples: an algorithm is
-    never silently left out of the suite.
-    """
-    registry = QUANTIZERS if registry is None else registry
-    cases: list[ConformanceCase] = []
-    for name, cls in registry.items():
-        problem = missing_examples(cls)
-        if problem is not None:
-            raise TypeError(f"algorithm {name!r} cannot join the conformance suite: {problem}")
-        cases.extend(ConformanceCase(name, cls, example) for example in cls.examples)
-    return cases
-
-
-def _expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise AssertionError(message)
-
-
-def build(
-    case: ConformanceCase, *, seed: int = 0, train_steps: int = 5
-) -> tuple[nn.Module, Quantizer]:
-    """Compress a seeded ConformanceNet with the case's config_list and train it a few steps."""
-    model = make_net(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, _ = example_batch()
-    quantizer = case.cls(model, case.example.config_list, optimizer, dummy_input=x[:1])
-    model = quantizer.compress()
-    model.train()
-    for step in range(train_steps):
-        xb, yb = example_batch(step)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
-        optimizer.step()
-    return model, quantizer
-
-
-def _wrappers(model: nn.Module) -> dict[str, QuantWrapper]:
-    return {m.name: m for m in model.modules() if isinstance(m, QuantWrapper)}
-
-
-def _outputs_of(model: nn.Module, names: list[str], x: Tensor) -> dict[str, Tensor]:
-    captured: dict[str, Tensor] = {}
-    modules = dict(model.named_modules())
-    handles = [
-        modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())
-        )
-        for name in names
-    ]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 def check_levels(case: ConformanceCase) -> None:
@@ -353,14 +266,157 @@ def check_calibration(case: ConformanceCase) -> None:
             )
 
 
-#: Check name -> check; the export checks take a folder as second argument.
-CHECKS: dict[str, Callable[..., None]] = {
-    "levels": check_levels,
-    "gradients": check_gradients,
-    "state_dict_round_trip": check_state_dict_round_trip,
-    "eval_freezes_statistics": check_eval_freezes_statistics,
-    "shapes_and_dtypes": check_shapes_and_dtypes,
-    "packed_export": check_packed_export,
-    "export_model_twice": check_export_model_twice,
-    "calibration": check_calibration,
+_ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
+
+
+def _quantized_roles(model: nn.Module) -> dict[str, TensorQuant]:
+    """``layer.role`` -> its tensor quantizer, for every quantized tensor of the model."""
+    roles: dict[str, TensorQuant] = {}
+    for name, wrapper in _wrappers(model).items():
+        for role in ("weight", "input", "output"):
+            quant = getattr(wrapper, f"{role}_quant")
+            if quant is not None:
+                roles[f"{name}.{role}"] = quant
+    return roles
+
+
+def _without_qdq_form(model: nn.Module) -> set[str]:
+    """The tensors whose quantizer says it has no QDQ form (``NoQdqFormError``)."""
+    refused: set[str] = set()
+    for name, quant in _quantized_roles(model).items():
+        layer, role = name.rsplit(".", 1)
+        try:
+            if role == "weight":
+                quant.qdq_weight(_wrappers(model)[layer].quantized_weight())
+            else:
+                quant.qdq_activation()
+        except NoQdqFormError:
+            refused.add(name)
+    return refused
+
+
+def check_onnx_export(case: ConformanceCase, folder: Path) -> None:
+    """The ONNX QDQ export: every quantized tensor is in the file at its bits, ``size_bytes`` is
+    model_size_bytes, and onnxruntime computes the eval-mode model's outputs (up to float sums).
+    A model holding a quantizer without a QDQ form is refused whole, naming exactly those
+    tensors, and nothing is written."""
+    import numpy as np
+    import onnxruntime  # declared in CHECKS["onnx_export"].requires: a runner skips without it
+
+    model, _ = build(case)
+    model.eval()
+    path = Path(folder) / "model.onnx"
+    refused = _without_qdq_form(model)
+    try:
+        result = export_onnx(model, path, example_batch()[0][:1])
+    except OnnxExportError as error:
+        named = {line.split(":", 1)[0].strip() for line in str(error).splitlines()[1:]}
+        _expect(
+            bool(refused) and named == refused,
+            f"{case}: ONNX export refused {sorted(named)} ({error}); the quantizers without a "
+            f"QDQ form: {sorted(refused)}",
+        )
+        _expect(not path.exists(), f"{case}: a refused ONNX export wrote {path.name}")
+        return
+    _expect(not refused, f"{case}: exported to ONNX although {sorted(refused)} have no QDQ form")
+    bits = {name: quant.bits for name, quant in _quantized_roles(model).items()}
+    written = {t.name: t.bits for t in result.tensors}
+    _expect(written == bits, f"{case}: ONNX tensors {written}, quantized tensors {bits}")
+    _expect(result.unquantized == (), f"{case}: left in float in ONNX: {result.unquantized}")
+    size = model_size_bytes(model)
+    _expect(result.size_bytes == size, f"{case}: size_bytes {result.size_bytes}, model {size}")
+    x, _ = example_batch(31, n=64)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"]
+    )
+    got = session.run(None, {"input": x.numpy()})[0]
+    _expect(got.shape == expected.shape, f"{case}: onnxruntime output shape {got.shape}")
+    # A rounding tie that float sums break the other way moves one code: allow a few.
+    tolerance = 1e-4 * (1.0 + float(np.abs(expected).max()))
+    close = float((np.abs(got - expected) <= tolerance).mean())
+    _expect(
+        close >= 0.95,
+        f"{case}: onnxruntime agrees with the eval-mode model on {close:.1%} of the outputs "
+        f"(within {tolerance:.2g})",
+    )
+
+
+@dataclass(frozen=True)
+class Check:
+    """One conformance check and what running it needs: ``check(case)``, or
+    ``check(case, folder)`` when ``needs_folder``."""
+
+    run: Callable[..., None]
+    #: It writes files: a runner passes a fresh empty folder as second argument.
+    needs_folder: bool = False
+    #: Modules it imports beyond torch: a runner skips it where one is missing.
+    requires: tuple[str, ...] = ()
+
+    def __call__(self, case: ConformanceCase, folder: Path | None = None) -> None:
+        if not self.needs_folder:
+            self.run(case)
+        elif folder is None:
+            raise TypeError(f"{self.run.__name__} needs a folder to write in")
+        else:
+            self.run(case, Path(folder))
+
+    def missing(self) -> list[str]:
+        """The required modules that cannot be imported here."""
+        return [name for name in self.requires if importlib.util.find_spec(name) is None]
+
+
+#: Check name -> check. A check added here runs in every :class:`ConformanceSuite`.
+CHECKS: dict[str, Check] = {
+    "levels": Check(check_levels),
+    "gradients": Check(check_gradients),
+    "state_dict_round_trip": Check(check_state_dict_round_trip),
+    "eval_freezes_statistics": Check(check_eval_freezes_statistics),
+    "shapes_and_dtypes": Check(check_shapes_and_dtypes),
+    "packed_export": Check(check_packed_export, needs_folder=True),
+    "export_model_twice": Check(check_export_model_twice, needs_folder=True),
+    "calibration": Check(check_calibration),
+    "onnx_export": Check(check_onnx_export, needs_folder=True, requires=_ONNX_MODULES),
 }
+
+
+def suite_parameters(
+    registry: Mapping[str, type[Quantizer]] | None = None,
+) -> list[tuple[str, ConformanceCase]]:
+    """Every (check name, case) pair the suite runs: :data:`CHECKS` as it is now, times
+    :func:`conformance_cases` of ``registry``."""
+    return [(name, case) for name in CHECKS for case in conformance_cases(registry)]
+
+
+class ConformanceSuite:
+    """Every check of :data:`CHECKS` on every example of ``registry``, as pytest tests.
+
+    Subclass it in a test file (``class TestMine(ConformanceSuite): registry = {...}``); the
+    test ids read ``check-algorithm-example``. A check that needs a folder gets pytest's
+    ``tmp_path``; one whose ``requires`` cannot be imported is skipped, as with
+    ``pytest.importorskip``.
+    """
+
+    #: Algorithm name -> quantizer class; None: every registered algorithm.
+    registry: ClassVar[Mapping[str, type[Quantizer]] | None] = None
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        if {"check_name", "case"} <= set(metafunc.fixturenames):
+            pairs = suite_parameters(self.registry)
+            metafunc.parametrize(
+                ("check_name", "case"), pairs, ids=[f"{name}-{case}" for name, case in pairs]
+            )
+
+    def test_conformance(
+        self, check_name: str, case: ConformanceCase, request: pytest.FixtureRequest
+    ) -> None:
+        import pytest  # only a pytest run gets here: the module itself never needs pytest
+
+        check = CHECKS[check_name]
+        for module in check.requires:
+            pytest.importorskip(module)
+        folder = request.getfixturevalue("tmp_path") if check.needs_folder else None
+        check(case, folder)

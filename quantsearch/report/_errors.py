@@ -1,13 +1,9 @@
-"""Errors raised by the report and export code."""
+"""The error raised by the report code."""
 
 from __future__ import annotations
 
-__all__ = ["ExportError", "ReportError"]
+__all__ = ["ReportError"]
 
 
 class ReportError(ValueError):
     """A study cannot be reported on (empty, nothing completed, missing attributes)."""
-
-
-class ExportError(ReportError):
-    """A trial cannot be exported, or its reloaded export does not reproduce the stored accuracy."""

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from quantsearch.report._plots import format_size
+from quantsearch._units import format_size
 
 __all__ = ["indistinct", "noise_markdown"]
 

@@ -1,4 +1,4 @@
-"""A study's objectives as plot axes, and the hypervolume they span."""
+"""A study's objectives as plot axes, the hypervolume they span, and its history."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import optuna
 import pandas as pd
 
-from quantsearch.pipeline import METRICS, front_mask
+from quantsearch.pipeline import METRICS, StudyRecord, front_mask
 
 __all__ = [
     "DEFAULT_OBJECTIVES",
     "Axis",
+    "float_references",
+    "float_size_of",
     "front_mask",
     "hypervolume",
+    "hypervolume_2d",
+    "hypervolume_history",
     "objective_axes",
-    "study_axes",
 ]
 
 DEFAULT_OBJECTIVES = ("accuracy", "size_bytes")
@@ -51,10 +53,16 @@ class Axis:
         return array / self.reference if self.relative else array
 
 
-def _reference(name: str, frame: pd.DataFrame, attrs: Mapping[str, Any]) -> float:
-    """The float model's value of metric ``name``: study attribute ``float_<name>``, else the
-    float baseline's, else the largest one seen."""
-    recorded = attrs.get(f"float_{name}")
+def float_references(record: StudyRecord) -> dict[str, float]:
+    """The float model's value of each metric the study recorded one for, by metric name."""
+    recorded = {"size_bytes": record.float_size_bytes, "bitops": record.float_bitops}
+    return {name: float(value) for name, value in recorded.items() if value}
+
+
+def _reference(name: str, frame: pd.DataFrame, references: Mapping[str, float]) -> float:
+    """The float model's value of metric ``name``: the study's (``references``), else the
+    trials' ``float_<name>`` column, else the float baseline's, else the largest one seen."""
+    recorded = references.get(name)
     if recorded:
         return float(recorded)
     if f"float_{name}" in frame:
@@ -73,24 +81,21 @@ def objective_axes(
     frame: pd.DataFrame,
     *,
     metric_names: Sequence[str] | None = None,
-    attrs: Mapping[str, Any] | None = None,
+    references: Mapping[str, float] | None = None,
 ) -> list[Axis]:
-    """The axes of a study's objectives (default: accuracy and size_bytes)."""
+    """The axes of a study's objectives (default: accuracy and size_bytes); ``references``:
+    the float model's values the study recorded (:func:`float_references`)."""
     axes = []
     for name in metric_names or DEFAULT_OBJECTIVES:
         metric = METRICS.get(name)
         direction = metric.direction if metric else "minimize"
         relative = metric.relative if metric else direction == "minimize"
         label = metric.label if metric else name
-        reference = _reference(name, frame, attrs or {}) if relative else 1.0
+        reference = _reference(name, frame, references or {}) if relative else 1.0
         if not math.isfinite(reference) or reference <= 0:
             reference = 1.0
         axes.append(Axis(name, direction, label, relative, reference))
     return axes
-
-
-def study_axes(study: optuna.Study, frame: pd.DataFrame) -> list[Axis]:
-    return objective_axes(frame, metric_names=study.metric_names, attrs=study.user_attrs)
 
 
 def hypervolume(points: np.ndarray) -> float:
@@ -116,3 +121,56 @@ def hypervolume(points: np.ndarray) -> float:
         if width > 0:
             volume += width * hypervolume(array[: index + 1, 1:])
     return volume
+
+
+def hypervolume_2d(accuracy: Sequence[float], size_ratio: Sequence[float]) -> float:
+    """Area of the unit square (size/float size, accuracy) dominated by the points.
+
+    The reference point is (size ratio 1, accuracy 0): a model is worth area only if it is smaller
+    than the float model. The result lies in [0, 1]; 1 would be a perfect model of size zero.
+    """
+    points = [
+        (r, 1.0 - a) for a, r in zip(accuracy, size_ratio, strict=True) if math.isfinite(a)
+    ]
+    return hypervolume(np.asarray(points, dtype=float).reshape(len(points), 2))
+
+
+def float_size_of(frame: pd.DataFrame, study_float_size: float | None = None) -> float:
+    """The float model's size: the study attribute, else a trial's, else the float baseline's."""
+    references = {"size_bytes": float(study_float_size)} if study_float_size else {}
+    return objective_axes(frame, metric_names=["size_bytes"], references=references)[0].reference
+
+
+def hypervolume_history(
+    frame: pd.DataFrame,
+    *,
+    float_size_bytes: float | None = None,
+    axes: Sequence[Axis] | None = None,
+) -> pd.DataFrame:
+    """After each trial (by number): the hypervolume and the size of the front so far.
+
+    Only feasible complete trials count. Each objective is put on [0, 1] (accuracy as 1 -
+    accuracy; sizes and bitops divided by the float model's), so the hypervolume is the share of
+    the unit cube the front dominates, from the float model at zero accuracy. ``axes`` defaults
+    to accuracy and size (divided by ``float_size_bytes``).
+    """
+    if axes is None:
+        references = {"size_bytes": float(float_size_bytes)} if float_size_bytes else {}
+        axes = objective_axes(frame, references=references)
+    ordered = frame.sort_values("number")
+    points: list[list[float]] = []
+    hypervolume_now = 0.0
+    records = []
+    front = 0
+    for _, row in ordered.iterrows():
+        if row["state"] == "COMPLETE" and row["feasible"]:
+            points.append([float(axis.unit(row[axis.name])) for axis in axes])
+            mask = front_mask(np.asarray(points))
+            # Only the front counts from now on: a dominated point never counts again.
+            points = [p for p, on in zip(points, mask, strict=True) if on]
+            hypervolume_now = hypervolume(np.asarray(points))
+            front = len(points)
+        records.append(
+            {"number": int(row["number"]), "hypervolume": hypervolume_now, "front_size": front}
+        )
+    return pd.DataFrame(records, columns=["number", "hypervolume", "front_size"])

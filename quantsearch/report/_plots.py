@@ -28,16 +28,18 @@ from matplotlib.ticker import (
 
 from quantsearch._paths import replacing
 from quantsearch._units import format_count, format_size
-from quantsearch.report._objectives import Axis, front_mask, hypervolume, objective_axes
+from quantsearch.report._objectives import (
+    Axis,
+    front_mask,
+    hypervolume_history,
+    objective_axes,
+)
 from quantsearch.report._table import BITS_PREFIX, bits_columns, pareto_frame
 
 __all__ = [
     "bits_heatmap_figure",
-    "float_size_of",
     "format_size",
     "history_figure",
-    "hypervolume_2d",
-    "hypervolume_history",
     "pareto_figure",
     "save_figure",
 ]
@@ -163,9 +165,10 @@ def pareto_figure(
     (``float`` drawn as a large star), and ``float accuracy`` (a dotted horizontal line, when y is
     the accuracy).
     """
-    default_x, default_y = objective_axes(frame, metric_names=["size_bytes", "accuracy"])
-    x = x or default_x
-    y = y or default_y
+    if x is None or y is None:
+        default_x, default_y = objective_axes(frame, metric_names=["size_bytes", "accuracy"])
+        x = x or default_x
+        y = y or default_y
     fig = _new_figure(8.0, 5.2)
     ax = fig.add_subplot()
     complete = frame[frame["state"] == "COMPLETE"]
@@ -301,13 +304,19 @@ def _heatmap_rows(frame: pd.DataFrame, layers: Sequence[str] | None) -> list[tup
     return rows
 
 
-def bits_heatmap_figure(frame: pd.DataFrame, *, layers: Sequence[str] | None = None) -> Figure:
+def bits_heatmap_figure(
+    frame: pd.DataFrame,
+    *,
+    layers: Sequence[str] | None = None,
+    front: pd.DataFrame | None = None,
+) -> Figure:
     """Bit width of every quantized tensor (rows) for each front trial (columns, by size).
 
     ``fig.axes[0].images[0].get_array()`` holds the bits, masked where the tensor stays float.
     ``layers`` (model order) adds a float row for each layer that no trial quantized.
+    ``front``: ``pareto_frame(frame)``, when the caller has it already.
     """
-    front = pareto_frame(frame)
+    front = pareto_frame(frame) if front is None else front
     rows = _heatmap_rows(frame, layers)
     if front.empty or not rows:
         fig = _new_figure(6.0, 2.0)
@@ -370,59 +379,6 @@ def bits_heatmap_figure(frame: pd.DataFrame, *, layers: Sequence[str] | None = N
     return fig
 
 
-def hypervolume_2d(accuracy: Sequence[float], size_ratio: Sequence[float]) -> float:
-    """Area of the unit square (size/float size, accuracy) dominated by the points.
-
-    The reference point is (size ratio 1, accuracy 0): a model is worth area only if it is smaller
-    than the float model. The result lies in [0, 1]; 1 would be a perfect model of size zero.
-    """
-    points = [
-        (r, 1.0 - a) for a, r in zip(accuracy, size_ratio, strict=True) if math.isfinite(a)
-    ]
-    return hypervolume(np.asarray(points, dtype=float).reshape(len(points), 2))
-
-
-def float_size_of(frame: pd.DataFrame, study_float_size: float | None = None) -> float:
-    """The float model's size: the study attribute, else a trial's, else the float baseline's."""
-    attrs = {"float_size_bytes": study_float_size} if study_float_size else {}
-    return objective_axes(frame, metric_names=["size_bytes"], attrs=attrs)[0].reference
-
-
-def hypervolume_history(
-    frame: pd.DataFrame,
-    *,
-    float_size_bytes: float | None = None,
-    axes: Sequence[Axis] | None = None,
-) -> pd.DataFrame:
-    """After each trial (by number): the hypervolume and the size of the front so far.
-
-    Only feasible complete trials count. Each objective is put on [0, 1] (accuracy as 1 -
-    accuracy; sizes and bitops divided by the float model's), so the hypervolume is the share of
-    the unit cube the front dominates, from the float model at zero accuracy. ``axes`` defaults
-    to accuracy and size (divided by ``float_size_bytes``).
-    """
-    if axes is None:
-        attrs = {"float_size_bytes": float_size_bytes} if float_size_bytes else {}
-        axes = objective_axes(frame, attrs=attrs)
-    ordered = frame.sort_values("number")
-    points: list[list[float]] = []
-    hypervolume_now = 0.0
-    records = []
-    front = 0
-    for _, row in ordered.iterrows():
-        if row["state"] == "COMPLETE" and row["feasible"]:
-            points.append([float(axis.unit(row[axis.name])) for axis in axes])
-            mask = front_mask(np.asarray(points))
-            # Only the front counts from now on: a dominated point never counts again.
-            points = [p for p, on in zip(points, mask, strict=True) if on]
-            hypervolume_now = hypervolume(np.asarray(points))
-            front = len(points)
-        records.append(
-            {"number": int(row["number"]), "hypervolume": hypervolume_now, "front_size": front}
-        )
-    return pd.DataFrame(records, columns=["number", "hypervolume", "front_size"])
-
-
 def history_figure(
     frame: pd.DataFrame,
     *,
@@ -437,9 +393,10 @@ def history_figure(
     are 'x' markers on the bottom edge of the hypervolume panel. ``history``: that function's
     result, when the caller has it already.
     """
+    if axes is None:
+        references = {"size_bytes": float(float_size_bytes)} if float_size_bytes else {}
+        axes = objective_axes(frame, references=references)
     if history is None:
-        if axes is None:
-            axes = objective_axes(frame, attrs={"float_size_bytes": float_size_bytes})
         history = hypervolume_history(frame, axes=axes)
     fig = _new_figure(8.0, 5.0)
     ax, below = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])

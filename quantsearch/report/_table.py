@@ -11,8 +11,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from quantsearch._studydata import layer_order
-from quantsearch.pipeline import TrialRecord, accuracy_interval
+from quantsearch.pipeline import StudyRecord, TrialRecord, accuracy_interval, layer_order
 from quantsearch.quantization import QUANT_TYPES
 from quantsearch.report._errors import ReportError
 
@@ -165,8 +164,9 @@ def _row(
     return row
 
 
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """Return one row per trial of ``study``, in trial-number order.
+def trials_frame(study: optuna.Study, *, record: StudyRecord | None = None) -> pd.DataFrame:
+    """Return one row per trial of ``study``, in trial-number order (``record``: the study's
+    :class:`~quantsearch.pipeline.StudyRecord`, when the caller has read it already).
 
     Columns: ``number``, ``state`` (``COMPLETE``, ``FAIL``, ...), ``accuracy`` (the validation
     accuracy; NaN unless complete), ``size_bytes`` (for an unfinished trial its recorded size,
@@ -184,7 +184,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     # A trial that reused a finished trial's result ("duplicate_of") is the same point.
     front = study.best_trials if trials else []
     pareto_numbers = {t.number for t in front if TrialRecord.of(t).duplicate_of is None}
-    layers = layer_order(study.user_attrs.get("layers"), trials)
+    record = StudyRecord.of(study) if record is None else record
+    layers = layer_order(record.layers, trials)
     bits_cols = _bits_column_names(layers, trials)
     metric_names = list(study.metric_names or ["accuracy", "size_bytes"])
     rows = [_row(trial, pareto_numbers, bits_cols, metric_names) for trial in trials]

@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import pandas as pd
 
-from quantsearch.report._plots import format_size
+from quantsearch._units import format_size
+from quantsearch.pipeline import TargetState
 
 __all__ = ["target_markdown", "target_row"]
 
 
-def target_row(frame: pd.DataFrame, target: Mapping[str, Any]) -> pd.Series | None:
+def target_row(frame: pd.DataFrame, target: TargetState) -> pd.Series | None:
     """The smallest complete trial at or above the target's accuracy floor (None if none)."""
     complete = frame[(frame["state"] == "COMPLETE") & frame["feasible"]]
-    fitting = complete[complete["accuracy"] >= target["min_accuracy"]]
+    fitting = complete[complete["accuracy"] >= target.min_accuracy]
     if fitting.empty:
         return None
     return fitting.sort_values(["size_bytes", "accuracy"], ascending=[True, False]).iloc[0]
 
 
-def target_markdown(frame: pd.DataFrame, target: Mapping[str, Any]) -> list[str]:
+def target_markdown(frame: pd.DataFrame, target: TargetState) -> list[str]:
     """The section report.md opens with: which trial meets the target, or that none does."""
-    drop, floor = target["max_accuracy_drop"], target["min_accuracy"]
+    drop, floor = target.max_accuracy_drop, target.min_accuracy
     head = (
         f"Smallest model within {drop * 100:.2f} points of the float model's validation "
-        f"accuracy ({target['float_accuracy']:.2%}; floor {floor:.2%})"
+        f"accuracy ({target.float_accuracy:.2%}; floor {floor:.2%})"
     )
     row = target_row(frame, target)
     if row is None:
         return ["## Target", "", f"{head}: no trial reaches it yet.", ""]
     ratio = row["compression_ratio"]
-    smallest = int(target["smallest_bytes"])
+    smallest = target.smallest_bytes
     bound = (
         "the smallest size the space allows, so the study stopped there"
         if row["size_bytes"] <= smallest

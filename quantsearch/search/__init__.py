@@ -8,39 +8,28 @@ study = run_study(context, jobs=2)                 # until the study holds spec.
 from __future__ import annotations
 
 from quantsearch.pipeline import (
-    SENSITIVITY_ATTR,
     ParamSensitivity,
     Sensitivity,
     SensitivityEntry,
-    sensitivity_of,
 )
 from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan, config_key
-from quantsearch.search._display import ConsoleProgress, front_table, trials_table
+from quantsearch.search._display import (
+    ConsoleProgress,
+    front_lines,
+    front_table,
+    sensitivity_lines,
+    study_banner,
+    target_line,
+    trials_lines,
+    trials_table,
+    validation_lines,
+)
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NNI_TYPES, NniParam, parse_nni_param
 from quantsearch.search._objective import TrialJob, TrialOutcome, run_trial, trial_seed
-from quantsearch.search._sensitivity import (
-    PredictedPoint,
-    SeedGuide,
-    SensitivityError,
-    measure_sensitivity,
-    predicted_front,
-    seed_configs,
-)
-from quantsearch.search._sensitivity_study import (
-    describe_front,
-    sensitivity_frame,
-    sensitivity_pivot,
-    study_sensitivity,
-)
-from quantsearch.search._space import (
-    SearchSpec,
-    SensitivitySpec,
-    check_study_name,
-    load_space,
-    parse_space,
-    storage_url,
-)
+from quantsearch.search._parser import load_space, parse_space
+from quantsearch.search._paths import check_study_name, storage_url
+from quantsearch.search._predicted_front import PredictedPoint, predicted_front, seed_configs
 from quantsearch.search._prepare import DryRun, StudyContext, prepare, study_location
 from quantsearch.search._progress import Progress, TrialReport, counted_trials
 from quantsearch.search._samplers import (
@@ -50,6 +39,15 @@ from quantsearch.search._samplers import (
     make_sampler,
     register_sampler,
 )
+from quantsearch.search._seed_guide import SeedGuide
+from quantsearch.search._sensitivity_measure import SensitivityError, measure_sensitivity
+from quantsearch.search._sensitivity_study import (
+    describe_front,
+    sensitivity_frame,
+    sensitivity_pivot,
+    study_sensitivity,
+)
+from quantsearch.search._spec import SearchSpec, SensitivitySpec
 from quantsearch.search._storage import (
     StorageError,
     StudyBusyError,
@@ -65,7 +63,6 @@ __all__ = [
     "FLOAT",
     "NNI_TYPES",
     "SAMPLERS",
-    "SENSITIVITY_ATTR",
     "ConsoleProgress",
     "DryRun",
     "ModelLayers",
@@ -96,6 +93,7 @@ __all__ = [
     "counted_trials",
     "describe_front",
     "ensure_float_model",
+    "front_lines",
     "front_table",
     "load_space",
     "load_study",
@@ -112,12 +110,16 @@ __all__ = [
     "run_trial",
     "seed_configs",
     "sensitivity_frame",
-    "sensitivity_of",
+    "sensitivity_lines",
     "sensitivity_pivot",
     "storage_url",
+    "study_banner",
     "study_location",
     "study_sensitivity",
     "study_threads",
+    "target_line",
     "trial_seed",
+    "trials_lines",
     "trials_table",
+    "validation_lines",
 ]

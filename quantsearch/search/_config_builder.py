@@ -11,22 +11,15 @@ from typing import Any
 from optuna.distributions import BaseDistribution
 from torch import nn
 
-from quantsearch.quantization import DEFAULT_OP_TYPES, QUANT_TYPES
+from quantsearch.quantization import DEFAULT_OP_TYPES, QUANT_TYPES, match_layers
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NniParam
-from quantsearch.search._space import (
-    BITS_PARAMS,
-    TRAIN_PARAMS,
-    LayerSelector,
-    Param,
-    SearchSpec,
-)
+from quantsearch.search._rules import TRAIN_PARAMS, entry_keys
+from quantsearch.search._spec import BITS_PARAMS, LayerSelector, Param, SearchSpec
 
 __all__ = ["FLOAT", "ModelLayers", "SpacePlan", "config_key"]
 
 FLOAT = "float"
-# Config keys taken from global parameters and written into every config_list entry.
-_ENTRY_KEYS = ("quant_start_step", "quant_scheme", "quant_dtype", "observer", "percentile")
 
 
 @dataclass(frozen=True)
@@ -70,21 +63,12 @@ class ModelLayers:
                         "(or use 'default' for every weighted layer)",
                         key=f"{key}.op_types",
                     )
-        chosen = [
-            name
-            for name, kind in self.modules
-            if _type_matches(selector.op_types, kind)
-            and (selector.op_names is None or name in selector.op_names)
-        ]
+        chosen = match_layers(
+            self.modules, op_types=selector.op_types, op_names=selector.op_names
+        )
         if not chosen:
             raise SpaceError("selects no module of the model", key=key)
         return chosen
-
-
-def _type_matches(op_types: tuple[str, ...] | None, kind: str) -> bool:
-    if op_types is None:
-        return True
-    return kind in op_types or ("default" in op_types and kind in DEFAULT_OP_TYPES)
 
 
 def config_key(config_list: list[dict[str, Any]], train: Mapping[str, Any]) -> str:
@@ -179,7 +163,8 @@ class SpacePlan:
                 bits[quant_type] = int(values[source])
             if bits:
                 groups.setdefault(tuple(bits.items()), []).append(name)
-        extras = {key: values[key] for key in _ENTRY_KEYS if key in values}
+        # The algorithm's own config keys the space sets, written into every entry.
+        extras = {key: values[key] for key in entry_keys(self.spec.algorithm) if key in values}
         return [
             {
                 "quant_types": [quant_type for quant_type, _ in setting],

@@ -1,10 +1,12 @@
-"""What a person sees: the progress of a running study and its trials as tables."""
+"""What a person sees: the progress of a running study, its trials as tables, and the lines the
+``quantsearch`` commands print (banner, front, target, validation, sensitivity)."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import optuna
@@ -12,14 +14,38 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from quantsearch._studydata import layer_order
 from quantsearch._units import format_count, format_size
-from quantsearch.pipeline import TrialRecord, accuracy_interval
+from quantsearch.pipeline import (
+    Sensitivity,
+    StudyRecord,
+    TrialRecord,
+    accuracy_interval,
+    get_metric,
+    layer_order,
+    mask_text,
+)
 from quantsearch.quantization import QUANT_TYPES
-from quantsearch.search._space import BITS_PARAMS
-from quantsearch.search._study import TrialReport
+from quantsearch.search._nni_syntax import NniParam
+from quantsearch.search._prepare import StudyContext
+from quantsearch.search._progress import TrialReport
+from quantsearch.search._seed_guide import seed_limit
+from quantsearch.search._sensitivity_study import describe_front, sensitivity_pivot
+from quantsearch.search._spec import BITS_PARAMS, SearchSpec
+from quantsearch.search._target import best_within
 
-__all__ = ["ConsoleProgress", "format_size", "front_table", "trial_line", "trials_table"]
+__all__ = [
+    "ConsoleProgress",
+    "format_size",
+    "front_lines",
+    "front_table",
+    "sensitivity_lines",
+    "study_banner",
+    "target_line",
+    "trial_line",
+    "trials_lines",
+    "trials_table",
+    "validation_lines",
+]
 
 
 def trial_line(report: TrialReport) -> str:
@@ -169,7 +195,7 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
         (t for t in study.best_trials if TrialRecord.of(t).duplicate_of is None),
         key=lambda t: (_number(TrialRecord.of(t).size_bytes), t.number),
     )
-    layers = layer_order(study.user_attrs.get("layers"), front)
+    layers = layer_order(StudyRecord.of(study).layers, front)
     with_bitops = "bitops" in (study.metric_names or [])
     rows = []
     for trial in front:
@@ -232,3 +258,136 @@ def _note(trial: FrozenTrial) -> str:
     if trial.state in (TrialState.FAIL, TrialState.PRUNED):
         notes.append(record.fail_reason or "failed: no heartbeat from its process")
     return "; ".join(notes)
+
+
+def _table_text(frame: pd.DataFrame) -> str:
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def study_banner(spec: SearchSpec, *, jobs: int, threads: int, cores: int) -> str:
+    """The line ``quantsearch study`` starts with: what runs, how, and where it is stored."""
+    start = "trained from scratch" if spec.from_scratch else "from the float model"
+    return (
+        f"study {spec.study_name!r}: {spec.algorithm} on {spec.task.name} ({start}), "
+        f"objectives {', '.join(spec.objectives)}, {spec.n_trials} trials, {jobs} job(s) "
+        f"x {threads} thread(s) on {cores} cores, storage {mask_text(spec.storage)}"
+    )
+
+
+def front_lines(study: optuna.Study) -> list[str]:
+    """The study's Pareto front after a run, as :func:`front_table` under a title."""
+    front = front_table(study)
+    if front.empty:
+        return ["no trial finished: the study has no Pareto front yet"]
+    return [f"\nPareto front ({len(front)} trials):", _table_text(front)]
+
+
+def target_line(study: optuna.Study) -> str | None:
+    """The trial that meets the space's target (smallest within the accuracy drop); None
+    when the study has no target."""
+    target = StudyRecord.of(study).target
+    if target is None:
+        return None
+    best = best_within(study.trials, target.min_accuracy)
+    floor = f"validation accuracy >= {target.min_accuracy:.4f}"
+    if best is None:
+        return f"target: no trial reaches {floor}"
+    size = TrialRecord.of(best).size_bytes
+    return f"target: trial {best.number}, the smallest with {floor} ({size:,} bytes)"
+
+
+def trials_lines(study: optuna.Study) -> list[str]:
+    """``quantsearch trials``: every trial as :func:`trials_table`."""
+    table = trials_table(study)
+    if table.empty:
+        return [f"study {study.study_name!r} has no trials"]
+    return [_table_text(table)]
+
+
+def _start_of(spec: SearchSpec) -> str:
+    """How the space's trials get their weights, in words."""
+    if spec.from_scratch:
+        return "train a fresh model each (from_scratch)"
+    source = (
+        f"the weights in {spec.task.pretrained}"
+        if spec.task.pretrained
+        else "a float model trained once (float_train)"
+    )
+    ptq = spec.algorithm == "ptq"
+    how = f"calibrate {spec.calibration_batches} batches" if ptq else "fine-tune"
+    return f"start from {source}, then {how}"
+
+
+def _describe(param: Any) -> str:
+    return param.describe() if isinstance(param, NniParam) else f"fixed {param!r}"
+
+
+def validation_lines(space: Path, spec: SearchSpec, context: StudyContext) -> list[str]:
+    """``quantsearch validate``: what the space ``space`` searches, once prepared."""
+    plan = context.plan
+    lines = [
+        f"{space}: valid",
+        f"  study      {spec.study_name} ({spec.n_trials} trials, "
+        f"storage {mask_text(spec.storage)})",
+        f"  task       {spec.task.name}: {context.task.description or context.task.name}",
+        f"  layers     {', '.join(context.layers)}",
+        f"  algorithm  {spec.algorithm}",
+        f"  trials     {_start_of(spec)}",
+        "  objectives "
+        + ", ".join(f"{name} ({get_metric(name).direction})" for name in spec.objectives),
+        f"  sampler    {spec.sampler.name} (seed {spec.seed})",
+    ]
+    lines += [f"  param      {name}: {_describe(param)}" for name, param in spec.params.items()]
+    if spec.per_layer is not None:
+        layers = ", ".join(plan.per_layer_names)
+        lines += [
+            f"  per layer  {name}: {_describe(param)} on {layers}"
+            for name, param in spec.per_layer.params.items()
+        ]
+    dry = context.dry_run
+    if dry is not None:
+        folded = ", ".join(f"{bn} into {conv}" for conv, bn in dry.folded.items()) or "none"
+        lines.append(f"  folded     {folded}")
+        lines.append(f"  outputs    {', '.join(dry.quantized_outputs) or 'none quantized'}")
+        if dry.difference_at_16_bits is not None:
+            lines.append(
+                f"  checked    forward passes in training and eval mode; at 16 bits the outputs "
+                f"are within {dry.difference_at_16_bits:.1e} of the float model's"
+            )
+    lines.append(f"  searched   {len(plan.distributions)} parameter(s)")
+    if spec.sensitivity is not None:
+        options = spec.sensitivity
+        stop = f", until {options.patience} in a row miss the front" if options.patience else ""
+        lines.append(
+            f"  sensitivity {options.method} on {options.batches} validation batches, then up "
+            f"to {seed_limit(spec)} configs of its predicted front first{stop}"
+        )
+    lines.append(f"  baselines  {', '.join(spec.baselines.labels) or 'none'}")
+    return lines
+
+
+# (value of the sensitivity's rows, title, number format) of each table the command prints.
+_SENSITIVITY_TABLES = (
+    ("loss_increase", "validation loss increase, each parameter alone at each bit width",
+     "{:+.4f}"),
+    ("accuracy_drop", "validation accuracy drop", "{:+.4f}"),
+    ("size_delta", "size change (bytes)", "{:+,.0f}"),
+)
+
+
+def sensitivity_lines(study_name: str, sensitivity: Sensitivity) -> list[str]:
+    """``quantsearch sensitivity``: what was measured, one table per value, the predicted
+    front."""
+    lines = [
+        f"\nsensitivity of {study_name!r} ({sensitivity.method}, "
+        f"{sensitivity.samples} validation images; float loss {sensitivity.float_loss:.4f}, "
+        f"accuracy {sensitivity.float_accuracy:.4f})"
+    ]
+    tables = list(_SENSITIVITY_TABLES)
+    if sensitivity.method == "hessian":
+        tables.append(("predicted", "predicted cost (Hessian measure)", "{:+.4f}"))
+    for value, title, pattern in tables:
+        table = sensitivity_pivot(sensitivity, value).astype(float)
+        lines += [f"\n{title}:", table.to_string(float_format=pattern.format)]
+    lines.append(f"\n{describe_front(sensitivity)}")
+    return lines

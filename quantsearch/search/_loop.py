@@ -13,14 +13,21 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from quantsearch.pipeline import TrialRecord, trial_mode
+from quantsearch.pipeline import (
+    ArtifactError,
+    ArtifactStore,
+    TrialRecord,
+    file_sha256,
+    store_artifact,
+    trial_mode,
+)
 from quantsearch.search._config_builder import config_key
 from quantsearch.search._objective import TrialJob, TrialOutcome, trial_seed
 from quantsearch.search._prepare import StudyContext
 from quantsearch.search._progress import FINISHED, Progress, TrialReport, counted_trials, front_size
 from quantsearch.search._recovery import fail_and_requeue, fail_stale_trials, retry_attrs, trial_id
-from quantsearch.search._sensitivity import SeedGuide
-from quantsearch.search._space import SearchSpec
+from quantsearch.search._seed_guide import SeedGuide
+from quantsearch.search._spec import SearchSpec
 from quantsearch.search._target import TargetState, reached
 from quantsearch.search._workers import WORKER_DIED, Heartbeat, InlinePool, ProcessPool
 
@@ -50,6 +57,8 @@ class TrialLoop:
     heartbeat: Heartbeat | None = None
     # The weights every trial starts from; None when trials train from scratch.
     float_model_path: Path | None = None
+    # Where checkpoints go for every machine to reach (None: the artifacts folder only).
+    store: ArtifactStore | None = None
     in_flight: dict[int, _Ticket] = field(default_factory=dict)
     # Trials waiting for a running twin (same config_list) instead of training it again.
     parked: dict[str, list[_Ticket]] = field(default_factory=dict)
@@ -287,18 +296,12 @@ class TrialLoop:
                 seed=ticket.seed,
             )
         record = outcome.record.model_copy(update=identity)
-        if outcome.state == "COMPLETE":
-            location = self.context.location
-            float_size = self.context.float_size_bytes
-            record = record.model_copy(
-                update={
-                    "float_size_bytes": float_size,
-                    "compression_ratio": float_size / record.size_bytes,
-                    "float_bitops": self.context.float_bitops,
-                    "checkpoint": location.stored(location.checkpoint(trial.number)),
-                }
-            )
-        self._tell(ticket, outcome.state, record, outcome.values)
+        state = outcome.state
+        if state == "COMPLETE":
+            record = self._completed(trial, record)
+            if record.fail_reason is not None:
+                state = "FAIL"
+        self._tell(ticket, state, record, outcome.values)
         twins = self.parked.pop(ticket.key, [])
         if not twins:
             return
@@ -308,6 +311,26 @@ class TrialLoop:
                 self._tell_duplicate(twin, finished)
             else:
                 self.unparked.append(twin)
+
+    def _completed(self, trial: Trial, record: TrialRecord) -> TrialRecord:
+        """A complete trial's record with its sizes and checkpoint (stored in the artifact
+        store when there is one: a store that fails fails the trial, never the study)."""
+        location = self.context.location
+        float_size = self.context.float_size_bytes
+        checkpoint = location.checkpoint(trial.number)
+        update: dict[str, Any] = {
+            "float_size_bytes": float_size,
+            "compression_ratio": float_size / record.size_bytes,
+            "float_bitops": self.context.float_bitops,
+            "checkpoint": location.stored(checkpoint),
+            "checkpoint_sha256": file_sha256(checkpoint),
+        }
+        if self.store is not None:
+            try:
+                update["checkpoint_artifact"] = store_artifact(self.store, checkpoint, trial)
+            except ArtifactError as error:
+                update["fail_reason"] = f"checkpoint not stored: {error}"
+        return record.model_copy(update=update)
 
     def _tell_duplicate(self, ticket: _Ticket, original: FrozenTrial) -> None:
         record = TrialRecord.of(original).reused_by(

@@ -30,7 +30,7 @@ from quantsearch.pipeline import (
     load_state,
 )
 from quantsearch.quantization import model_size_bytes
-from quantsearch.search._space import HopelessRule, TaskSpec
+from quantsearch.search._spec import HopelessRule, TaskSpec
 from quantsearch.tasks import (
     DivergedError,
     Task,

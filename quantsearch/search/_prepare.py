@@ -17,12 +17,13 @@ from quantsearch.pipeline import (
     load_state,
     load_weights,
 )
-from quantsearch.quantization import ConfigError, model_size_bytes
+from quantsearch.quantization import ConfigError, algorithm_rules, model_size_bytes
 from quantsearch.search._config_builder import ModelLayers, SpacePlan
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._objective import build_task, model_profile, train_config
-from quantsearch.search._space import SearchSpec, check_study_name
-from quantsearch.tasks import Task, resolve_device, seed_everything
+from quantsearch.search._paths import check_study_name
+from quantsearch.search._spec import SearchSpec
+from quantsearch.tasks import Task, TaskError, resolve_device, seed_everything, time_limit
 
 __all__ = ["DryRun", "StudyContext", "prepare", "study_location"]
 
@@ -121,8 +122,16 @@ def prepare(spec: SearchSpec) -> StudyContext:
         plan=plan,
         float_size_bytes=float_size,
         profile=model_profile(task),
-        dry_run=_dry_run(spec, task, plan, base or {}, pretrained),
+        dry_run=_timed_dry_run(spec, task, plan, base or {}, pretrained),
     )
+
+
+def _timed_dry_run(spec: SearchSpec, *args: Any) -> DryRun:
+    try:
+        with time_limit(f"the dry run of task {spec.task.name}'s model (forward passes)"):
+            return _dry_run(spec, *args)
+    except TaskError as error:
+        raise SpaceError(str(error), source=spec.source) from None
 
 
 @dataclass(frozen=True)
@@ -137,8 +146,6 @@ class DryRun:
     bits (affine quantizers only), in eval mode."""
 
 
-# Algorithms whose 16-bit quantization is the float model to within rounding.
-_AFFINE = ("qat", "ptq", "naive")
 # Largest relative output difference tolerated at 16 bits.
 _TOLERANCE_16_BITS = 1e-2
 
@@ -205,7 +212,8 @@ def _dry_run(
     reference = build_compressed(task, spec.algorithm, [], float_state=state)
     expected = _forward(reference, batch, train=False)
     # A float model that is not finite already fails on its own (its trials say so).
-    if spec.algorithm in _AFFINE and bool(torch.isfinite(expected).all()):
+    # Only an affine grid at 16 bits is the float model to within rounding.
+    if algorithm_rules(spec.algorithm).affine and bool(torch.isfinite(expected).all()):
         sixteen = build_compressed(
             task, spec.algorithm, _at_16_bits(config_list), float_state=state
         )

@@ -8,25 +8,15 @@ import functools
 import pandas as pd
 import torch
 
-from quantsearch._studydata import sqlite_path
 from quantsearch.pipeline import Sensitivity
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._objective import train_config
-from quantsearch.search._sensitivity import (
-    ensure_sensitivity,
-    predicted_front,
-    searched_tensors,
-)
-from quantsearch.search._study import (
-    Progress,
-    StudyContext,
-    _Silent,
-    _study_lock,
-    artifacts_dir,
-    ensure_float_model,
-    open_study,
-    study_threads,
-)
+from quantsearch.search._predicted_front import predicted_front
+from quantsearch.search._prepare import StudyContext
+from quantsearch.search._progress import Progress, Silent
+from quantsearch.search._sensitivity_measure import ensure_sensitivity, searched_tensors
+from quantsearch.search._storage import open_study, study_lock
+from quantsearch.search._study import ensure_float_model, open_store, study_threads
 from quantsearch.search._workers import (
     InlinePool,
     ProcessPool,
@@ -63,18 +53,18 @@ def study_sensitivity(
             source=spec.source,
         )
     study = open_study(context)
-    _, folder = artifacts_dir(spec)
-    local = sqlite_path(spec.storage) is not None
+    location = context.location
     num_threads = study_threads(spec, jobs, threads)
     torch.set_num_threads(min(available_cores(), num_threads * jobs))
-    progress = progress or _Silent()
+    progress = progress or Silent()
     # One GPU per worker where there are several, as the study's workers.
     devices = worker_devices(train_config(context.task, spec.train).device, jobs)
     pool = (
         InlinePool() if jobs == 1 else ProcessPool(jobs, num_threads=num_threads, devices=devices)
     )
-    with _study_lock(folder) if local else contextlib.nullcontext(), pool:
-        made = ensure_float_model(study, context, log=progress.message)
+    with study_lock(location) if not location.shared else contextlib.nullcontext(), pool:
+        store = open_store(study, spec)
+        made = ensure_float_model(study, context, log=progress.message, store=store)
         assert made is not None
         return ensure_sensitivity(
             study,

@@ -13,7 +13,8 @@ import os
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +30,22 @@ from quantsearch.pipeline import (
     TrialRecord,
     mask_url,
 )
+from quantsearch.search import _recovery
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._prepare import StudyContext
-from quantsearch.search._recovery import GRACE_SECONDS, HEARTBEAT_SECONDS, requeue_stale
 from quantsearch.search._samplers import make_sampler, sampler_seed
-from quantsearch.search._space import SearchSpec
+from quantsearch.search._spec import SearchSpec
 
 __all__ = [
     "StorageError",
     "StudyBusyError",
     "StudyNotFoundError",
     "check_sqlite_file",
+    "initialise",
     "load_study",
     "load_study_from",
     "open_study",
     "study_lock",
-    "initialise",
     "study_sampler",
 ]
 
@@ -90,12 +91,15 @@ def _optuna_schema_head() -> str:
     return head
 
 
-def check_sqlite_file(path: Path, *, write: bool) -> None:
+def check_sqlite_file(
+    path: Path, *, write: bool, study: tuple[str, Sequence[str]] | None = None
+) -> None:
     """Refuse (StorageError naming ``path``) what cannot be this study's SQLite database.
 
-    Reads only, through a read-only connection, so a refused file keeps every byte: a folder,
-    a file that is not SQLite, a corrupt database, another program's database, tables of
-    another optuna version; with ``write``, a read-only file or folder.
+    Reads only, through a read-only connection, so a refused file keeps every byte, and its
+    folder every file: a folder, a file that is not SQLite, a corrupt database, another
+    program's database, tables of another optuna version; with ``study`` (name, directions),
+    a study of that name that another program made; with ``write``, a read-only file or folder.
     """
     if path.is_dir():
         raise StorageError(f"{path}: is a folder, not a SQLite database file")
@@ -103,31 +107,59 @@ def check_sqlite_file(path: Path, *, write: bool) -> None:
         if write:
             _check_folder(path.parent, "the database's folder")
         return
+    # A read-only connection to a WAL database still creates these beside it.
+    companions = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    existing = {p for p in companions if p.exists()}
+    try:
+        _check_contents(path, study)
+    except StorageError:
+        for companion in companions:
+            if companion not in existing:
+                companion.unlink(missing_ok=True)
+        raise
+    if write:
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StorageError(f"{path}: is read-only, and the study writes its trials to it")
+        _check_folder(path.parent, "the database's folder")
+
+
+def _check_contents(path: Path, study: tuple[str, Sequence[str]] | None) -> None:
     try:
         with path.open("rb") as handle:
             header = handle.read(len(_SQLITE_HEADER))
     except OSError as error:
         raise StorageError(f"{path}: cannot be read ({error.strerror})") from None
-    if header and header != _SQLITE_HEADER:
+    if not header:
+        return
+    if header != _SQLITE_HEADER:
         raise StorageError(f"{path}: is not a SQLite database (it lacks SQLite's file header)")
-    if header:
-        tables, revision = _read_sqlite_schema(path)
-        if tables and not tables >= _OPTUNA_TABLES:
-            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
-            raise StorageError(
-                f"{path}: is a SQLite database that quantsearch did not create (its tables: "
-                f"{shown}); give another --storage"
-            )
-        if revision is not None and revision != _optuna_schema_head():
-            raise StorageError(
-                f"{path}: its study tables are of another optuna version (schema {revision}, "
-                f"this optuna {optuna.__version__} uses {_optuna_schema_head()}); upgrade it "
-                "with `optuna storage upgrade --storage sqlite:///PATH`, or use another --storage"
-            )
-    if write:
-        if not os.access(path, os.R_OK | os.W_OK):
-            raise StorageError(f"{path}: is read-only, and the study writes its trials to it")
-        _check_folder(path.parent, "the database's folder")
+    schema = _read_sqlite_schema(path, study[0] if study else None)
+    if schema.tables and not schema.tables >= _OPTUNA_TABLES:
+        tables = sorted(schema.tables)
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(
+            f"{path}: is a SQLite database that quantsearch did not create (its tables: "
+            f"{shown}); give another --storage"
+        )
+    if schema.revision is not None and schema.revision != _optuna_schema_head():
+        raise StorageError(
+            f"{path}: its study tables are of another optuna version (schema "
+            f"{schema.revision}, this optuna {optuna.__version__} uses "
+            f"{_optuna_schema_head()}); upgrade it with `optuna storage upgrade --storage "
+            "sqlite:///PATH`, or use another --storage"
+        )
+    stored = schema.study
+    # Without attributes, an empty study of the same directions is one a crash left behind.
+    if (
+        study is not None
+        and stored is not None
+        and not stored.created
+        and (stored.trials or stored.directions != [d.lower() for d in study[1]])
+    ):
+        raise StorageError(
+            f"{path}: already holds a study {study[0]!r} that quantsearch did not create; "
+            "give the space another study_name"
+        )
 
 
 def _check_folder(folder: Path, label: str) -> None:
@@ -137,8 +169,24 @@ def _check_folder(folder: Path, label: str) -> None:
         raise StorageError(f"{error} (SQLite writes its journal beside the database)") from None
 
 
-def _read_sqlite_schema(path: Path) -> tuple[set[str], str | None]:
-    """The table names of a SQLite file and its alembic revision, read without writing."""
+@dataclass(frozen=True)
+class _StoredStudy:
+    created: bool
+    """Whether quantsearch wrote its attributes (StudyRecord.created)."""
+    trials: int
+    directions: list[str]
+
+
+@dataclass(frozen=True)
+class _SqliteSchema:
+    tables: set[str]
+    revision: str | None
+    study: _StoredStudy | None
+    """The study of the name asked for, where there is one."""
+
+
+def _read_sqlite_schema(path: Path, study_name: str | None) -> _SqliteSchema:
+    """The tables of a SQLite file, its alembic revision and the named study, read only."""
     uri = f"{path.resolve().as_uri()}?mode=ro"
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=60)) as db:
@@ -152,21 +200,42 @@ def _read_sqlite_schema(path: Path) -> tuple[set[str], str | None]:
             if "alembic_version" in tables:
                 row = db.execute("SELECT version_num FROM alembic_version").fetchone()
                 revision = row[0] if row else None
+            study = None
+            if study_name is not None and tables >= _OPTUNA_TABLES | {"study_directions"}:
+                study = _stored_study(db, study_name)
     except sqlite3.DatabaseError as error:
         raise StorageError(f"{path}: is a corrupt SQLite database ({error})") from None
-    return tables, revision
+    return _SqliteSchema(tables, revision, study)
 
 
-def _storage(location: StudyLocation) -> RDBStorage:
+def _stored_study(db: sqlite3.Connection, name: str) -> _StoredStudy | None:
+    row = db.execute("SELECT study_id FROM studies WHERE study_name = ?", (name,)).fetchone()
+    if row is None:
+        return None
+    study_id = row[0]
+    created = db.execute(
+        "SELECT 1 FROM study_user_attributes WHERE study_id = ? AND key = ?",
+        (study_id, StudyRecord.CREATED_ATTR),
+    ).fetchone()
+    trials = db.execute("SELECT COUNT(*) FROM trials WHERE study_id = ?", (study_id,)).fetchone()
+    directions = db.execute(
+        "SELECT direction FROM study_directions WHERE study_id = ? ORDER BY objective",
+        (study_id,),
+    ).fetchall()
+    return _StoredStudy(created is not None, trials[0], [d[0].lower() for d in directions])
+
+
+def _storage(location: StudyLocation, directions: Sequence[str]) -> RDBStorage:
     path = location.database
     if path is not None:
-        check_sqlite_file(path, write=True)
+        check_sqlite_file(path, write=True, study=(location.study_name, directions))
         return _open_rdb(location.storage, engine_kwargs={"creator": _sqlite_connector(path)})
     return _open_rdb(
         location.storage,
-        heartbeat_interval=HEARTBEAT_SECONDS,
-        grace_period=GRACE_SECONDS,
-        heartbeat_stale_trial_callback=requeue_stale,
+        # Read at the call: tests shorten them on the module.
+        heartbeat_interval=_recovery.HEARTBEAT_SECONDS,
+        grace_period=_recovery.GRACE_SECONDS,
+        heartbeat_stale_trial_callback=_recovery.requeue_stale,
     )
 
 
@@ -219,7 +288,7 @@ def study_sampler(
     process on a shared database)."""
     seed = sampler_seed(spec.seed, resume_index, shared=shared)
     return make_sampler(
-        spec.sampler.name, spec.sampler.to_dict(), seed=seed, n_trials=spec.n_trials
+        spec.sampler.name, spec.sampler.options, seed=seed, n_trials=spec.n_trials
     )
 
 
@@ -283,7 +352,7 @@ def _folder_lock(folder: Path) -> Iterator[None]:
 def _open_or_create(context: StudyContext) -> optuna.Study:
     spec, location = context.spec, context.location
     shared = location.shared
-    storage = _storage(location)
+    storage = _storage(location, context.directions)
     existing = _existing_study_id(storage, spec.study_name)
     if existing is None:
         try:

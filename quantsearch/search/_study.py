@@ -17,25 +17,25 @@ import torch
 
 from quantsearch._paths import check_writable_folder
 from quantsearch.pipeline import (
+    ArtifactStore,
     FloatModel,
     FloatModelError,
     StudyRecord,
+    fetch_artifact,
     load_state,
     make_float_model,
+    open_artifact_store,
     state_sha256,
+    store_artifact,
 )
+from quantsearch.search import _recovery
 from quantsearch.search._loop import TrialLoop
 from quantsearch.search._objective import train_config
 from quantsearch.search._prepare import StudyContext
 from quantsearch.search._progress import Progress, Silent
-from quantsearch.search._recovery import (
-    HEARTBEAT_SECONDS,
-    beat,
-    fail_stale_trials,
-    requeue_interrupted,
-)
-from quantsearch.search._sensitivity import seed_study
-from quantsearch.search._space import SearchSpec
+from quantsearch.search._recovery import beat, fail_stale_trials, requeue_interrupted
+from quantsearch.search._seed_guide import seed_study
+from quantsearch.search._spec import SearchSpec
 from quantsearch.search._storage import StorageError, open_study, study_lock
 from quantsearch.search._target import apply_target
 from quantsearch.search._workers import (
@@ -47,17 +47,32 @@ from quantsearch.search._workers import (
     worker_devices,
 )
 
-__all__ = ["ensure_float_model", "run_study", "study_threads"]
+__all__ = ["ensure_float_model", "open_store", "run_study", "study_threads"]
+
+
+def open_store(study: optuna.Study, spec: SearchSpec) -> ArtifactStore | None:
+    """The space's artifact store, opened and recorded with the study (None without one)."""
+    if spec.artifacts is None:
+        return None
+    store = open_artifact_store(spec.artifacts)
+    if StudyRecord.of(study).artifacts is None:
+        StudyRecord.write(study, artifacts=spec.artifacts)
+    return store
 
 
 def ensure_float_model(
-    study: optuna.Study, context: StudyContext, *, log: Callable[[str], None]
+    study: optuna.Study,
+    context: StudyContext,
+    *,
+    log: Callable[[str], None],
+    store: ArtifactStore | None = None,
 ) -> tuple[FloatModel, Path] | None:
     """The study's float model and its file, made the first time (loaded or trained).
 
-    The study records the file and the hash of its weights: a machine (or a resumed run)
-    without the file makes it again and must arrive at the same hash; one that does not is
-    refused (FloatModelError) rather than mixing two float models in one study.
+    The study records the file and the hash of its weights. A machine (or a resumed run)
+    without the file downloads it from the artifact ``store`` when the study uploaded it there,
+    else makes it again; either way it must arrive at the same hash, or it is refused
+    (FloatModelError) rather than mixing two float models in one study.
     """
     spec = context.spec
     if spec.from_scratch:
@@ -66,6 +81,15 @@ def ensure_float_model(
     path = location.float_model
     stored = StudyRecord.of(study).float_model
     if stored is not None and path.is_file() and state_sha256(load_state(path)) == stored.sha256:
+        return stored, path
+    if stored is not None and stored.artifact is not None and store is not None:
+        fetch_artifact(store, stored.artifact, path, what="the study's float model")
+        if state_sha256(load_state(path)) != stored.sha256:
+            raise FloatModelError(
+                f"the float model in artifact store {store.location} (artifact "
+                f"{stored.artifact}) is not the one the study recorded (hash {stored.sha256[:12]})"
+            )
+        log(f"float model: downloaded from {store.location} ({path})")
         return stored, path
     float_train = train_config(context.task, spec.float_train)
     made = make_float_model(
@@ -87,6 +111,8 @@ def ensure_float_model(
         )
     made = made.model_copy(update={"file": location.stored(path)})
     if stored is None:
+        if store is not None:
+            made = made.model_copy(update={"artifact": store_artifact(store, path, study)})
         StudyRecord.write(study, float_model=made)
     log(
         f"float model: val {made.val_accuracy:.4f}, test {made.test_accuracy:.4f} "
@@ -135,11 +161,12 @@ def run_study(
             requeue_interrupted(study, location)
         else:
             fail_stale_trials(study)
-            heartbeat = Heartbeat(beat(study), HEARTBEAT_SECONDS)
-        loop = TrialLoop(study, context, progress, heartbeat)
+            heartbeat = Heartbeat(beat(study), _recovery.HEARTBEAT_SECONDS)
+        store = open_store(study, spec)
+        loop = TrialLoop(study, context, progress, heartbeat, store=store)
         # The float model trains here, on every thread the jobs will share.
         torch.set_num_threads(min(available_cores(), num_threads * jobs))
-        made = ensure_float_model(study, context, log=progress.message)
+        made = ensure_float_model(study, context, log=progress.message, store=store)
         # Each worker process sets its torch threads once, when it starts.
         pool: InlinePool | ProcessPool = (
             InlinePool()

@@ -25,7 +25,7 @@ from quantsearch.pipeline import (
 from quantsearch.quantization import model_size_bytes
 from quantsearch.search._config_builder import FLOAT, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
-from quantsearch.search._space import BITS_PARAMS
+from quantsearch.search._spec import BITS_PARAMS
 from quantsearch.tasks import Task
 
 __all__ = [

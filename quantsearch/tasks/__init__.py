@@ -8,39 +8,57 @@ A :class:`Task` bundles a model factory, train/validation/test datasets and a tr
 
 from __future__ import annotations
 
+from quantsearch.tasks._contract import Task
 from quantsearch.tasks._data import CIFAR10_BATCHES, IDX_FILES, read_cifar_batch, read_idx
 from quantsearch.tasks._errors import TaskError
 from quantsearch.tasks._models import CifarSmallCNN, DigitsCNN, MnistCNN, VGG_Cifar10
-from quantsearch.tasks._task import USER_TASK_FUNCTION, Task, available_tasks, get_task
-from quantsearch.tasks._training import (
+from quantsearch.tasks._task import available_tasks, get_task, user_task_file
+from quantsearch.tasks._time_limit import (
+    TASK_TIMEOUT_ENV,
+    TaskTimeoutError,
+    task_time_limit,
+    time_limit,
+)
+from quantsearch.tasks._train_config import (
     LR_SCHEDULES,
     OPTIMIZERS,
+    FieldRule,
+    TrainConfig,
+    TrainConfigError,
+    resolve_device,
+)
+from quantsearch.tasks._training import (
     DivergedError,
     FitResult,
-    TrainConfig,
+    batches_of,
     evaluate,
     fit,
     make_optimizer,
-    resolve_device,
     seed_everything,
 )
+from quantsearch.tasks._user_task import USER_TASK_FUNCTION
 
 __all__ = [
     "CIFAR10_BATCHES",
     "IDX_FILES",
     "LR_SCHEDULES",
     "OPTIMIZERS",
+    "TASK_TIMEOUT_ENV",
     "USER_TASK_FUNCTION",
     "CifarSmallCNN",
     "DigitsCNN",
     "DivergedError",
+    "FieldRule",
     "FitResult",
     "MnistCNN",
     "Task",
     "TaskError",
+    "TaskTimeoutError",
     "TrainConfig",
+    "TrainConfigError",
     "VGG_Cifar10",
     "available_tasks",
+    "batches_of",
     "evaluate",
     "fit",
     "get_task",
@@ -49,4 +67,7 @@ __all__ = [
     "read_idx",
     "resolve_device",
     "seed_everything",
+    "task_time_limit",
+    "time_limit",
+    "user_task_file",
 ]

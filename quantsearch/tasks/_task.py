@@ -1,68 +1,28 @@
-"""Task: what a trial trains and evaluates. Built-in tasks and user-task loading."""
+"""The built-in tasks, and get_task: a task by its name (built-in or the user's)."""
 
 from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
-import importlib
-import importlib.util
-import inspect
-import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from quantsearch.tasks import _data
+from quantsearch.tasks._contract import Task
 from quantsearch.tasks._errors import TaskError
 from quantsearch.tasks._models import CifarSmallCNN, DigitsCNN, MnistCNN, VGG_Cifar10
-from quantsearch.tasks._training import TrainConfig
+from quantsearch.tasks._train_config import TrainConfig
+from quantsearch.tasks._user_task import is_user_spec, load_user_task, split_user_spec
 
-__all__ = ["USER_TASK_FUNCTION", "Task", "available_tasks", "get_task"]
+__all__ = ["available_tasks", "get_task", "user_task_file"]
 
-# The function name looked up when a user task is given as a bare "path/to/file.py".
-USER_TASK_FUNCTION = "make_task"
-
-
-@dataclass(frozen=True, eq=False)
-class Task:
-    """A classification problem: a model factory, three datasets and a tracing input.
-
-    Attributes:
-        name: the task's name (shown in reports).
-        build_model: returns a fresh, randomly initialised float model (seed torch first for a
-            reproducible initialisation, e.g. with ``seed_everything``).
-        train_set, val_set, test_set: datasets of ``(x, y)`` pairs, ``y`` an integer class
-            index. A two-tensor ``TensorDataset`` trains fastest.
-        dummy_input: one input batch of size 1, for tracing (e.g. BatchNorm folding).
-        num_classes: the number of classes; the model returns ``(batch, num_classes)`` scores.
-        default_train_config: training settings that suit this task, for when none are given.
-        description: one line about the data and the model.
-        pretrained: trained float weights for ``build_model``'s architecture, as a state-dict
-            file (``torch.save(model.state_dict(), path)``) or the state dict itself. A study
-            fine-tunes or calibrates its trials from them; without them (and without
-            ``task.pretrained`` in the space) the study trains the float model once.
-
-    Tasks compare by identity: two tasks are equal only when they are the same object.
-    """
-
-    name: str
-    build_model: Callable[[], nn.Module]
-    train_set: Dataset
-    val_set: Dataset
-    test_set: Dataset
-    dummy_input: Tensor
-    num_classes: int
-    default_train_config: TrainConfig = field(default_factory=TrainConfig)
-    description: str = ""
-    pretrained: str | Path | Mapping[str, Tensor] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,197 +243,18 @@ def available_tasks() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# User tasks
-
-
-def _is_user_spec(name: str) -> bool:
-    return ":" in name or name.endswith(".py")
-
-
-def _split_user_spec(spec: str) -> tuple[str, str, bool]:
-    """``(target, attribute, is_file)`` of a user task name: a module or a file, a function."""
-    target, colon, attribute = spec.rpartition(":")
-    if not colon:
-        target, attribute = spec, USER_TASK_FUNCTION
-    is_file = target.endswith(".py") or "/" in target or "\\" in target
-    return target, attribute, is_file
 
 
 def user_task_file(name: str) -> tuple[str, str] | None:
     """The file of a user task named ``path/to/file.py:function`` (or ``file.py``) and the rest
     of the name (``:function``, or ``""``); None for a built-in task or a module's."""
     name = name.strip()
-    if name.lower().replace("_", "-") in _BUILTINS or not _is_user_spec(name):
+    if name.lower().replace("_", "-") in _BUILTINS or not is_user_spec(name):
         return None
-    target, _, is_file = _split_user_spec(name)
+    target, _, is_file = split_user_spec(name)
     if not is_file or not target:
         return None
     return target, name[len(target) :]
-
-
-def _import_file(path: Path, spec: str) -> ModuleType:
-    resolved = path.expanduser().resolve()
-    if not resolved.is_file():
-        raise TaskError(f"user task {spec!r}: file {resolved} does not exist")
-    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:12]
-    module_name = f"quantsearch_user_task_{resolved.stem}_{digest}"
-    cached = sys.modules.get(module_name)
-    if cached is not None and getattr(cached, "__file__", None) == str(resolved):
-        return cached
-    module_spec = importlib.util.spec_from_file_location(module_name, resolved)
-    if module_spec is None or module_spec.loader is None:
-        raise TaskError(f"user task {spec!r}: {resolved} cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module
-    # The file's own folder is importable while it loads, for helper modules beside it.
-    sys.path.insert(0, str(resolved.parent))
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[module_name]
-        raise TaskError(
-            f"user task {spec!r}: importing {resolved} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        sys.path.remove(str(resolved.parent))
-    return module
-
-
-def _import_module(module_name: str, spec: str) -> ModuleType:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (
-            module_name == exc.name or module_name.startswith(f"{exc.name}.")
-        ):
-            raise TaskError(
-                f"user task {spec!r}: no module named {module_name!r} (is it installed or on "
-                "PYTHONPATH? a file is given as 'path/to/file.py:function')"
-            ) from exc
-        raise TaskError(
-            f"user task {spec!r}: importing {module_name!r} failed: ModuleNotFoundError: {exc}"
-        ) from exc
-    except Exception as exc:
-        raise TaskError(
-            f"user task {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _resolve_factory(spec: str) -> Callable[..., Any]:
-    target, attribute, is_file = _split_user_spec(spec)
-    if not target or not attribute:
-        raise TaskError(
-            f"user task {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'"
-        )
-    module = _import_file(Path(target), spec) if is_file else _import_module(target, spec)
-    factory: Any = module
-    for part in attribute.split("."):
-        if not hasattr(factory, part):
-            public = sorted(n for n in dir(module) if not n.startswith("_"))
-            close = difflib.get_close_matches(attribute, public, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise TaskError(
-                f"user task {spec!r}: {module.__name__ if not is_file else target} has no "
-                f"attribute {attribute!r}{hint}"
-            )
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise TaskError(
-            f"user task {spec!r}: {attribute!r} is a {type(factory).__name__}, not a function"
-        )
-    return factory
-
-
-def _call_factory(
-    spec: str, factory: Callable[..., Any], data_dir: Path | None, options: dict, seed: int
-) -> Any:
-    kwargs = {"data_dir": data_dir, "options": options, "seed": seed}
-    try:
-        inspect.signature(factory).bind(**kwargs)
-    except TypeError as exc:
-        raise TaskError(
-            f"user task {spec!r}: the function must accept the keyword arguments data_dir, "
-            f"options and seed ({exc})"
-        ) from exc
-    except ValueError:
-        pass  # no signature to inspect (some builtins): just call it
-    try:
-        return factory(**kwargs)
-    except TaskError:
-        raise
-    except Exception as exc:
-        raise TaskError(f"user task {spec!r} raised {type(exc).__name__}: {exc}") from exc
-
-
-def _check_user_task(spec: str, task: Any) -> Task:
-    where = f"user task {spec!r}"
-    if not isinstance(task, Task):
-        raise TaskError(f"{where}: returned a {type(task).__name__}, not a quantsearch.tasks.Task")
-    if not isinstance(task.name, str) or not task.name:
-        raise TaskError(f"{where}: Task.name must be a non-empty string, got {task.name!r}")
-    if not callable(task.build_model):
-        raise TaskError(f"{where}: Task.build_model must be callable")
-    if (
-        isinstance(task.num_classes, bool)
-        or not isinstance(task.num_classes, int)
-        or (task.num_classes < 2)
-    ):
-        raise TaskError(
-            f"{where}: Task.num_classes must be an integer >= 2, got {task.num_classes!r}"
-        )
-    if not isinstance(task.default_train_config, TrainConfig):
-        raise TaskError(f"{where}: Task.default_train_config must be a TrainConfig")
-    for split in ("train_set", "val_set", "test_set"):
-        dataset = getattr(task, split)
-        try:
-            size = len(dataset)
-        except TypeError:
-            raise TaskError(f"{where}: Task.{split} must be a Dataset with a length") from None
-        if size == 0:
-            raise TaskError(f"{where}: Task.{split} is empty")
-    if task.pretrained is not None and not isinstance(task.pretrained, str | Path | Mapping):
-        raise TaskError(
-            f"{where}: Task.pretrained must be a state-dict file path or a state dict, got a "
-            f"{type(task.pretrained).__name__}"
-        )
-    if not isinstance(task.dummy_input, Tensor) or task.dummy_input.dim() == 0:
-        raise TaskError(f"{where}: Task.dummy_input must be a batch tensor, e.g. train_x[:1]")
-    with torch.random.fork_rng(devices=[]):
-        try:
-            model = task.build_model()
-        except Exception as exc:
-            raise TaskError(f"{where}: build_model() raised {type(exc).__name__}: {exc}") from exc
-        if not isinstance(model, nn.Module):
-            raise TaskError(
-                f"{where}: build_model() returned a {type(model).__name__}, not a torch.nn.Module"
-            )
-        model.eval()
-        try:
-            with torch.no_grad():
-                output = model(task.dummy_input)
-        except Exception as exc:
-            raise TaskError(
-                f"{where}: the model fails on dummy_input of shape "
-                f"{tuple(task.dummy_input.shape)}: {type(exc).__name__}: {exc}"
-            ) from exc
-    if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] != task.num_classes:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise TaskError(
-            f"{where}: the model should return (batch, {task.num_classes}) class scores for "
-            f"dummy_input, got {shape}"
-        )
-    return task
-
-
-def _load_user_task(
-    spec: str, data_dir: Path | None, options: Mapping[str, Any] | None, seed: int
-) -> Task:
-    factory = _resolve_factory(spec)
-    task = _call_factory(spec, factory, data_dir, dict(options or {}), seed)
-    return _check_user_task(spec, task)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def get_task(
@@ -508,8 +289,8 @@ def get_task(
         if directory is None:
             directory = Path("data") / builtin.data_name
         return builtin.make(key, directory, opts, seed)
-    if _is_user_spec(name):
-        return _load_user_task(name, directory, options, seed)
+    if is_user_spec(name):
+        return load_user_task(name, directory, options, seed)
     close = difflib.get_close_matches(key, list(_BUILTINS), n=2)
     hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     raise TaskError(

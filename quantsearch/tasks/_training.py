@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,25 +15,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from quantsearch.tasks._train_config import TrainConfig, resolve_device
+
 if TYPE_CHECKING:
-    from quantsearch.tasks._task import Task
+    from quantsearch.tasks._contract import Task
 
 __all__ = [
-    "LR_SCHEDULES",
-    "OPTIMIZERS",
     "DivergedError",
     "FitResult",
-    "TrainConfig",
     "evaluate",
     "fit",
     "make_optimizer",
-    "resolve_device",
     "seed_everything",
 ]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("none", "cosine", "step")
-DEVICES = ("cpu", "cuda", "auto")
 
 # Fractions of the run after which the "step" schedule divides the learning rate by 10.
 _STEP_MILESTONES = (0.5, 0.75)
@@ -70,118 +65,6 @@ class FitResult:
     val_accuracy: float
     epoch_losses: tuple[float, ...] = ()
     steps_run: int = 0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How a model is trained.
-
-    Attributes:
-        epochs: passes over the training set (0 trains nothing, only validates).
-        steps: if given, the budget in optimizer steps instead of ``epochs``: training runs
-            exactly this many steps, passing over the training set as often as needed (the
-            last pass may stop part way).
-        batch_size: examples per optimizer step.
-        optimizer: "sgd" (with ``momentum``), "adam" or "adamw".
-        lr: learning rate at the start of training.
-        momentum: SGD momentum (ignored by adam/adamw).
-        weight_decay: L2 penalty (decoupled for adamw).
-        lr_schedule: "none"; "cosine" (per step, from ``lr`` down to 0); "step" (lr/10 after
-            half of the steps, lr/100 after three quarters).
-        device: "cpu", "cuda" (or "cuda:N"), or "auto" (CUDA when available).
-        num_threads: if given, ``torch.set_num_threads`` for this process before training.
-    """
-
-    epochs: int = 3
-    steps: int | None = None
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "none"
-    device: str = "cpu"
-    num_threads: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("epochs", self.epochs, minimum=0)
-        if self.steps is not None:
-            _check_int("steps", self.steps, minimum=0)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        object.__setattr__(self, "lr", _check_float("lr", self.lr, positive=True))
-        momentum = _check_float("momentum", self.momentum)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum!r}")
-        object.__setattr__(self, "momentum", momentum)
-        decay = _check_float("weight_decay", self.weight_decay)
-        if decay < 0.0:
-            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
-        object.__setattr__(self, "weight_decay", decay)
-        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        if not isinstance(self.device, str) or not (
-            self.device in DEVICES or self.device.startswith("cuda:")
-        ):
-            raise ValueError(
-                f"TrainConfig.device must be one of {', '.join(DEVICES)} (or 'cuda:N'), "
-                f"got {self.device!r}"
-            )
-        if self.num_threads is not None:
-            _check_int("num_threads", self.num_threads, minimum=1)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """Build from a mapping (e.g. parsed YAML); unknown keys raise ValueError.
-
-        Float fields also accept numeric strings, because YAML reads ``1e-3`` as a string.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown training option(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(sorted(known))}"
-            )
-        converted = dict(values)
-        for key in ("lr", "momentum", "weight_decay"):
-            value = converted.get(key)
-            if isinstance(value, str):
-                try:
-                    converted[key] = float(value)
-                except ValueError:
-                    raise ValueError(f"TrainConfig.{key} must be a number, got {value!r}") from None
-        return cls(**converted)
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: object, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ValueError(f"TrainConfig.{name} must be > 0, got {value!r}")
-    return float(value)
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """Turn "auto" into "cuda" when CUDA is available (else "cpu"); check CUDA exists."""
-    if isinstance(device, torch.device):
-        resolved = device
-    elif device == "auto":
-        resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available")
-    return resolved
 
 
 def seed_everything(seed: int) -> None:

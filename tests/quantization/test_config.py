@@ -85,7 +85,6 @@ def test_schema_errors(config_list: list[Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         QAT_Quantizer(make_net(), config_list)
     assert str(info.value) == message
-    assert isinstance(info.value, ValueError)
 
 
 def test_unknown_op_name_lists_the_closest_real_names() -> None:

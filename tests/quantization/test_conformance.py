@@ -1,80 +1,179 @@
-"""The suite every registered quantizer passes: one parametrized test per check, per example.
+"""The suite every registered quantizer passes: every check of CHECKS on every declared example.
 
-An algorithm joins by declaring ``examples`` on its class; nothing here names an algorithm.
+An algorithm joins by declaring ``examples`` on its class; nothing here names an algorithm or a
+check. A plug-in's tests do the same as :class:`TestToyPlugIn`: subclass ``ConformanceSuite``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+from torch import Tensor, nn
 
 from quantsearch.quantization import (
     QUANTIZERS,
+    AlgorithmRules,
     Example,
     NaiveQuantizer,
+    OnnxExportError,
     QAT_Quantizer,
+    Quantizer,
+    algorithm_rules,
+    export_onnx,
     register_quantizer,
 )
+from quantsearch.quantization._codes import QdqForm
+from quantsearch.quantization._config import LayerConfig, quantizable_weight
+from quantsearch.quantization._tensor_quant import AffineWeightQuant, DoReFaWeightQuant, TensorQuant
 from quantsearch.quantization.testing import (
-    ConformanceCase,
-    check_calibration,
-    check_eval_freezes_statistics,
-    check_export_model_twice,
-    check_gradients,
+    CHECKS,
+    Check,
+    ConformanceSuite,
+    build,
     check_levels,
-    check_packed_export,
-    check_shapes_and_dtypes,
-    check_state_dict_round_trip,
+    check_onnx_export,
     conformance_cases,
+    example_batch,
+    suite_parameters,
 )
 
 CASES = conformance_cases()
-every_case = pytest.mark.parametrize("case", CASES, ids=str)
 
 
-@every_case
-def test_quantized_tensors_take_at_most_2_pow_bits_values(case: ConformanceCase) -> None:
-    check_levels(case)
+class TestRegisteredAlgorithms(ConformanceSuite):
+    """Every check on every example of every registered algorithm."""
 
 
-@every_case
-def test_straight_through_gradients_reach_every_quantized_weight(case: ConformanceCase) -> None:
-    check_gradients(case)
+class ToyAffineQuantizer(Quantizer):
+    """A plug-in built from an existing block: weights only, per-channel affine uint, 2..8 bits."""
+
+    rules = AlgorithmRules(
+        name="ToyAffineQuantizer", quant_types=("weight",), min_bits=2, max_bits=8, affine=True
+    )
+    examples = (
+        Example(
+            "w5",
+            [{"quant_types": ["weight"], "quant_bits": 5, "op_types": ["Conv2d", "Linear"]}],
+            {name: {"weight": 5} for name in ("conv1", "conv2", "fc")},
+        ),
+    )
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        weight = quantizable_weight(module)
+        assert weight is not None
+        return {
+            "weight": AffineWeightQuant(
+                layer.bits["weight"], scheme="per_channel_affine", dtype="uint",
+                channels=int(weight.shape[0]),
+            )
+        }
 
 
-@every_case
-def test_state_dict_round_trip_restores_outputs_and_steps(case: ConformanceCase) -> None:
-    check_state_dict_round_trip(case)
+class TestToyPlugIn(ConformanceSuite):
+    """A plug-in's test file: the whole suite, inherited, on its own algorithm."""
+
+    registry: ClassVar[Mapping[str, type[Quantizer]]] = {"toy": ToyAffineQuantizer}
 
 
-@every_case
-def test_eval_mode_freezes_every_statistic(case: ConformanceCase) -> None:
-    check_eval_freezes_statistics(case)
+def test_the_suite_runs_every_check_on_every_case() -> None:
+    pairs = suite_parameters()
+    assert {name for name, _ in pairs} == set(CHECKS)
+    assert len(pairs) == len(CHECKS) * len(CASES) == len(set((n, str(c)) for n, c in pairs))
+    assert "onnx_export" in CHECKS and CHECKS["onnx_export"].requires == (
+        "onnx", "onnxscript", "onnxruntime"
+    )
 
 
-@every_case
-def test_shapes_and_dtypes_are_preserved(case: ConformanceCase) -> None:
-    check_shapes_and_dtypes(case)
+def test_a_check_added_to_checks_runs_on_every_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    monkeypatch.setitem(CHECKS, "added", Check(lambda case: seen.append(str(case))))
+    added = [case for name, case in suite_parameters() if name == "added"]
+    assert [str(case) for case in added] == [str(case) for case in CASES]
+    CHECKS["added"](added[0])
+    assert seen == [str(CASES[0])]
 
 
-@every_case
-def test_packed_export_reloads_bit_exact_and_matches_the_size(
-    case: ConformanceCase, tmp_path: Path
-) -> None:
-    check_packed_export(case, tmp_path)
+def test_a_registered_plug_in_joins_the_default_suite() -> None:
+    assert "toy" not in QUANTIZERS
+    register_quantizer("toy")(ToyAffineQuantizer)
+    try:
+        pairs = suite_parameters()
+        assert sorted(name for name, case in pairs if case.algorithm == "toy") == sorted(CHECKS)
+        assert algorithm_rules("toy") is ToyAffineQuantizer.rules
+    finally:
+        del QUANTIZERS["toy"]
 
 
-@every_case
-def test_export_model_twice_loads_strictly_into_a_fresh_model(
-    case: ConformanceCase, tmp_path: Path
-) -> None:
-    check_export_model_twice(case, tmp_path)
+def test_a_check_says_what_it_needs() -> None:
+    with pytest.raises(TypeError, match="check_packed_export needs a folder to write in"):
+        CHECKS["packed_export"](CASES[0])
+    assert [name for name, check in CHECKS.items() if check.needs_folder] == [
+        "packed_export", "export_model_twice", "onnx_export"
+    ]
+    needs = Check(check_levels, requires=("torch", "quantsearch_no_such_module"))
+    assert needs.missing() == ["quantsearch_no_such_module"]
 
 
-@every_case
-def test_calibration_observes_the_float_model_and_restores_it(case: ConformanceCase) -> None:
-    check_calibration(case)
+class _Skewed(AffineWeightQuant):
+    """Quantizes like its parent but states a QDQ scale twice too large."""
+
+    def qdq_weight(self, x_hat: Tensor) -> QdqForm:
+        form = super().qdq_weight(x_hat)
+        return dataclasses.replace(form, scale=form.scale * 2)
+
+
+class _SkewedQuantizer(ToyAffineQuantizer):
+    examples = ToyAffineQuantizer.examples
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        return {"weight": _Skewed(layer.bits["weight"], scheme="per_tensor_affine", dtype="uint",
+                                  channels=1)}
+
+
+def test_the_onnx_check_fails_a_block_whose_qdq_form_is_wrong(tmp_path: Path) -> None:
+    for module in CHECKS["onnx_export"].requires:
+        pytest.importorskip(module)
+    case = conformance_cases({"skewed": _SkewedQuantizer})[0]
+    with pytest.raises(AssertionError, match=r"skewed-w5: onnxruntime agrees with the eval-mode "
+                                             r"model on \d+\.\d% of the outputs"):
+        check_onnx_export(case, tmp_path)
+
+
+class _Opaque(DoReFaWeightQuant):
+    """A block that quantizes but never says its QDQ form (the TensorQuant default)."""
+
+    qdq_weight = TensorQuant.qdq_weight
+
+
+class _OpaqueQuantizer(Quantizer):
+    rules = AlgorithmRules(name="_OpaqueQuantizer", quant_types=("weight",), min_bits=2,
+                           max_bits=2)
+    examples = (Example("w2", [{"quant_types": ["weight"], "quant_bits": 2,
+                                "op_names": ["conv1", "fc"]}], {"conv1": {"weight": 2}}),)
+
+    def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
+        return {"weight": _Opaque(layer.bits["weight"])}
+
+
+def test_a_block_without_a_qdq_form_is_refused_by_name(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    case = conformance_cases({"opaque": _OpaqueQuantizer})[0]
+    model, _ = build(case)
+    with pytest.raises(OnnxExportError) as raised:
+        export_onnx(model.eval(), tmp_path / "m.onnx", example_batch()[0][:1])
+    assert str(raised.value) == (
+        "cannot export to ONNX QDQ:\n"
+        "  conv1.weight: _Opaque has no QDQ form for a weight (it defines no qdq_weight)\n"
+        "  fc.weight: _Opaque has no QDQ form for a weight (it defines no qdq_weight)"
+    )
+    assert not (tmp_path / "m.onnx").exists()
+    pytest.importorskip("onnxruntime")
+    check_onnx_export(case, tmp_path)  # the suite's check accepts a refusal that names them
 
 
 def test_every_registered_algorithm_has_cases() -> None:

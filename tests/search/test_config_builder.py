@@ -6,7 +6,10 @@ import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from torch import nn
 
+from quantsearch.quantization import QATQuantizer, match_layers
+from quantsearch.quantization._config import select_layers, validate_config_list
 from quantsearch.search import ModelLayers, SpaceError, SpacePlan, config_key, parse_space
+from quantsearch.search._spec import LayerSelector
 
 
 class _Net(nn.Module):
@@ -205,3 +208,22 @@ def test_layer_errors_name_the_key(space: dict, message: str) -> None:
     with pytest.raises(SpaceError) as caught:
         _plan(**space)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [
+        LayerSelector(op_types=("default",)),
+        LayerSelector(op_types=("Conv2d", "ReLU6")),
+        LayerSelector(op_names=("conv1", "head.1")),
+        LayerSelector(op_types=("default",), op_names=("conv1", "relu1")),
+    ],
+)
+def test_a_selector_selects_what_the_quantizer_selects(selector: LayerSelector) -> None:
+    model = _Net()
+    chosen = ModelLayers.of(model).select(selector, key="quantize.weight")
+    entry = {"quant_types": ["output"], "quant_bits": 8, **selector.to_dict()}
+    rules = QATQuantizer.rules
+    quantized = select_layers(model, validate_config_list([entry], rules), rules)
+    assert chosen == list(quantized)
+    assert chosen == match_layers(ModelLayers.of(model).modules, **selector.to_dict())

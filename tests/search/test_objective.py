@@ -9,7 +9,7 @@ import torch
 from quantsearch.quantization import get_quantizer
 from quantsearch.search import TrialJob, run_trial, trial_seed
 from quantsearch.search._objective import build_task
-from quantsearch.search._space import HopelessRule, TaskSpec
+from quantsearch.search._spec import HopelessRule, TaskSpec
 from quantsearch.tasks import TrainConfig, evaluate, fit
 
 TASK = TaskSpec(name="digits", options={"limit": 300})

@@ -21,7 +21,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from quantsearch.search import _study, load_space, open_study, prepare, run_study
+from quantsearch.search import _loop, _recovery, load_space, open_study, prepare, run_study
 from tests.search._spaces import write_space
 
 
@@ -173,8 +173,8 @@ def test_a_dead_machines_trial_is_failed_by_heartbeat_and_run_again(
     tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(_study, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(_study, "GRACE_SECONDS", 1)
+    monkeypatch.setattr(_recovery, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(_recovery, "GRACE_SECONDS", 1)
     context = prepare(load_space(write_space(tmp_path, n_trials=3, storage=postgres_url)))
     study = open_study(context)
     # Another machine asked a trial, sent one heartbeat, and died.
@@ -247,7 +247,7 @@ def test_a_trial_running_on_another_machine_is_not_trained_twice(
     tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(_study, "_ELSEWHERE_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(_loop, "_ELSEWHERE_POLL_SECONDS", 0.1)
     space = write_space(tmp_path, n_trials=2, storage=postgres_url,
                         baselines={"float": False, "uniform_bits": [8]})
     context = prepare(load_space(space))

@@ -18,13 +18,23 @@ from hypothesis import strategies as st
 
 from quantsearch.quantization import QUANTIZERS, ConfigError, get_quantizer
 from quantsearch.search import ModelLayers, SpaceError, SpacePlan, parse_space
-from quantsearch.search._space import _TOP_KEYS, BITS_PARAMS, MAX_SEED
+from quantsearch.search._parser import TOP_KEYS
+from quantsearch.search._rules import MAX_SEED
+from quantsearch.search._spec import BITS_PARAMS
 from quantsearch.tasks import get_task
 
 TASK = get_task("digits", seed=0, options={"limit": 100})
 PARAM_NAMES = (*BITS_PARAMS, "quant_start_step", "quant_scheme", "quant_dtype", "lr",
                "weight_decay", "momentum", "batch_size")
 LAYER_TYPES = ["Conv2d", "Linear", "ReLU6", "ReLU", "BatchNorm2d", "default", "Dropout", "x"]
+# What a parsed space may still be refused for by the quantizer: the algorithm's bit range or
+# quant types, weights asked of weightless layers, ptq's percentile without its observer.
+QUANTIZER_REFUSALS = (
+    " bits for ",
+    "is not supported by",
+    "has a weight",
+    "only used with observer 'percentile'",
+)
 LAYER_NAMES = ["conv1", "conv2", "fc1", "fc2", "relu1", "nope"]
 
 scalars = st.one_of(
@@ -96,7 +106,7 @@ base_spaces = st.fixed_dictionaries(
     },
 )
 PATHS: list[tuple[str, ...]] = [
-    *[(key,) for key in (*_TOP_KEYS, "junk")],
+    *[(key,) for key in (*TOP_KEYS, "junk")],
     ("params", "quant_bits"),
     ("params", "quant_bits", "_value"),
     ("params", "quant_bits", "_type"),
@@ -158,8 +168,13 @@ def _check_quantizer(algorithm: str, config_list: Any) -> None:
 def test_a_space_parses_into_working_quantizers_or_raises_space_error(data: dict) -> None:
     try:
         spec = parse_space(data, source="s.yaml", default_name="s")
+    except SpaceError as error:
+        assert str(error).startswith("s.yaml: "), str(error)
+        return
+    try:
         plan = SpacePlan(spec, ModelLayers.of(TASK.build_model()))
-    except SpaceError:
+    except SpaceError as error:
+        assert error.key is not None and str(error).startswith(f"{error.key}: "), str(error)
         return
     # Every searched value the space can give, as prepare() tries it.
     for _, _, point in plan.candidate_points():
@@ -168,8 +183,13 @@ def test_a_space_parses_into_working_quantizers_or_raises_space_error(data: dict
             continue  # every layer stays float: no quantizer to build
         try:
             _check_quantizer(spec.algorithm, config_list)
-        except ConfigError:
-            continue  # prepare() reports this one as a SpaceError naming the value
+        except ConfigError as error:
+            # Only what needs the algorithm and the model together is left to the quantizer
+            # (prepare() reports it as a SpaceError naming the value); a key or a value the
+            # space could check alone must have been refused by the parser.
+            message = str(error)
+            assert message.startswith("config_list["), message
+            assert any(refusal in message for refusal in QUANTIZER_REFUSALS), message
     for name, distribution in plan.distributions.items():
         for bound in ("low", "high"):
             value = getattr(distribution, bound, None)

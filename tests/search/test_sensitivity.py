@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 import pytest
 
-from quantsearch.pipeline import TrialRecord
+from quantsearch.pipeline import FLOAT_MODEL_FILE, StudyRecord, TrialRecord
 from quantsearch.search import (
     ParamSensitivity,
     Sensitivity,
@@ -25,17 +25,11 @@ from quantsearch.search import (
     prepare,
     run_study,
     seed_configs,
-    sensitivity_of,
+    study_location,
 )
-from quantsearch.search._sensitivity import (
-    SEED_MARK,
-    SeedGuide,
-    SensitivityError,
-    _area,
-    ensure_sensitivity,
-    seed_limit,
-)
-from quantsearch.search._study import FLOAT_MODEL_FILE, artifacts_dir
+from quantsearch.search._predicted_front import _area
+from quantsearch.search._seed_guide import SEED_MARK, SeedGuide, seed_limit
+from quantsearch.search._sensitivity_measure import SensitivityError, ensure_sensitivity
 from quantsearch.search._workers import ProcessPool
 
 SpaceFile = Callable[..., Path]
@@ -147,7 +141,7 @@ def test_a_study_measures_once_and_starts_from_the_predicted_front(
     log = _Log()
     spec = load_space(path)
     study = run_study(prepare(spec), progress=log)
-    sensitivity = sensitivity_of(study)
+    sensitivity = StudyRecord.of(study).sensitivity
     assert sensitivity is not None and sensitivity.complete
     names = [p.param for p in sensitivity.params]
     assert names == [
@@ -188,7 +182,7 @@ def test_a_study_measures_once_and_starts_from_the_predicted_front(
     study = run_study(prepare(spec.with_overrides(n_trials=5)), progress=again)
     assert not [line for line in again.lines if line.startswith("sensitivity")]
     assert [TrialRecord.of(t).seed_of for t in study.get_trials()].count("sensitivity") == 2
-    assert sensitivity_of(study) == sensitivity
+    assert StudyRecord.of(study).sensitivity == sensitivity
 
 
 def test_a_killed_pass_measures_only_what_is_missing(space_file: SpaceFile) -> None:
@@ -207,7 +201,7 @@ def test_a_killed_pass_measures_only_what_is_missing(space_file: SpaceFile) -> N
     )
     context = prepare(spec)
     study = run_study(context, progress=_Log())  # float baseline and one seed
-    full = sensitivity_of(study)
+    full = StudyRecord.of(study).sensitivity
     assert full is not None
     # As a pass killed after conv1's entries and one of relu1's would have left it.
     kept = [
@@ -217,7 +211,7 @@ def test_a_killed_pass_measures_only_what_is_missing(space_file: SpaceFile) -> N
     study.set_user_attr(
         "sensitivity", full.model_copy(update={"params": kept, "complete": False}).model_dump()
     )
-    _, folder = artifacts_dir(spec)
+    folder = study_location(spec).folder
     log = _Log()
     saved: list[Sensitivity] = []
     original = study.set_user_attr
@@ -266,7 +260,7 @@ def test_hessian_measure_is_trace_times_the_weight_error(space_file: SpaceFile) 
     )
     context = prepare(spec)
     study = run_study(context, progress=_Log())
-    _, folder = artifacts_dir(spec)
+    folder = study_location(spec).folder
     sensitivity = measure_sensitivity(
         spec,
         context.task,
@@ -274,7 +268,7 @@ def test_hessian_measure_is_trace_times_the_weight_error(space_file: SpaceFile) 
         folder / FLOAT_MODEL_FILE,
         float_size_bytes=context.float_size_bytes,
     )
-    stored = sensitivity_of(study)
+    stored = StudyRecord.of(study).sensitivity
     assert stored is not None
     # The same seeds give the same estimate (only the seconds it took differ).
     assert sensitivity.model_dump(exclude={"seconds"}) == stored.model_dump(exclude={"seconds"})
@@ -534,7 +528,7 @@ def test_workers_measure_what_the_study_process_measures(space_file: SpaceFile) 
     spec = load_space(space_file(**one))
     context = prepare(spec)
     run_study(context, progress=_Log())  # the float model (and the float baseline)
-    _, folder = artifacts_dir(spec)
+    folder = study_location(spec).folder
     counts: list[tuple[int, int]] = []
 
     def measure(pool: Any) -> Sensitivity:
@@ -580,7 +574,7 @@ def test_a_measurement_whose_worker_died_stops_the_pass_with_its_name(
     spec = load_space(space_file(**one))
     context = prepare(spec)
     run_study(context, progress=_Log())
-    _, folder = artifacts_dir(spec)
+    folder = study_location(spec).folder
     saved: list[Sensitivity] = []
     with pytest.raises(SensitivityError) as caught:
         measure_sensitivity(

@@ -8,7 +8,7 @@ import pytest
 
 from quantsearch.quantization import QUANTIZERS
 from quantsearch.search import NniParam, SpaceError, load_space, parse_space
-from quantsearch.search._space import changed_keys
+from quantsearch.search._spec import changed_keys
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ per_layer:
     assert spec.train["lr"] == 0.01
     assert spec.params["lr"] == NniParam("loguniform", (1e-4, 1e-2))
     assert spec.params["output_bits"] == 8
-    assert spec.sampler.n_startup_trials == 5
+    assert spec.sampler.options == {"n_startup_trials": 5}
     assert spec.baselines.labels == ["uniform-8"]
     assert spec.constraints.min_accuracy == 0.5
     assert spec.constraints.max_size_bytes == 20000
@@ -193,6 +193,23 @@ def test_overrides_from_the_command_line() -> None:
         (
             {**MINIMAL, "algorithm": "lsq", "params": {"quant_bits": 8, "quant_start_step": 5}},
             "params.quant_start_step: only the qat algorithm has quant_start_step, not lsq",
+        ),
+        (
+            {**MINIMAL, "algorithm": "naive", "params": {"quant_bits": 8, "quant_scheme": "x"}},
+            "params.quant_scheme: only the qat and ptq algorithms have quant_scheme, not naive",
+        ),
+        (
+            {**MINIMAL, "params": {"quant_bits": 8, "quant_start_step": {"_type": "uniform",
+                                                                          "_value": [0, 9]}}},
+            "params.quant_start_step._value: uniform [0, 9] gives non-integer values",
+        ),
+        (
+            {**MINIMAL, "params": {"quant_bits": 8, "quant_scheme": "per_layer"}},
+            "params.quant_scheme: 'per_layer' is not one of ['per_tensor_affine', ",
+        ),
+        (
+            {**MINIMAL, "train": {"device": "cuda:x"}},
+            "train.device: 'cuda:x' is not one of cpu, cuda, cuda:N, auto",
         ),
         (
             {**MINIMAL, "baselines": {"uniform_bits": [16]}},

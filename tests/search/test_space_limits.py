@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantsearch._studydata import mask_url
+from quantsearch.pipeline import mask_url
 from quantsearch.search import SpaceError, load_space, parse_space, study_location
 from quantsearch.search._errors import shown
 from quantsearch.search._rules import MAX_SEED

@@ -24,8 +24,7 @@ from quantsearch.search import (
     SpaceError,
     StudyBusyError,
     _objective,
-    _storage,
-    _study,
+    _recovery,
     counted_trials,
     load_space,
     load_study,
@@ -263,9 +262,8 @@ def test_a_shared_database_fails_stale_trials_by_heartbeat(
     (by whichever machine looks next) and its parameters run again."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(_location, "sqlite_path", lambda url: None)
-    for module in (_storage, _study):
-        monkeypatch.setattr(module, "HEARTBEAT_SECONDS", 1)
-    monkeypatch.setattr(_storage, "GRACE_SECONDS", 1)
+    monkeypatch.setattr(_recovery, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(_recovery, "GRACE_SECONDS", 1)
     context = prepare(load_space(space_file(n_trials=3)))
     (tmp_path / "studies").mkdir()  # a database server needs no folder; this file does
     study = open_study(context)

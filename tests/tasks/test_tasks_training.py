@@ -12,9 +12,9 @@ from torch.utils.data import Dataset, TensorDataset
 
 from quantsearch.tasks import (
     DivergedError,
-    FitResult,
     Task,
     TrainConfig,
+    TrainConfigError,
     _training,
     evaluate,
     fit,
@@ -91,12 +91,12 @@ def test_train_config_defaults_are_the_documented_ones() -> None:
         ({"epochs": 2.5}, "TrainConfig.epochs must be an integer >= 0, got 2.5"),
         ({"batch_size": 0}, "TrainConfig.batch_size must be an integer >= 1, got 0"),
         ({"optimizer": "rmsprop"}, "TrainConfig.optimizer must be one of sgd, adam, adamw"),
-        ({"lr": 0}, "TrainConfig.lr must be > 0, got 0"),
-        ({"lr": float("nan")}, "TrainConfig.lr must be a finite number, got nan"),
-        ({"momentum": 1.0}, "TrainConfig.momentum must be in [0, 1), got 1.0"),
-        ({"weight_decay": -0.1}, "TrainConfig.weight_decay must be >= 0, got -0.1"),
+        ({"lr": 0}, "TrainConfig.lr must be a number > 0, got 0"),
+        ({"lr": float("nan")}, "TrainConfig.lr must be a number > 0, got nan"),
+        ({"momentum": 1.0}, "TrainConfig.momentum must be a number in [0, 1), got 1.0"),
+        ({"weight_decay": -0.1}, "TrainConfig.weight_decay must be a number >= 0, got -0.1"),
         ({"lr_schedule": "linear"}, "TrainConfig.lr_schedule must be one of none, cosine, step"),
-        ({"device": "tpu"}, "TrainConfig.device must be one of cpu, cuda, auto (or 'cuda:N')"),
+        ({"device": "tpu"}, "TrainConfig.device must be one of cpu, cuda, cuda:N, auto, got 'tpu'"),
         ({"num_threads": 0}, "TrainConfig.num_threads must be an integer >= 1, got 0"),
     ],
 )
@@ -114,6 +114,33 @@ def test_train_config_from_dict_reads_yaml_style_values() -> None:
         TrainConfig.from_dict({"lr_rate": 0.1})
     with pytest.raises(ValueError, match=r"TrainConfig\.lr must be a number, got 'fast'"):
         TrainConfig.from_dict({"lr": "fast"})
+
+
+def test_train_config_error_names_the_setting_and_what_it_takes() -> None:
+    with pytest.raises(TrainConfigError) as info:
+        TrainConfig(device="cuda:x")
+    assert (info.value.key, info.value.value) == ("device", "cuda:x")
+    assert info.value.allowed == "one of cpu, cuda, cuda:N, auto"
+    assert pickle.loads(pickle.dumps(info.value)).args == info.value.args
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+
+
+def test_checked_validates_some_settings_in_their_order() -> None:
+    assert TrainConfig.checked({"lr": 1, "epochs": 0, "steps": None}) == {
+        "lr": 1.0,
+        "epochs": 0,
+        "steps": None,
+    }
+    with pytest.raises(TrainConfigError, match=r"^TrainConfig\.lr must be a number > 0"):
+        TrainConfig.checked({"lr": -1, "epochs": -1})
+    # A search's trials train, and every key it writes has a value.
+    for key, value in (("epochs", 0), ("steps", 0), ("steps", None), ("num_threads", None)):
+        with pytest.raises(TrainConfigError, match=r"must be an integer >= 1, got "):
+            TrainConfig.checked({key: value}, search=True)
+    assert TrainConfig.rule("epochs").allowed == "an integer >= 0"
+    assert TrainConfig.rule("epochs", search=True).allowed == "an integer >= 1"
+    assert TrainConfig.rule("batch_size").integral
+    assert not TrainConfig.rule("lr").integral
 
 
 def test_make_optimizer_builds_the_named_optimizer() -> None:
@@ -138,7 +165,8 @@ def test_fit_learns_and_reports() -> None:
     model = _fresh()
     config = TrainConfig(epochs=10, batch_size=16, lr=3e-2)
     result = fit(model, task, make_optimizer(model.parameters(), config), config, seed=0)
-    assert isinstance(result, FitResult)
+    assert result.steps_run == 60  # 10 epochs of 96 examples in batches of 16
+    assert result.val_accuracy == evaluate(model, task.val_set)
     assert result.epochs_run == 10
     assert result.val_accuracy >= 0.95
     assert len(result.epoch_losses) == 10

@@ -11,8 +11,8 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
+from quantsearch.export import ExportError, describe_export, export_trial, resolve_checkpoint
 from quantsearch.quantization import get_quantizer, model_size_bytes
-from quantsearch.report import ExportError, describe_export, export_trial, resolve_checkpoint
 from quantsearch.tasks import Task, TrainConfig, evaluate, fit, get_task, make_optimizer
 
 CONFIGS: dict[str, list[dict[str, Any]]] = {
@@ -115,7 +115,7 @@ def test_export_reloads_to_the_stored_accuracy(tmp_path: Path, task: Task, algor
     # The state dict is the original architecture's: it loads strictly into a fresh model.
     task.build_model().load_state_dict(torch.load(result.model_path, weights_only=True))
     # The packed file holds the weights at their bit width: about the stored model size.
-    assert result.packed_file_bytes is not None
+    assert result.packed_file_bytes == (tmp_path / "export" / "model.qpk").stat().st_size
     assert result.packed_file_bytes <= 1.1 * result.size_bytes + 4096
     text = describe_export(result)
     correct = round(stored * len(task.test_set))
@@ -184,8 +184,8 @@ def test_the_dequantized_state_dict_holds_the_deployed_weights_in_the_original_a
     import torch
     from torch import nn
 
+    from quantsearch.export import dequantized_state
     from quantsearch.quantization import QAT_Quantizer, load_packed
-    from quantsearch.report._export import dequantized_state
 
     def build() -> nn.Module:
         torch.manual_seed(0)

@@ -10,12 +10,19 @@ import optuna
 import pytest
 
 from quantsearch.cli import main
+from quantsearch.export import (
+    ExportError,
+    Latency,
+    OnnxReport,
+    describe_export,
+    describe_onnx,
+    export_trial,
+)
+from quantsearch.export._onnx import MIN_AGREEMENT
 from quantsearch.quantization import OnnxExport
-from quantsearch.report import ExportError, Latency, OnnxReport, describe_export, export_trial
-from quantsearch.report._onnx import MIN_AGREEMENT, describe_onnx
 from quantsearch.tasks import Task, get_task
 
-from .test_report_export import _study
+from .test_export import _study
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quantsearch.report._errors import ExportError
+from quantsearch.export._errors import ExportError
+from quantsearch.export._formats import ExportContext, register_export_format
 
 if TYPE_CHECKING:
     import torch
@@ -112,6 +113,10 @@ class OnnxReport:
             "test_samples": self.test_samples,
             "agrees": self.agrees,
         }
+
+    def describe(self) -> list[str]:
+        """Terminal lines: the files, the agreement with PyTorch and the latency."""
+        return describe_onnx(self)
 
     def check(self, trial_number: int) -> None:
         """Raise ExportError unless onnxruntime agrees with PyTorch on enough test images."""
@@ -305,3 +310,17 @@ def describe_onnx(report: OnnxReport) -> list[str]:
             f"(float/QDQ {lat.speedup:.2f}x)"
         )
     return lines
+
+
+@register_export_format(
+    "onnx", description="those and an ONNX QDQ model, checked in onnxruntime and timed"
+)
+def _onnx_format(context: ExportContext) -> OnnxReport:
+    """The ``onnx`` format: model.onnx and model_float.onnx, run and timed in onnxruntime."""
+    return export_onnx_files(
+        context.model,
+        context.float_model,
+        context.task,
+        context.out_dir,
+        stored_accuracy=context.stored_accuracy,
+    )

@@ -10,20 +10,26 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
-from torch import Tensor, nn
 
-from quantsearch.pipeline import TrialRecord
-from quantsearch.report._errors import ExportError
-from quantsearch.report._storage import sqlite_folder, storage_url
+from quantsearch.export._errors import ExportError
+from quantsearch.export._formats import (
+    DEFAULT_FORMAT,
+    ExportContext,
+    ExportPart,
+    get_export_format,
+)
 
 if TYPE_CHECKING:
-    from quantsearch.report._onnx import OnnxReport
+    from torch import Tensor, nn
+
+    from quantsearch.export._onnx import OnnxReport
+    from quantsearch.pipeline import StudyRecord
     from quantsearch.tasks import Task
 
 __all__ = [
     "ExportResult",
+    "dequantized_state",
     "describe_export",
     "export_trial",
     "resolve_checkpoint",
@@ -35,8 +41,6 @@ CALIBRATION_FILE = "calibration.json"
 PACKED_FILE = "model.qpk"
 DEQUANTIZED_FILE = "model_dequantized.pt"
 SUMMARY_FILE = "export.json"
-#: ``packed``: model.pt, calibration.json, model.qpk; ``onnx``: those and the ONNX files.
-FORMATS = ("packed", "onnx")
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,15 @@ class ExportResult:
     size_bytes: int
     packed_file_bytes: int
     test_samples: int
-    onnx: OnnxReport | None = None
-    """The ONNX export, checked in onnxruntime (``format="onnx"``)."""
+    format: str = DEFAULT_FORMAT
+    """The registered format that wrote the files (:data:`EXPORT_FORMATS`)."""
+    part: ExportPart | None = None
+    """What the format wrote beyond the base files (None for ``packed``)."""
+
+    @property
+    def onnx(self) -> OnnxReport | None:
+        """The ONNX export, checked in onnxruntime (``format="onnx"``)."""
+        return self.part if self.format == "onnx" else None  # type: ignore[return-value]
 
     @property
     def matches(self) -> bool:
@@ -101,6 +112,8 @@ def resolve_checkpoint(
 
     ``checkpoint_root`` replaces that folder (needed for storages that are not SQLite files).
     """
+    from quantsearch.pipeline import TrialRecord
+
     relative = TrialRecord.of(trial).checkpoint
     if not relative:
         raise ExportError(
@@ -109,9 +122,7 @@ def resolve_checkpoint(
         )
     path = Path(relative)
     if not path.is_absolute():
-        root = Path(checkpoint_root) if checkpoint_root is not None else None
-        if root is None:
-            root = sqlite_folder(storage_url(study))
+        root = Path(checkpoint_root) if checkpoint_root is not None else _checkpoint_root(study)
         if root is None:
             raise ExportError(
                 f"trial {trial.number}'s checkpoint {relative!r} is relative to the study's "
@@ -126,21 +137,21 @@ def resolve_checkpoint(
     return path
 
 
-def _task_settings(study: optuna.Study) -> tuple[str, dict[str, Any]]:
+def _checkpoint_root(study: optuna.Study) -> Path | None:
+    """The folder relative checkpoint paths start from: the SQLite file's (its location's
+    root); None for a study not stored in a SQLite file."""
+    from quantsearch.pipeline import StudyLocation, storage_url
+
+    url = storage_url(study)
+    if url is None:
+        return None
+    location = StudyLocation.of(url, study.study_name)
+    return None if location.shared else location.root
+
+
+def _task_settings(study: optuna.Study, record: StudyRecord) -> tuple[str, dict[str, Any]]:
     """The task name and get_task keyword arguments recorded with the study."""
-    attrs = study.user_attrs
-    task = attrs.get("task")
-    space = attrs.get("space") if isinstance(attrs.get("space"), Mapping) else {}
-    settings: Mapping[str, Any] = {}
-    if isinstance(task, Mapping):
-        settings = task
-        name = task.get("name")
-    else:
-        name = task
-        if isinstance(space.get("task"), Mapping):
-            settings = space["task"]
-        if name is None and isinstance(space.get("task"), str):
-            name = space["task"]
+    name, settings = record.task_settings()
     if not name:
         raise ExportError(
             f"study {study.study_name!r} does not record its task (study user attribute "
@@ -148,7 +159,8 @@ def _task_settings(study: optuna.Study) -> tuple[str, dict[str, Any]]:
         )
     kwargs: dict[str, Any] = {}
     for key in ("data_dir", "options", "seed"):
-        source = settings if key in settings else space
+        # The space's top-level value stands in where the task's settings lack the key.
+        source = settings if key in settings else record.space
         if key in source and source[key] is not None:
             kwargs[key] = source[key]
     return str(name), kwargs
@@ -157,9 +169,17 @@ def _task_settings(study: optuna.Study) -> tuple[str, dict[str, Any]]:
 def task_from_study(study: optuna.Study, *, data_dir: str | Path | None = None) -> Task:
     """Rebuild the study's task (same name, data folder, options and seed, hence same splits);
     ``data_dir`` replaces the recorded data folder (the same data, in another place)."""
+    from quantsearch.pipeline import StudyRecord
+
+    return _task_of(study, StudyRecord.of(study), data_dir=data_dir)
+
+
+def _task_of(
+    study: optuna.Study, record: StudyRecord, *, data_dir: str | Path | None = None
+) -> Task:
     from quantsearch.tasks import get_task
 
-    name, kwargs = _task_settings(study)
+    name, kwargs = _task_settings(study, record)
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
     return get_task(name, **kwargs)
@@ -172,7 +192,7 @@ def export_trial(
     *,
     task: Task | None = None,
     checkpoint_root: str | Path | None = None,
-    format: str = "packed",
+    format: str = DEFAULT_FORMAT,
 ) -> ExportResult:
     """Write ``trial_number``'s model to ``out_dir`` from its checkpoint, reload it, evaluate it.
 
@@ -183,19 +203,19 @@ def export_trial(
     raised unless it gets the trial's stored test accuracy exactly (the files stay written, for
     inspection).
 
-    ``format="onnx"`` also writes ``model.onnx`` (QDQ) and ``model_float.onnx``, runs the first
-    in onnxruntime on the test split and times both (see :mod:`quantsearch.report._onnx`); an
+    ``format`` names a registered format (:data:`EXPORT_FORMATS`) that writes more files once
+    the base ones are checked. ``format="onnx"`` also writes ``model.onnx`` (QDQ) and
+    ``model_float.onnx``, runs the first in onnxruntime on the test split and times both; an
     ExportError is raised unless it picks the PyTorch model's class on at least 99.9% of the
     test images.
     """
     import torch
 
-    from quantsearch.pipeline import build_compressed
+    from quantsearch.pipeline import StudyRecord, TrialRecord, build_compressed
     from quantsearch.quantization import load_packed, save_packed
     from quantsearch.tasks import evaluate
 
-    if format not in FORMATS:
-        raise ExportError(f"unknown export format {format!r}: expected one of {list(FORMATS)}")
+    handler = get_export_format(format).handler
     trial = _find_trial(study, trial_number)
     record = TrialRecord.of(trial)
     if trial.state != TrialState.COMPLETE:
@@ -206,7 +226,8 @@ def export_trial(
             "model to export"
         )
     config_list = record.config_list
-    algorithm = record.algorithm or study.user_attrs.get("algorithm")
+    study_record = StudyRecord.of(study)
+    algorithm = record.algorithm or study_record.algorithm
     stored = record.test_accuracy
     if config_list is None or algorithm is None or stored is None:
         missing = [
@@ -220,7 +241,7 @@ def export_trial(
         ]
         raise ExportError(f"trial {trial_number} lacks the user attributes {missing}")
     checkpoint = resolve_checkpoint(study, trial, checkpoint_root=checkpoint_root)
-    task = task if task is not None else task_from_study(study)
+    task = task if task is not None else _task_of(study, study_record)
 
     # A float trial (empty config_list) holds the bare model: no quantizer to rebuild.
     compressed = build_compressed(task, algorithm, config_list)
@@ -263,13 +284,19 @@ def export_trial(
         dequantized_model = task.build_model()
         dequantized_model.load_state_dict(state)
         dequantized_accuracy = evaluate(dequantized_model, task.test_set)
-    onnx_report = None
-    if format == "onnx":
-        from quantsearch.report._onnx import export_onnx_files
-
-        onnx_report = export_onnx_files(
-            model, float_model, task, out, stored_accuracy=float(stored)
+    part = handler(
+        ExportContext(
+            trial_number=trial_number,
+            record=record,
+            task=task,
+            out_dir=out,
+            model=model,
+            quantizer=quantizer,
+            float_model=float_model,
+            deployed=deployed,
+            stored_accuracy=float(stored),
         )
+    )
 
     samples = len(task.test_set)  # type: ignore[arg-type]
     result = ExportResult(
@@ -287,7 +314,8 @@ def export_trial(
         size_bytes=int(record.size_bytes if record.size_bytes is not None else 0),
         packed_file_bytes=packed_path.stat().st_size,
         test_samples=samples,
-        onnx=onnx_report,
+        format=format,
+        part=part,
     )
     (out / SUMMARY_FILE).write_text(json.dumps(_summary(result), indent=2) + "\n")
     if not _same_count(checkpoint_accuracy, result.stored_test_accuracy, samples):
@@ -302,8 +330,8 @@ def export_trial(
             f"{reloaded_accuracy:.4%}, but trial {trial_number} stored "
             f"{result.stored_test_accuracy:.4%}"
         )
-    if onnx_report is not None:
-        onnx_report.check(trial_number)
+    if part is not None:
+        part.check(trial_number)
     return result
 
 
@@ -314,6 +342,8 @@ def dequantized_state(
     weights: each folded BatchNorm passes its input through (mean 0, variance 1 - eps, weight 1)
     and carries the folded bias when its conv has none. None when a folded bias has no place
     (a conv without bias before a BatchNorm without affine parameters)."""
+    import torch
+
     state = fresh.state_dict()
     given = deployed.state_dict()
     for key, value in given.items():
@@ -379,8 +409,8 @@ def _summary(result: ExportResult) -> dict[str, Any]:
         "test_samples": result.test_samples,
         "matches": result.matches,
     }
-    if result.onnx is not None:
-        summary["onnx"] = result.onnx.summary()
+    if result.part is not None:
+        summary[result.format] = result.part.summary()
     return summary
 
 
@@ -408,8 +438,6 @@ def describe_export(result: ExportResult) -> str:
         f"test accuracy of the reloaded packed model: {result.reloaded_accuracy:.4%} "
         f"({correct}/{result.test_samples}); stored: {result.stored_test_accuracy:.4%}: {verdict}"
     )
-    if result.onnx is not None:
-        from quantsearch.report._onnx import describe_onnx
-
-        lines += describe_onnx(result.onnx)
+    if result.part is not None:
+        lines += result.part.describe()
     return "\n".join(lines)

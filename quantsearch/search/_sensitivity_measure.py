@@ -1,22 +1,15 @@
-"""Per-layer sensitivity: measured once on the float model, then the seeds of the search.
+"""Per-layer sensitivity, measured once on the float model.
 
 For every per-layer bits parameter of a space (a layer's ``weight_bits``, ...) and each of its
 bit widths, the float model is quantized post-training at that one parameter alone and
 evaluated on a few validation batches (loss and accuracy); with ``method: hessian`` each
 weight also gets HAWQ-V2's mean Hessian trace (Hutchinson's estimator) times
 ||Q(W) - W||^2. Each bit width also gets the bytes it saves, by ``model_size_bytes``.
-
-The predicted cost of a whole config is the sum of its parameters' increases, its size the
-float size plus the sum of their size changes: the Pareto set of (increase, size) is a
-multiple-choice knapsack, solved exactly by merging the Pareto sets layer by layer. Its configs are
-queued as the study's first sampled trials, one at a time, while they keep reaching the
-front (``SeedGuide``).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,54 +19,36 @@ from typing import Any
 import optuna
 import torch
 from optuna.distributions import CategoricalDistribution, IntDistribution
-from optuna.trial import FrozenTrial, TrialState
 from torch import Tensor, nn
 
 from quantsearch.pipeline import (
-    SENSITIVITY_ATTR,
     Bits,
     ParamSensitivity,
     Sensitivity,
     SensitivityEntry,
-    TrialRecord,
-    accuracy_interval,
+    StudyRecord,
     build_compressed,
-    sensitivity_of,
     state_sha256,
 )
-from quantsearch.quantization import model_size_bytes
-from quantsearch.quantization._base import wrappers_of
+from quantsearch.quantization import model_size_bytes, wrappers_of
 from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._objective import build_task, float_state_of, train_config
-from quantsearch.search._space import BITS_PARAMS, DEFAULT_PATIENCE, SearchSpec
+from quantsearch.search._rules import MEASURING_ALGORITHM, entry_keys
+from quantsearch.search._spec import BITS_PARAMS, SearchSpec, SensitivitySpec
 from quantsearch.search._workers import InlinePool, ProcessPool
-from quantsearch.tasks import Task, seed_everything
-from quantsearch.tasks._training import batches_of
+from quantsearch.tasks import Task, batches_of, seed_everything
 
 __all__ = [
-    "SEED_MARK",
-    "PredictedPoint",
-    "SeedGuide",
     "SensitivityError",
     "SensitivityJob",
     "ensure_sensitivity",
     "measure_sensitivity",
-    "predicted_front",
     "searched_tensors",
-    "seed_configs",
-    "seed_limit",
-    "seed_study",
 ]
 
-#: ``TrialRecord.seed_of`` of a trial queued from the sensitivity's Pareto set.
-SEED_MARK = "sensitivity"
 # Activation types whose observers need calibration batches before they quantize.
 _ACTIVATIONS = ("input", "output")
-# Config keys the ptq quantizer takes besides the bits (others belong to training).
-_PTQ_KEYS = ("quant_scheme", "quant_dtype", "observer", "percentile")
-# A seed trial that ended with a result (a failed one is retried or is an error, not a miss).
-_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def _param_values(param: NniParam) -> list[Bits]:
@@ -136,7 +111,7 @@ class _Measurer:
 
     def __post_init__(self) -> None:
         self.config = train_config(self.task, self.spec.train)
-        self.batches = self.spec.sensitivity.batches if self.spec.sensitivity else 8
+        self.batches = (self.spec.sensitivity or SensitivitySpec()).batches
 
     def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         batches = batches_of(self.task.val_set, self.config, shuffle=False)
@@ -163,7 +138,9 @@ class _Measurer:
         return self._float_result
 
     def float_model(self) -> nn.Module:
-        return build_compressed(self.task, "ptq", [], float_state=self.float_state).model
+        return build_compressed(
+            self.task, MEASURING_ALGORITHM, [], float_state=self.float_state
+        ).model
 
     def measure(self, name: str, tensors: Sequence[str], bits: Bits) -> SensitivityEntry:
         if bits == FLOAT:
@@ -171,15 +148,12 @@ class _Measurer:
             return SensitivityEntry(bits=bits, loss=loss, accuracy=accuracy, size_delta=0)
         values = _only(self.plan, name, bits)
         config_list = self.plan.config_list(values)
-        measured = [
-            {
-                k: v
-                for k, v in e.items()
-                if k in (*_PTQ_KEYS, "quant_types", "quant_bits", "op_names")
-            }
-            for e in config_list
-        ]
-        compressed = build_compressed(self.task, "ptq", measured, float_state=self.float_state)
+        # The measuring quantizer's own keys (others, such as quant_start_step, are training's).
+        kept = (*entry_keys(MEASURING_ALGORITHM), "quant_types", "quant_bits", "op_names")
+        measured = [{k: v for k, v in e.items() if k in kept} for e in config_list]
+        compressed = build_compressed(
+            self.task, MEASURING_ALGORITHM, measured, float_state=self.float_state
+        )
         assert compressed.quantizer is not None
         activations = any(t.rpartition(".")[2] in _ACTIVATIONS for t in tensors)
         # Weights set their own ranges; activations need calibration batches first.
@@ -340,8 +314,8 @@ def measure_sensitivity(
     ``count`` the entries done and their total.
     """
     started = time.perf_counter()
-    options = spec.sensitivity
-    method = options.method if options else "loss"
+    options = spec.sensitivity or SensitivitySpec()
+    method = options.method
     seed_everything(spec.seed)
     float_state = float_state_of(str(float_weights))
     measurer = _Measurer(spec, task, plan, float_state, float_size_bytes)
@@ -379,8 +353,7 @@ def measure_sensitivity(
         ]
         if missing:
             log(f"sensitivity: Hessian traces of {len(missing)} weight(s) ...")
-            samples_per = options.hessian_samples if options else 4
-            traces = measurer.traces(missing, samples_per)
+            traces = measurer.traces(missing, options.hessian_samples)
             params = [
                 p.model_copy(update={"trace": sum(traces[lay] for lay in weighted[p.param])})
                 if p.param in weighted and weighted[p.param] and p.trace is None
@@ -483,7 +456,7 @@ def ensure_sensitivity(
 ) -> Sensitivity:
     """The study's sensitivity: read back when complete, else measured (from where a killed
     pass stopped, on the ``pool``'s workers) and stored in the study as it goes."""
-    stored = sensitivity_of(study)
+    stored = StudyRecord.of(study).sensitivity
     sha = state_sha256(float_state_of(str(float_path)))
     if stored is not None and stored.complete and stored.float_sha256 == sha:
         return stored
@@ -493,7 +466,7 @@ def ensure_sensitivity(
         log("sensitivity: measuring each per-layer bit width on the float model ...")
 
     def save(sensitivity: Sensitivity) -> None:
-        study.set_user_attr(SENSITIVITY_ATTR, sensitivity.model_dump())
+        StudyRecord.write(study, sensitivity=sensitivity)
 
     made = measure_sensitivity(
         spec,
@@ -509,274 +482,3 @@ def ensure_sensitivity(
     )
     log(f"sensitivity: done in {made.seconds:.1f} s")
     return made
-
-
-@dataclass(frozen=True)
-class PredictedPoint:
-    """One config of the predicted Pareto set."""
-
-    increase: float
-    size_bytes: int
-    bits: dict[str, Bits]
-
-
-def predicted_front(sensitivity: Sensitivity) -> list[PredictedPoint]:
-    """The exact Pareto set of (predicted increase, size), smallest first.
-
-    Merging layer by layer keeps only non-dominated partial sums: any config on the final
-    front is made of non-dominated partial configs, so nothing on it is lost.
-    """
-    front = [PredictedPoint(0.0, sensitivity.float_size_bytes, {})]
-    for name, values in sensitivity.candidates.items():
-        param = sensitivity.param(name)
-        options = [
-            (sensitivity.increase(name, b), 0 if b == FLOAT else param.entry(b).size_delta, b)
-            for b in values
-            if b == FLOAT or param.entry(b) is not None
-        ]
-        merged = [
-            PredictedPoint(p.increase + inc, p.size_bytes + delta, {**p.bits, name: b})
-            for p in front
-            for inc, delta, b in options
-        ]
-        front = _pareto(merged)
-    return front
-
-
-def _pareto(points: Sequence[PredictedPoint]) -> list[PredictedPoint]:
-    ordered = sorted(points, key=lambda p: (p.size_bytes, p.increase))
-    kept: list[PredictedPoint] = []
-    best = math.inf
-    for point in ordered:
-        if point.increase < best:
-            kept.append(point)
-            best = point.increase
-    return kept
-
-
-def seed_configs(
-    sensitivity: Sensitivity,
-    count: int,
-    *,
-    exclude: Sequence[Mapping[str, Bits]] = (),
-    spread: str = "hypervolume",
-) -> list[dict[str, Bits]]:
-    """``count`` configs of the predicted Pareto set, in the order they are to be tried.
-
-    ``spread``: ``hypervolume`` adds, one at a time, the config that grows the predicted
-    front's hypervolume most (size / float size against the increase scaled to [0, 1]), so
-    every prefix covers where the front bends; ``size`` takes the configs nearest to
-    ``count`` sizes spaced evenly between the smallest and the largest, the two ends first
-    and then halving the gaps. Configs in ``exclude`` (the baselines) are skipped: they run
-    anyway.
-    """
-    front = [p for p in predicted_front(sensitivity) if dict(p.bits) not in list(exclude)]
-    count = min(count, len(front))
-    if count <= 0:
-        return []
-    if spread == "size":
-        chosen = _halving_order(sorted(_by_size(front, count)))
-    else:
-        chosen = _by_hypervolume(front, count, sensitivity.float_size_bytes)
-    return [front[i].bits for i in chosen]
-
-
-def _by_size(front: Sequence[PredictedPoint], count: int) -> list[int]:
-    low, high = front[0].size_bytes, front[-1].size_bytes
-    chosen: list[int] = []
-    for k in range(count):
-        target = low + (high - low) * k / max(count - 1, 1)
-        free = [i for i in range(len(front)) if i not in chosen]
-        chosen.append(min(free, key=lambda i: abs(front[i].size_bytes - target)))
-    return chosen
-
-
-def _halving_order(items: Sequence[int]) -> list[int]:
-    """The first and the last item, then the middle of each gap, coarsest gaps first."""
-    if len(items) <= 2:
-        return list(items)
-    order = [0, len(items) - 1]
-    gaps = [(0, len(items) - 1)]
-    while gaps:
-        low, high = gaps.pop(0)
-        if high - low < 2:
-            continue
-        middle = (low + high) // 2
-        order.append(middle)
-        gaps += [(low, middle), (middle, high)]
-    return [items[i] for i in order]
-
-
-# Reference point of the predicted hypervolume: float size, and a little past the worst
-# increase, so that the front's smallest config counts too.
-_REFERENCE = (1.0, 1.05)
-
-
-def _area(points: Sequence[tuple[float, float]]) -> float:
-    """Area dominated by ``points`` (both minimised) below ``_REFERENCE``."""
-    area, best = 0.0, _REFERENCE[1]
-    for x, y in sorted(points):
-        if y < best and x < _REFERENCE[0]:
-            area += (_REFERENCE[0] - x) * (best - y)
-            best = y
-    return area
-
-
-def _by_hypervolume(front: Sequence[PredictedPoint], count: int, float_size: int) -> list[int]:
-    increases = [p.increase for p in front]
-    low, high = min(increases), max(increases)
-    scale = (high - low) or 1.0
-    points = [(p.size_bytes / float_size, (p.increase - low) / scale) for p in front]
-    chosen: list[int] = []
-    for _ in range(count):
-        base = [points[i] for i in chosen]
-        free = [i for i in range(len(points)) if i not in chosen]
-        chosen.append(max(free, key=lambda i: (_area([*base, points[i]]), -i)))
-    return chosen
-
-
-def seed_limit(spec: SearchSpec) -> int:
-    """The most seed trials: ``sensitivity.seeds``, else 50; never more than the trials
-    left after the baselines."""
-    options = spec.sensitivity
-    count = options.seeds if options is not None and options.seeds is not None else 50
-    return max(0, min(count, spec.n_trials - len(spec.baselines.labels)))
-
-
-@dataclass(frozen=True)
-class SeedGuide:
-    """Queues the predicted Pareto set's configs one trial at a time, while they pay off.
-
-    The configs come in ``seed_configs`` order (the most predicted hypervolume first). The
-    guide stops for good after ``patience`` finished seeds in a row that missed the front
-    (``misses``: the prediction has stopped finding it), or when its configs are used up; the
-    sampler then goes on alone. Everything it decides is read back from the trials, so a
-    resumed study or another machine goes on where it was.
-    """
-
-    configs: tuple[dict[str, Bits], ...]
-    """The seed configs' bits, in the order they are tried."""
-    params: tuple[dict[str, Any], ...]
-    """The same as Optuna parameters."""
-    patience: int
-
-    @classmethod
-    def of(cls, spec: SearchSpec, plan: SpacePlan, sensitivity: Sensitivity) -> SeedGuide:
-        options = spec.sensitivity
-        baselines = [_baseline_bits(plan, label) for label in spec.baselines.labels]
-        configs = seed_configs(
-            sensitivity,
-            seed_limit(spec),
-            exclude=baselines,
-            spread=options.spread if options else "hypervolume",
-        )
-        params = []
-        for bits in configs:
-            encoded = {}
-            for name, value in bits.items():
-                param = plan.params[name]
-                assert isinstance(param, NniParam)
-                encoded[name] = param.encode(value)
-            params.append(encoded)
-        patience = options.patience if options else DEFAULT_PATIENCE
-        return cls(configs=tuple(configs), params=tuple(params), patience=patience)
-
-    def next_params(self, trials: Sequence[FrozenTrial]) -> dict[str, Any] | None:
-        """The parameters of the next seed to queue, or None: a seed is still waiting, or
-        the guide has ended (``ended``)."""
-        records = [TrialRecord.of(t) for t in trials]
-        waiting = any(
-            t.state == TrialState.WAITING and r.seed_of == SEED_MARK
-            for t, r in zip(trials, records, strict=True)
-        )
-        if waiting or self.ended(trials, records):
-            return None
-        return self._untried(trials)[0]
-
-    def ended(self, trials: Sequence[FrozenTrial], records: Sequence[TrialRecord]) -> str | None:
-        """Why no seed is queued any more, or None while the guide goes on."""
-        if not self._untried(trials):
-            return f"all {len(self.configs)} seed configs tried"
-        if self.patience and self.misses(trials, records) >= self.patience:
-            return f"{self.patience} seeds in a row missed the front"
-        return None
-
-    def _untried(self, trials: Sequence[FrozenTrial]) -> list[dict[str, Any]]:
-        """The seed configs no trial has (whatever its other parameters)."""
-        if not self.params:
-            return []
-        names = list(self.params[0])
-        tried = {tuple(t.params.get(n) for n in names) for t in trials}
-        return [p for p in self.params if tuple(p[n] for n in names) not in tried]
-
-    def misses(self, trials: Sequence[FrozenTrial], records: Sequence[TrialRecord]) -> int:
-        """Finished seeds in a row, the latest last, that missed the front: another trial is
-        at most as large and more accurate than the seed's 95% interval reaches (a difference
-        within the validation split's noise is no miss)."""
-        done = [
-            (t.number, r.val_accuracy, r.size_bytes)
-            for t, r in zip(trials, records, strict=True)
-            if t.state == TrialState.COMPLETE
-            and r.val_accuracy is not None
-            and r.size_bytes is not None
-        ]
-        misses = 0
-        for trial, record in zip(trials, records, strict=True):
-            if record.seed_of != SEED_MARK or trial.state not in _FINISHED:
-                continue
-            accuracy, size = record.val_accuracy, record.size_bytes
-            if trial.state != TrialState.COMPLETE or accuracy is None or size is None:
-                misses += 1
-                continue
-            reach = accuracy_interval(accuracy, record.val_samples or 0)[1]
-            if math.isnan(reach):
-                reach = accuracy
-            beaten = any(n != trial.number and s <= size and a > reach for n, a, s in done)
-            misses = misses + 1 if beaten else 0
-        return misses
-
-    def queue_next(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
-        """Queue the next seed (``seed_of: sensitivity``) if there is one; whether it did."""
-        params = self.next_params(trials)
-        if params is None:
-            return False
-        attrs = TrialRecord(seed_of=SEED_MARK).model_dump(include={"seed_of"})
-        study.enqueue_trial(params, user_attrs=attrs)
-        return True
-
-
-def _baseline_bits(plan: SpacePlan, label: str) -> dict[str, Bits]:
-    names = searched_tensors(plan)
-    params = plan.baseline_params(label)
-    out = {}
-    for name in names:
-        param = plan.params[name]
-        assert isinstance(param, NniParam)
-        out[name] = param.decode(params[name])
-    return out
-
-
-def seed_study(
-    study: optuna.Study,
-    context: Any,
-    float_path: Path,
-    *,
-    pool: InlinePool | ProcessPool,
-    log: Callable[[str], None],
-    count: Callable[[int, int], None],
-) -> SeedGuide:
-    """The study's hook: measure (or read back) the sensitivity on the ``pool``'s workers;
-    the guide that queues its seeds as the study goes."""
-    spec = context.spec
-    sensitivity = ensure_sensitivity(
-        study,
-        spec,
-        context.task,
-        context.plan,
-        float_path,
-        float_size_bytes=context.float_size_bytes,
-        log=log,
-        count=count,
-        pool=pool,
-    )
-    return SeedGuide.of(spec, context.plan, sensitivity)
