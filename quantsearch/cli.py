@@ -32,13 +32,14 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse, with a bad argument reported like every other user error: one line."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        # One prefix for every user error, whichever command's parser found it.
+        print(f"quantsearch: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from quantsearch._paths import FolderError
-    from quantsearch.pipeline import FloatModelError
+    from quantsearch.pipeline import ArtifactError, FloatModelError
     from quantsearch.quantization import ConfigError
     from quantsearch.search import (
         SensitivityError,
@@ -58,6 +59,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         StudyBusyError,
         StudyNotFoundError,
         FloatModelError,
+        ArtifactError,
         FolderError,
         SensitivityError,
     ]
@@ -161,6 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--no-report", action="store_true", help="do not write the report")
     _add_data_dir(study)
+    _add_artifacts(study)
 
     trials = commands.add_parser("trials", help="a study's trials as a table")
     _add_study_source(trials)
@@ -186,12 +189,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--jobs", type=_positive_int, default=1, help="measurements run at once (processes)"
     )
     _add_data_dir(sensitivity)
+    _add_artifacts(sensitivity)
 
     export = commands.add_parser("export", help="export a trial's quantized model")
     _add_study_source(export)
     export.add_argument("--trial", type=int, required=True, help="the trial number")
     export.add_argument("--out", type=Path, required=True, help="the folder to write")
     _add_data_dir(export)
+    _add_artifacts(export)
     export.add_argument(
         "--format", choices=tuple(EXPORT_FORMATS), default=DEFAULT_FORMAT, help=describe_formats()
     )
@@ -201,6 +206,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", help="the task's data folder, instead of the space's task.data_dir"
+    )
+
+
+def _add_artifacts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--artifacts",
+        metavar="LOCATION",
+        help="the artifact store every machine shares: a folder or s3://bucket/prefix "
+        "(instead of the space's artifacts, or the one the study recorded)",
     )
 
 
@@ -258,6 +272,7 @@ def _load_spec(args: argparse.Namespace) -> Any:
         storage=getattr(args, "storage", None),
         n_trials=getattr(args, "n_trials", None),
         data_dir=getattr(args, "data_dir", None),
+        artifacts=getattr(args, "artifacts", None),
     )
 
 
@@ -403,7 +418,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     study, _ = _open_study(args)
     out = _output_folder(args.out, "--out")
     task = task_from_study(study, data_dir=args.data_dir) if args.data_dir else None
-    print(describe_export(export_trial(study, args.trial, out, task=task, format=args.format)))
+    result = export_trial(
+        study, args.trial, out, task=task, format=args.format, artifacts=args.artifacts
+    )
+    print(describe_export(result))
     return 0
 
 

@@ -341,7 +341,7 @@ def test_a_read_only_report_folder_is_refused_before_the_study(
 
 def test_an_argument_error_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _refused(["study", "--space", "s.yaml", "--jobs", "0"], capsys) == (
-        "quantsearch study: error: argument --jobs: 0 is not an integer >= 1 "
+        "quantsearch: error: argument --jobs: 0 is not an integer >= 1 "
         "(see quantsearch study --help)"
     )
 

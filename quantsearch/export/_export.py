@@ -137,6 +137,57 @@ def resolve_checkpoint(
     return path
 
 
+def _checkpoint_file(
+    study: optuna.Study,
+    trial: FrozenTrial,
+    out: Path,
+    *,
+    checkpoint_root: str | Path | None,
+    store: str | None,
+) -> tuple[Path, bool]:
+    """The trial's checkpoint: on this machine, or fetched from the artifact ``store`` into
+    ``out`` (then True: the caller deletes it once read)."""
+    from quantsearch.pipeline import (
+        ArtifactError,
+        TrialRecord,
+        fetch_artifact,
+        file_sha256,
+        open_artifact_store,
+    )
+
+    record = TrialRecord.of(trial)
+    artifact = record.checkpoint_artifact
+    try:
+        path = resolve_checkpoint(study, trial, checkpoint_root=checkpoint_root)
+    except ExportError:
+        if artifact is None:
+            raise
+    else:
+        if record.checkpoint_sha256 in (None, file_sha256(path)):
+            return path, False
+        if artifact is None:
+            raise ExportError(
+                f"checkpoint of trial {trial.number} at {path} was changed since the trial "
+                "wrote it (its bytes differ)"
+            )
+    if store is None:
+        raise ExportError(
+            f"trial {trial.number}'s checkpoint is in an artifact store the study does not "
+            "name: give it with --artifacts"
+        )
+    try:
+        fetched = fetch_artifact(
+            open_artifact_store(store),
+            artifact,
+            out / f".trial_{trial.number}.pt",
+            what=f"the checkpoint of trial {trial.number}",
+            sha256=record.checkpoint_sha256,
+        )
+    except ArtifactError as error:
+        raise ExportError(str(error)) from None
+    return fetched, True
+
+
 def _checkpoint_root(study: optuna.Study) -> Path | None:
     """The folder relative checkpoint paths start from: the SQLite file's (its location's
     root); None for a study not stored in a SQLite file."""
@@ -193,6 +244,7 @@ def export_trial(
     task: Task | None = None,
     checkpoint_root: str | Path | None = None,
     format: str = DEFAULT_FORMAT,
+    artifacts: str | None = None,
 ) -> ExportResult:
     """Write ``trial_number``'s model to ``out_dir`` from its checkpoint, reload it, evaluate it.
 
@@ -208,6 +260,10 @@ def export_trial(
     ``model_float.onnx``, runs the first in onnxruntime on the test split and times both; an
     ExportError is raised unless it picks the PyTorch model's class on at least 99.9% of the
     test images.
+
+    A checkpoint that is not on this machine (another machine trained the trial) is fetched
+    from the study's artifact store, or from ``artifacts`` (a folder or ``s3://bucket/prefix``)
+    where this machine reaches the store elsewhere, into ``out_dir`` for the time it is read.
     """
     import torch
 
@@ -240,7 +296,12 @@ def export_trial(
             if value is None
         ]
         raise ExportError(f"trial {trial_number} lacks the user attributes {missing}")
-    checkpoint = resolve_checkpoint(study, trial, checkpoint_root=checkpoint_root)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = artifacts or study_record.artifacts
+    checkpoint, fetched = _checkpoint_file(
+        study, trial, out, checkpoint_root=checkpoint_root, store=store
+    )
     task = task if task is not None else _task_of(study, study_record)
 
     # A float trial (empty config_list) holds the bare model: no quantizer to rebuild.
@@ -253,10 +314,11 @@ def export_trial(
             f"checkpoint of trial {trial_number} at {checkpoint} does not fit the trial's model "
             "(its tensors' names or shapes differ): it was changed or belongs to another study"
         ) from None
+    finally:
+        if fetched:
+            checkpoint.unlink(missing_ok=True)
     checkpoint_accuracy = evaluate(model, task.test_set)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     calibration_path = out / CALIBRATION_FILE
     packed_path = out / PACKED_FILE

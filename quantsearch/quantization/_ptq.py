@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from ._algorithms import _DTYPES, _WEIGHTED, _channels, _one_of
 from ._base import Example, Quantizer
 from ._codes import QdqForm, affine_fixed_params, fixed_activation_form
 from ._config import AlgorithmRules, LayerConfig
+from ._equalize import EqualizeResult
 from ._math import affine_qparams, affine_qparams_float, fake_quantize
 from ._observers import (
     HISTOGRAM_BINS,
@@ -22,6 +24,14 @@ from ._observers import (
     mse_range,
     percentile_range,
     weight_range,
+)
+from ._ptq_fit import FitRecord
+from ._ptq_methods import (
+    METHOD_OPTIONS,
+    Recording,
+    check_methods,
+    equalize_model,
+    recording_needed,
 )
 from ._registry import register_quantizer
 from ._tensor_quant import SCHEMES, AffineWeightQuant, TensorQuant
@@ -39,6 +49,12 @@ class PtqWeightQuant(AffineWeightQuant):
     Computed from the current weight on every training forward; in eval mode it is computed
     again only when the weight changed (a percentile or MSE search costs more than a forward).
     Per-channel schemes use dim 0.
+
+    A learned rounding (AdaRound, GPTQ: ``set_rounding``) is stored as an integer offset per
+    weight from round-to-nearest on the fitted grid, ``rounding_offset``; eval forwards of the
+    weight it was fitted on give ``s * clamp(round(w / s) + offset, qmin - z, qmax - z)``: grid
+    values, so codes, packed and ONNX exports carry the learned integers unchanged. A training
+    forward drops it (the weight is about to change) and rounds to nearest again.
     """
 
     def __init__(
@@ -48,15 +64,55 @@ class PtqWeightQuant(AffineWeightQuant):
         super().__init__(bits, scheme=scheme, dtype=dtype, channels=channels)
         self.observer = observer
         self.percentile = percentile
+        self.rounding = "nearest"
         self._source: Tensor | None = None
+        # Empty until a fit: offsets from nearest rounding (int16: GPTQ may move a few levels).
+        self.register_buffer("rounding_offset", torch.zeros(0, dtype=torch.int16))
+        # The bias correction this layer's bias holds (so a new calibration replaces it).
+        self.register_buffer("bias_shift", torch.zeros(0))
+        self._rounded = False
 
     def _after_load(self) -> None:
         self.__dict__["_source"] = None
+        self._rounded = self.rounding_offset.numel() > 0
+        if not self._rounded:
+            self.rounding = "nearest"
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, observer={self.observer}"
+        rounding = f", rounding={self.rounding}" if self._rounded else ""
+        return f"bits={self.bits}, observer={self.observer}{rounding}"
+
+    @torch.no_grad()
+    def set_rounding(self, offset: Tensor, rounding: str) -> None:
+        """Keep ``offset`` (integers, the weight's shape) from nearest rounding on the current
+        scale and zero point: ``rounding`` (its name) then applies in eval mode."""
+        if offset.numel() and float(offset.abs().max()) > torch.iinfo(torch.int16).max:
+            raise ValueError(f"{self.owner}: a rounding offset does not fit int16")
+        self.rounding_offset = offset.round().to(torch.int16)
+        self.rounding = rounding
+        self._rounded = True
+
+    def clear_rounding(self) -> None:
+        """Back to round-to-nearest."""
+        self.rounding_offset = torch.zeros(0, dtype=torch.int16, device=self.scale.device)
+        self.rounding = "nearest"
+        self._rounded = False
+
+    def _rounded_forward(self, x: Tensor) -> Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 1) if self.per_channel else ()
+        scale = self.scale.reshape(shape)
+        shift = self.zero_point.reshape(shape).float()
+        base = torch.round(x.detach() * torch.reciprocal(scale))  # as the fit computed it
+        q = torch.clamp(base + self.rounding_offset, self.qmin - shift, self.qmax - shift)
+        # x - x.detach() is exactly 0: the value is q * s bit for bit, the gradient passes.
+        return q * scale + (x - x.detach())
 
     def forward(self, x: Tensor, active: bool = True) -> Tensor:
+        if self._rounded:
+            if self.training:
+                self.clear_rounding()
+            elif active and x.shape == self.rounding_offset.shape:
+                return self._rounded_forward(x)
         if self.observer == "minmax" or not active:
             return super().forward(x, active)
         detached = x.detach()
@@ -79,7 +135,8 @@ class PtqWeightQuant(AffineWeightQuant):
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
     def calibration(self, role: str) -> dict[str, Any]:
-        return {**super().calibration(role), f"{role}_observer": self.observer}
+        extra = {f"{role}_rounding": self.rounding} if self._rounded else {}
+        return {**super().calibration(role), f"{role}_observer": self.observer, **extra}
 
 
 class PtqActivationQuant(TensorQuant):
@@ -279,7 +336,7 @@ def _check_entry(
     if "percentile" in given and "percentile" not in _observers_of(entry).values():
         chosen = sorted(set(_observers_of(entry).values()))
         return "percentile", f"only used with observer 'percentile' (this entry's: {chosen})"
-    return None
+    return check_methods(given, entry)
 
 
 @register_quantizer("ptq")
@@ -296,6 +353,16 @@ class PtqQuantizer(Quantizer):
     weights themselves. Evaluating an activation quantizer that has observed nothing raises
     :class:`NotCalibratedError`. Training also works (observers keep observing, gradients pass
     straight through), as a QAT with these observers.
+
+    Beyond round-to-nearest, per entry (weights of Conv1d, Conv2d and Linear layers, grouped
+    and depthwise included; other layers keep nearest rounding): ``rounding`` (``nearest``, the
+    default; ``adaround``; ``gptq``) is fitted on the calibration batches when ``calibrate()``
+    ends, on the grid the weight observer chose, with ``adaround_iters`` (default 500) and
+    ``gptq_damp`` (default 0.01); ``bias_correction: true`` then adds the mean output change
+    over those batches to the layer's bias (or its folded BatchNorm's; a layer with neither is
+    left alone); ``equalize: true`` applies cross-layer equalization and high-bias absorption
+    to the float model in ``compress()``, between layers that both ask for it (see
+    ``_equalize``). ``fit_records`` and ``equalization`` say what they did.
     """
 
     rules = AlgorithmRules(
@@ -308,6 +375,7 @@ class PtqQuantizer(Quantizer):
             "quant_dtype": ("uint", _one_of(_DTYPES)),
             "observer": ("minmax", _observer_value),
             "percentile": (99.99, _percentile_value),
+            **METHOD_OPTIONS,
         },
         entry_check=_check_entry,
         trains=False,
@@ -349,7 +417,64 @@ class PtqQuantizer(Quantizer):
               "observer": {"weight": "mse", "output": "percentile"}}],
             {name: {"weight": 5, "output": 7} for name in _WEIGHTED},
         ),
+        Example(
+            "w4a8-adaround-bias-correction-equalize",
+            [
+                {"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
+                 "rounding": "adaround", "adaround_iters": 20, "bias_correction": True,
+                 "equalize": True},
+                {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
+            ],
+            {"conv1": {"weight": 4}, "conv2": {"weight": 4}, "fc": {"weight": 4},
+             "relu1": {"output": 8}, "relu2": {"output": 8}},
+        ),
+        Example(
+            "w3a8-gptq-per-channel-mse",
+            [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 3, "input": 8},
+              "op_types": ["Conv2d", "Linear"], "quant_scheme": "per_channel_symmetric",
+              "quant_dtype": "int", "observer": {"weight": "mse", "input": "minmax"},
+              "rounding": "gptq", "gptq_damp": 0.05, "bias_correction": True}],
+            {name: {"weight": 3} for name in _WEIGHTED},
+        ),
+        Example(
+            "w2-adaround-per-channel-affine",
+            [{"quant_types": ["weight"], "quant_bits": 2, "op_types": ["Conv2d", "Linear"],
+              "quant_scheme": "per_channel_affine", "rounding": "adaround",
+              "adaround_iters": 10}],
+            {name: {"weight": 2} for name in _WEIGHTED},
+        ),
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Per fitted layer, what the last calibration's rounding and bias correction did.
+        self.fit_records: dict[str, FitRecord] = {}
+        #: The pairs cross-layer equalization rescaled, or None without ``equalize``.
+        self.equalization: EqualizeResult | None = None
+
+    def compress(self) -> nn.Module:
+        if not self._compressed:
+            # On the float model, before BatchNorm pairs are found and layers wrapped.
+            self.equalization = equalize_model(self.bound_model, self.layers)
+        return super().compress()
+
+    @contextlib.contextmanager
+    def calibrate(self) -> Iterator[nn.Module]:
+        """``Quantizer.calibrate``; on leaving without an error, layers with a learned
+        ``rounding`` or ``bias_correction`` are fitted on the inputs they saw inside."""
+        recording = (
+            Recording(self._wrappers(), self.layers) if recording_needed(self.layers) else None
+        )
+        if recording is not None:
+            recording.start()
+        try:
+            with super().calibrate() as calibrating:
+                yield calibrating
+        finally:
+            if recording is not None:
+                recording.stop()
+        if recording is not None:
+            self.fit_records = recording.finish()
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
         scheme, dtype = layer.options["quant_scheme"], layer.options["quant_dtype"]

@@ -46,10 +46,23 @@ def read_yaml_file(path: Path) -> Any:
         return load_yaml(text)
     except _TooLarge as error:
         raise SpaceError(f"too large: {error}", source=source) from None
+    except yaml.reader.ReaderError as error:
+        # A NUL or control byte: said where it is, on one line, the byte shown escaped.
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        char = error.character
+        shown = repr(chr(char) if isinstance(char, int) else char)
+        raise SpaceError(
+            f"not valid YAML: line {line}, column {column}: the control character {shown} is "
+            "not allowed",
+            source=source,
+        ) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error)
+        # Never more than one line: the CLI prints an error as one.
+        problem = " ".join(problem.split())
         raise SpaceError(f"not valid YAML: {where}{problem}", source=source) from None
 
 

@@ -160,3 +160,38 @@ def test_an_unreachable_bucket_is_an_artifact_error(s3_server: str) -> None:
         open_artifact_store("s3://absent/x")
 
 
+
+
+def test_export_fetches_a_checkpoint_this_machine_does_not_have(tmp_path: Path) -> None:
+    import json
+
+    from quantsearch.cli import main
+
+    space = write_space(tmp_path, n_trials=2, artifacts="shared", float_train={"epochs": 1})
+    spec = load_space(space)
+    study = run_study(prepare(spec))
+    shutil.rmtree(study_location(spec).folder)  # as on a machine that trained nothing
+    out = tmp_path / "export"
+    assert main(["export", "--space", str(space), "--trial", "1", "--out", str(out)]) == 0
+    exported = json.loads((out / "export.json").read_text())
+    assert exported["reloaded_accuracy"] == TrialRecord.of(study.trials[1]).test_accuracy
+    assert not any(p.name.startswith(".trial_") for p in out.iterdir())  # the fetched copy went
+
+
+def test_export_names_the_trial_and_the_store_when_the_artifact_is_gone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quantsearch.cli import main
+
+    space = write_space(tmp_path, n_trials=2, artifacts="shared", float_train={"epochs": 1})
+    spec = load_space(space)
+    study = run_study(prepare(spec))
+    shutil.rmtree(study_location(spec).folder)
+    artifact = TrialRecord.of(study.trials[1]).checkpoint_artifact
+    (tmp_path / "shared" / str(artifact)).unlink()
+    out = tmp_path / "export"
+    assert main(["export", "--space", str(space), "--trial", "1", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"quantsearch: error: the checkpoint of trial 1 is missing from artifact store "
+        f"{tmp_path / 'shared'} (artifact {artifact})\n"
+    )

@@ -1,0 +1,211 @@
+"""Fitting a post-training weight to its layer's calibration data: the rounding and the bias.
+
+During ``PtqQuantizer.calibrate()`` each Conv1d/Conv2d/Linear layer that asks for a learned
+rounding or a bias correction gets a :class:`LayerInputs`: it keeps a uniform sample of the
+layer's float input rows (a conv's input patches, as ``F.unfold`` lays them out) and the exact
+mean row over every output position. When the calibration ends, :func:`fit_layer` rounds the
+(BatchNorm-folded) weight on the grid its observer chose, with AdaRound or GPTQ
+(:mod:`._rounding`), and corrects the bias by the mean output change (Nagel et al. 2019,
+"Data-Free Quantization", empirical bias correction: ``b += (W - W_hat) E[x]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._rounding import ADAROUND_BATCH_ROWS, adaround, gptq, nearest_codes, reconstruction_error
+
+__all__ = ["CALIBRATION_ROWS", "FitRecord", "LayerInputs", "fit_layer", "fits_layer"]
+
+#: The most input rows a layer keeps (fewer for very wide rows, see ``_row_cap``).
+CALIBRATION_ROWS = 4096
+_ROW_FLOATS = 2**24  # at most 64 MiB of float32 rows per layer
+
+
+_Pair = tuple[int, ...]
+
+
+def fits_layer(module: nn.Module) -> bool:
+    """Whether a learned rounding or a bias correction applies to this layer type."""
+    return type(module) in (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+def _row_cap(width: int) -> int:
+    return max(1024, min(CALIBRATION_ROWS, _ROW_FLOATS // max(width, 1)))
+
+
+class LayerInputs:
+    """A uniform sample of one layer's input rows over a calibration, and their exact mean.
+
+    The sample keeps the rows with the smallest random keys seen so far, which is a uniform
+    sample without replacement of every row of every batch (reservoir sampling by keys).
+    """
+
+    def __init__(self, module: nn.Module, seed: int) -> None:
+        self.module = module
+        self.conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
+        weight = module.weight
+        self.width = weight[0].numel() * (module.groups if self.conv else 1)
+        self.cap = _row_cap(self.width)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rows: Tensor | None = None
+        self.keys: Tensor | None = None
+        self.total = torch.zeros(self.width, dtype=torch.float64)
+        self.count = 0
+
+    # -- geometry of a conv -------------------------------------------------------------
+    def _padded(self, x: Tensor) -> tuple[Tensor, _Pair, _Pair, _Pair]:
+        """The input padded as the conv pads it, as 4-D, with kernel, stride and dilation."""
+        m = self.module
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
+        if isinstance(m, nn.Conv1d):  # a Conv1d is a Conv2d of height 1
+            return x.unsqueeze(2), (1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)
+        return x, tuple(m.kernel_size), tuple(m.stride), tuple(m.dilation)
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        """Record one batch of the layer's input."""
+        x = x.detach().float()
+        if not self.conv:
+            rows = x.reshape(-1, x.shape[-1])
+            self.total += rows.sum(0).double().cpu()
+            self.count += rows.shape[0]
+            self._sample(rows.shape[0], lambda pick: rows[pick])
+            return
+        xp, (kh, kw), (sh, sw), (dh, dw) = self._padded(x)
+        n, c, hp, wp = xp.shape
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        summed = xp.sum(0)
+        mean = torch.stack([
+            summed[:, i * dh : i * dh + (ho - 1) * sh + 1 : sh,
+                   j * dw : j * dw + (wo - 1) * sw + 1 : sw].sum((1, 2))
+            for i in range(kh) for j in range(kw)
+        ], dim=1)  # (c, kh * kw): each patch entry summed over every output position
+        self.total += mean.reshape(-1).double().cpu()
+        self.count += n * ho * wo
+        rows_h = torch.arange(kh, device=x.device) * dh
+        rows_w = torch.arange(kw, device=x.device) * dw
+
+        def gather(pick: Tensor) -> Tensor:
+            pick = pick.to(x.device)
+            image, rest = pick // (ho * wo), pick % (ho * wo)
+            hi = (rest // wo)[:, None] * sh + rows_h[None, :]
+            wi = (rest % wo)[:, None] * sw + rows_w[None, :]
+            patches = xp[image[:, None, None], :, hi[:, :, None], wi[:, None, :]]
+            return patches.permute(0, 3, 1, 2).reshape(len(pick), c * kh * kw)
+
+        self._sample(n * ho * wo, gather)
+
+    def _sample(self, total: int, gather: Any) -> None:
+        keys = torch.rand(total, generator=self.generator)
+        if self.keys is not None and len(self.keys) >= self.cap:
+            candidates = torch.nonzero(keys < self.keys.max()).reshape(-1)
+        else:
+            candidates = torch.arange(total)
+        if len(candidates) > self.cap:  # only the cap smallest keys can survive the merge
+            candidates = candidates[torch.topk(keys[candidates], self.cap, largest=False).indices]
+        if len(candidates) == 0:
+            return
+        rows, new_keys = gather(candidates), keys[candidates]
+        if self.rows is not None and self.keys is not None:
+            rows = torch.cat([self.rows, rows.to(self.rows.device)])
+            new_keys = torch.cat([self.keys, new_keys])
+        if len(new_keys) > self.cap:
+            keep = torch.topk(new_keys, self.cap, largest=False).indices
+            rows, new_keys = rows[keep.to(rows.device)], new_keys[keep]
+        self.rows, self.keys = rows, new_keys
+
+    def mean(self) -> Tensor:
+        """The mean input row over every output position of every batch (float32)."""
+        return (self.total / max(self.count, 1)).float()
+
+
+@dataclass(frozen=True)
+class FitRecord:
+    """What fitting one layer did, measured on its recorded rows."""
+
+    rounding: str
+    #: E||(W - W_hat) x||^2 summed over outputs, for nearest rounding and for the rounding used.
+    error_nearest: float
+    error: float
+    #: Share of AdaRound's soft mask within 1e-3 of 0 or 1 when it stopped (1.0 otherwise).
+    mask_binary: float
+    #: The bias correction added to the layer's (folded) bias, or None when it had no bias.
+    bias_shift: Tensor | None
+    rows: int
+
+
+def _grouped(tensor: Tensor, groups: int) -> Tensor:
+    """(o, ...) -> (g, o / g, d): each group's rows of a flattened weight or per-row values."""
+    return tensor.reshape(groups, tensor.shape[0] // groups, -1)
+
+
+@torch.no_grad()
+def fit_layer(
+    wrapper: Any, inputs: LayerInputs, *, rounding: str, iters: int, damp: float,
+    bias_correction: bool, seed: int,
+) -> FitRecord:
+    """Round the layer's weight with ``rounding`` on its observer's grid, store the codes in
+    its weight quantizer (``PtqWeightQuant.set_rounding``) and, with ``bias_correction``,
+    add ``(W - W_hat) E[x]`` to the deployed bias (the folded BatchNorm's beta, or the layer's
+    bias; a layer with neither is left alone)."""
+    module, quant = wrapper.module, wrapper.weight_quant
+    groups = module.groups if inputs.conv else 1
+    weight, _ = wrapper._folded()
+    weight = weight.detach().float()
+    quant.clear_rounding()
+    quant(weight, True)  # the observer's grid: scale and zero point from this weight
+    out = weight.shape[0]
+    scale = quant.scale.float().reshape(-1).expand(out).reshape(out, 1)
+    zero = quant.zero_point.float().reshape(-1).expand(out).reshape(out, 1)
+    w, s, z = (_grouped(t, groups) for t in (weight.reshape(out, -1), scale, zero))
+    rows = inputs.rows if inputs.rows is not None else torch.zeros(1, inputs.width)
+    x = rows.float().reshape(len(rows), groups, -1).transpose(0, 1).cpu()  # (g, n, d)
+    h = torch.bmm(x.transpose(1, 2), x) / len(rows)
+    qmin, qmax = quant.qmin, quant.qmax
+    nearest = nearest_codes(w, s, z, qmin, qmax)
+    mask_binary = 1.0
+    if rounding == "adaround":
+        use_h = w.shape[2] <= ADAROUND_BATCH_ROWS  # trace(E H E^T) is cheaper than a row batch
+        with torch.enable_grad():
+            codes, soft = adaround(
+                w, s, z, qmin, qmax, iters=iters, seed=seed,
+                h=h if use_h else None, x=None if use_h else x,
+            )
+        mask_binary = float(((soft < 1e-3) | (soft > 1 - 1e-3)).float().mean())
+    elif rounding == "gptq":
+        codes = gptq(w, s, z, qmin, qmax, h=h, damp=damp)
+    else:
+        codes = nearest
+    base = torch.round(w * torch.reciprocal(s))  # what the quantizer's forward rounds to
+    offset = (codes - base).reshape(weight.shape)
+    quant.set_rounding(offset, rounding)
+    error_nearest = float(reconstruction_error(w, nearest * s, h).sum())
+    error = float(reconstruction_error(w, codes * s, h).sum())
+    shift = None
+    if bias_correction:
+        w_hat = quant(weight, True)
+        change = _grouped((weight - w_hat).reshape(out, -1), groups)
+        mean = inputs.mean().reshape(groups, -1, 1)
+        shift = _apply_bias_shift(wrapper, torch.bmm(change, mean).reshape(out))
+    return FitRecord(rounding, error_nearest, error, mask_binary, shift, len(rows))
+
+
+def _apply_bias_shift(wrapper: Any, shift: Tensor) -> Tensor | None:
+    """Add ``shift`` (replacing the one a previous calibration added) to the bias the layer
+    deploys; None when it has none to correct."""
+    bn, module = wrapper.bn, wrapper.module
+    target = bn.bias if bn is not None else getattr(module, "bias", None)
+    if target is None:
+        return None
+    quant = wrapper.weight_quant
+    previous = quant.bias_shift if quant.bias_shift.numel() == shift.numel() else 0.0
+    target.add_((shift - previous).to(target.dtype))  # a second calibration replaces the first
+    quant.bias_shift = shift.detach().clone()
+    return shift

@@ -1,0 +1,169 @@
+"""Post-training methods beyond round-to-nearest, as keys of the ptq config_list entries.
+
+``rounding`` (``nearest``, ``adaround``, ``gptq``), ``bias_correction`` and ``equalize``, with
+``adaround_iters`` and ``gptq_damp``: their validators, the cross-key checks, and what
+``PtqQuantizer`` runs for them: :func:`equalize_model` on the float model before wrapping, and
+a :class:`Recording` that samples each layer's inputs during ``calibrate()`` and fits the
+rounding and the bias when the calibration ends (:mod:`._ptq_fit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ._equalize import EqualizeResult, equalize
+from ._ptq_fit import FitRecord, LayerInputs, fit_layer, fits_layer
+
+__all__ = [
+    "ADAROUND_ITERS",
+    "GPTQ_DAMP",
+    "METHOD_OPTIONS",
+    "ROUNDINGS",
+    "Recording",
+    "check_methods",
+    "equalize_model",
+    "recording_needed",
+]
+
+ROUNDINGS = ("nearest", "adaround", "gptq")
+#: AdaRound's Adam steps per layer. The paper runs 10k-20k (1024 images, batches of 32); on
+#: 2 CPU cores 500 steps keep a ResNet-18 trial near a minute, and the scaled-up step size
+#: (``_rounding.adaround``) lets the masks settle in that many.
+ADAROUND_ITERS = 500
+#: GPTQ's dampening: 1% of the Hessian's mean diagonal (GPTQ, section 3).
+GPTQ_DAMP = 0.01
+
+
+def _rounding_value(value: Any) -> str | None:
+    return None if isinstance(value, str) and value in ROUNDINGS else (
+        f"expected one of {list(ROUNDINGS)}"
+    )
+
+
+def _bool_value(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "expected true or false"
+
+
+def _iters_value(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 100_000
+    return None if ok else "expected an int in 1..100000"
+
+
+def _damp_value(value: Any) -> str | None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if number and 0 < value <= 1 else "expected a number in (0, 1]"
+
+
+#: key -> (default, validator), merged into ``PtqQuantizer.rules.options``.
+METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "rounding": ("nearest", _rounding_value),
+    "bias_correction": (False, _bool_value),
+    "equalize": (False, _bool_value),
+    "adaround_iters": (ADAROUND_ITERS, _iters_value),
+    "gptq_damp": (GPTQ_DAMP, _damp_value),
+}
+
+# A method setting given for another method: (key, the rounding it belongs to).
+_METHOD_SETTINGS = (("adaround_iters", "adaround"), ("gptq_damp", "gptq"))
+
+
+def check_methods(
+    given: Mapping[str, Any], entry: Mapping[str, Any]
+) -> tuple[str, str] | None:
+    """Cross-key checks: the methods act on weights; a method's setting needs that method."""
+    for key, rounding in _METHOD_SETTINGS:
+        if key in given and entry["rounding"] != rounding:
+            chosen = entry["rounding"]
+            return key, f"only used with rounding {rounding!r} (this entry's: {chosen!r})"
+    if "weight" not in entry["quant_types"]:
+        for key in ("rounding", "bias_correction", "equalize"):
+            if key in given and given[key] != METHOD_OPTIONS[key][0]:
+                return key, (
+                    f"acts on weights, and this entry's quant_types {list(entry['quant_types'])} "
+                    "has no 'weight'"
+                )
+    return None
+
+
+def equalize_model(model: nn.Module, layers: Mapping[str, Any]) -> EqualizeResult | None:
+    """Cross-layer equalization of the pairs whose two layers both have ``equalize: true``
+    and a quantized weight; None when no layer asks for it."""
+    allowed = {
+        name for name, layer in layers.items()
+        if layer.options.get("equalize") and "weight" in layer.quant_types
+    }
+    return equalize(model, allowed) if allowed else None
+
+
+def _needs_fit(layer: Any) -> bool:
+    options = layer.options
+    return "weight" in layer.quant_types and (
+        options.get("rounding", "nearest") != "nearest" or bool(options.get("bias_correction"))
+    )
+
+
+class Recording:
+    """Input samples of the layers that fit something, recorded while calibrating.
+
+    ``start`` hooks every such wrapper (its forward pre-hook sees the layer's float input);
+    ``finish`` removes the hooks and fits each layer, returning what it did, by layer name.
+    """
+
+    def __init__(self, wrappers: Mapping[str, Any], layers: Mapping[str, Any]) -> None:
+        self.layers = layers
+        self.inputs: dict[str, LayerInputs] = {}
+        self.wrappers: dict[str, Any] = {}
+        for index, (name, wrapper) in enumerate(wrappers.items()):
+            layer = layers.get(name)
+            if layer is None or not _needs_fit(layer) or wrapper.weight_quant is None:
+                continue
+            if not fits_layer(wrapper.module):
+                continue  # other layer types keep nearest rounding and their bias
+            self.inputs[name] = LayerInputs(wrapper.module, seed=index)
+            self.wrappers[name] = wrapper
+        self._handles: list[Any] = []
+
+    def start(self) -> None:
+        for name, wrapper in self.wrappers.items():
+            inputs = self.inputs[name]
+            self._handles.append(
+                wrapper.register_forward_pre_hook(
+                    lambda _m, args, inputs=inputs: inputs.add(args[0])
+                )
+            )
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def finish(self) -> dict[str, FitRecord]:
+        """Fit every recorded layer (in eval mode, without autograd outside AdaRound)."""
+        records: dict[str, FitRecord] = {}
+        for index, (name, wrapper) in enumerate(self.wrappers.items()):
+            inputs = self.inputs[name]
+            if inputs.count == 0:
+                continue  # no batch reached this layer: nothing to fit on
+            options = self.layers[name].options
+            quant = wrapper.weight_quant
+            training = quant.training
+            quant.train(False)  # a training forward would drop the fitted rounding
+            try:
+                records[name] = fit_layer(
+                    wrapper, inputs, rounding=options["rounding"],
+                    iters=int(options["adaround_iters"]), damp=float(options["gptq_damp"]),
+                    bias_correction=bool(options["bias_correction"]), seed=index,
+                )
+            finally:
+                quant.train(training)
+            self.inputs[name] = LayerInputs(wrapper.module, seed=index)  # free the rows
+        return records
+
+
+def recording_needed(layers: Mapping[str, Any]) -> bool:
+    """Whether any layer fits a rounding or a bias at the end of a calibration."""
+    return any(_needs_fit(layer) for layer in layers.values())
+
