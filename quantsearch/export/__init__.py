@@ -10,13 +10,13 @@ Formats are a registry (:data:`EXPORT_FORMATS`): :func:`register_export_format` 
 
 from __future__ import annotations
 
+from quantsearch.export._checkpoint import resolve_checkpoint
 from quantsearch.export._errors import ExportError
 from quantsearch.export._export import (
     ExportResult,
     dequantized_state,
     describe_export,
     export_trial,
-    resolve_checkpoint,
     task_from_study,
 )
 from quantsearch.export._formats import (

@@ -11,7 +11,13 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from quantsearch.pipeline import StudyRecord, TrialRecord, accuracy_interval, layer_order
+from quantsearch.pipeline import (
+    StudyRecord,
+    TrialRecord,
+    accuracy_interval,
+    front_trials,
+    layer_order,
+)
 from quantsearch.quantization import QUANT_TYPES
 from quantsearch.report._errors import ReportError
 
@@ -182,8 +188,8 @@ def trials_frame(study: optuna.Study, *, record: StudyRecord | None = None) -> p
     """
     trials = study.get_trials(deepcopy=False)
     # A trial that reused a finished trial's result ("duplicate_of") is the same point.
-    front = study.best_trials if trials else []
-    pareto_numbers = {t.number for t in front if TrialRecord.of(t).duplicate_of is None}
+    directions = [d.name.lower() for d in study.directions]
+    pareto_numbers = {t.number for t in front_trials(trials, directions)}
     record = StudyRecord.of(study) if record is None else record
     layers = layer_order(record.layers, trials)
     bits_cols = _bits_column_names(layers, trials)

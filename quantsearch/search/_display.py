@@ -20,6 +20,7 @@ from quantsearch.pipeline import (
     StudyRecord,
     TrialRecord,
     accuracy_interval,
+    front_trials,
     get_metric,
     layer_order,
     mask_text,
@@ -191,8 +192,9 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
 
     A trial that reused another's result (same config_list) is shown once, as the original.
     """
+    directions = [d.name.lower() for d in study.directions]
     front = sorted(
-        (t for t in study.best_trials if TrialRecord.of(t).duplicate_of is None),
+        front_trials(study.get_trials(deepcopy=False), directions),
         key=lambda t: (_number(TrialRecord.of(t).size_bytes), t.number),
     )
     layers = layer_order(StudyRecord.of(study).layers, front)
