@@ -54,7 +54,7 @@ class PtqWeightQuant(AffineWeightQuant):
     weight from round-to-nearest on the fitted grid, ``rounding_offset``; eval forwards of the
     weight it was fitted on give ``s * clamp(round(w / s) + offset, qmin - z, qmax - z)``: grid
     values, so codes, packed and ONNX exports carry the learned integers unchanged. A training
-    forward drops it (the weight is about to change) and rounds to nearest again.
+    forward with autograd on drops it (the weight is about to change) and rounds to nearest.
     """
 
     def __init__(
@@ -109,8 +109,8 @@ class PtqWeightQuant(AffineWeightQuant):
 
     def forward(self, x: Tensor, active: bool = True) -> Tensor:
         if self._rounded:
-            if self.training:
-                self.clear_rounding()
+            if self.training and torch.is_grad_enabled():
+                self.clear_rounding()  # a training step is about to change the weight
             elif active and x.shape == self.rounding_offset.shape:
                 return self._rounded_forward(x)
         if self.observer == "minmax" or not active:

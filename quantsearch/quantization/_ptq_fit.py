@@ -183,9 +183,13 @@ def fit_layer(
         codes = gptq(w, s, z, qmin, qmax, h=h, damp=damp)
     else:
         codes = nearest
-    base = torch.round(w * torch.reciprocal(s))  # what the quantizer's forward rounds to
-    offset = (codes - base).reshape(weight.shape)
-    quant.set_rounding(offset, rounding)
+    if rounding != "nearest":
+        # Rows (output channels) are independent: keep nearest where it reconstructs better
+        # (GPTQ is greedy and can lose on a layer of a few columns).
+        worse = _row_errors(w, codes * s, h) > _row_errors(w, nearest * s, h)
+        codes = torch.where(worse.unsqueeze(2), nearest, codes)
+        base = torch.round(w * torch.reciprocal(s))  # what the quantizer's forward rounds to
+        quant.set_rounding((codes - base).reshape(weight.shape), rounding)
     error_nearest = float(reconstruction_error(w, nearest * s, h).sum())
     error = float(reconstruction_error(w, codes * s, h).sum())
     shift = None
@@ -195,6 +199,12 @@ def fit_layer(
         mean = inputs.mean().reshape(groups, -1, 1)
         shift = _apply_bias_shift(wrapper, torch.bmm(change, mean).reshape(out))
     return FitRecord(rounding, error_nearest, error, mask_binary, shift, len(rows))
+
+
+def _row_errors(w: Tensor, w_hat: Tensor, h: Tensor) -> Tensor:
+    """E ((W - W_hat) x)_o^2 per output row, shape (g, o)."""
+    e = (w - w_hat).double()
+    return torch.einsum("god,gde,goe->go", e, h.double(), e)
 
 
 def _apply_bias_shift(wrapper: Any, shift: Tensor) -> Tensor | None:

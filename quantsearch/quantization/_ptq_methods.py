@@ -66,18 +66,12 @@ METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
     "gptq_damp": (GPTQ_DAMP, _damp_value),
 }
 
-# A method setting given for another method: (key, the rounding it belongs to).
-_METHOD_SETTINGS = (("adaround_iters", "adaround"), ("gptq_damp", "gptq"))
-
-
 def check_methods(
     given: Mapping[str, Any], entry: Mapping[str, Any]
 ) -> tuple[str, str] | None:
-    """Cross-key checks: the methods act on weights; a method's setting needs that method."""
-    for key, rounding in _METHOD_SETTINGS:
-        if key in given and entry["rounding"] != rounding:
-            chosen = entry["rounding"]
-            return key, f"only used with rounding {rounding!r} (this entry's: {chosen!r})"
+    """Cross-key check: the methods act on weights. (``adaround_iters`` and ``gptq_damp`` are
+    accepted with any ``rounding`` and read only by their method, so that a space can search
+    ``rounding`` while fixing them.)"""
     if "weight" not in entry["quant_types"]:
         for key in ("rounding", "bias_correction", "equalize"):
             if key in given and given[key] != METHOD_OPTIONS[key][0]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,23 +11,53 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from quantsearch.pipeline import StudyLocation, TrialRecord
+from quantsearch.search._errors import SpaceError
 
 __all__ = [
+    "GRACE_ENV",
     "GRACE_SECONDS",
+    "HEARTBEAT_ENV",
     "HEARTBEAT_SECONDS",
     "beat",
     "fail_and_requeue",
     "fail_stale_trials",
+    "grace_seconds",
+    "heartbeat_seconds",
     "requeue_interrupted",
     "requeue_stale",
     "retry_attrs",
     "trial_id",
 ]
 
+#: Environment variables that set the two below, for operators (and end-to-end tests).
+HEARTBEAT_ENV = "QUANTSEARCH_HEARTBEAT_SECONDS"
+GRACE_ENV = "QUANTSEARCH_GRACE_SECONDS"
+
+
 # Seconds between heartbeats of running trials on a shared (non-SQLite) database, and how
 # long a trial may go without one before another machine fails and re-queues it.
 HEARTBEAT_SECONDS = 20
 GRACE_SECONDS = 90
+
+
+def _seconds(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise SpaceError(f"{raw!r} is not a whole number of seconds >= 1", key=name)
+    return int(raw)
+
+
+def heartbeat_seconds() -> int:
+    """Seconds between heartbeats (``QUANTSEARCH_HEARTBEAT_SECONDS``, default 20)."""
+    return _seconds(HEARTBEAT_ENV, HEARTBEAT_SECONDS)
+
+
+def grace_seconds() -> int:
+    """Seconds without a heartbeat before a trial is failed and queued again
+    (``QUANTSEARCH_GRACE_SECONDS``, default 90)."""
+    return _seconds(GRACE_ENV, GRACE_SECONDS)
 
 
 def trial_id(trial: Trial | FrozenTrial) -> int:
@@ -58,7 +89,7 @@ def fail_stale_trials(study: optuna.Study) -> None:
     for stale in storage._get_stale_trial_ids(study._study_id):
         try:
             reason = (
-                f"interrupted: no heartbeat for {GRACE_SECONDS} s (its machine or process "
+                f"interrupted: no heartbeat for {grace_seconds()} s (its machine or process "
                 "died) mid-trial"
             )
             storage.set_trial_user_attr(stale, "fail_reason", reason)

@@ -30,9 +30,9 @@ from quantsearch.pipeline import (
     TrialRecord,
     mask_url,
 )
-from quantsearch.search import _recovery
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._prepare import StudyContext
+from quantsearch.search._recovery import grace_seconds, heartbeat_seconds, requeue_stale
 from quantsearch.search._samplers import make_sampler, sampler_seed
 from quantsearch.search._spec import SearchSpec
 
@@ -232,10 +232,9 @@ def _storage(location: StudyLocation, directions: Sequence[str]) -> RDBStorage:
         return _open_rdb(location.storage, engine_kwargs={"creator": _sqlite_connector(path)})
     return _open_rdb(
         location.storage,
-        # Read at the call: tests shorten them on the module.
-        heartbeat_interval=_recovery.HEARTBEAT_SECONDS,
-        grace_period=_recovery.GRACE_SECONDS,
-        heartbeat_stale_trial_callback=_recovery.requeue_stale,
+        heartbeat_interval=heartbeat_seconds(),
+        grace_period=grace_seconds(),
+        heartbeat_stale_trial_callback=requeue_stale,
     )
 
 

@@ -28,12 +28,16 @@ from quantsearch.pipeline import (
     state_sha256,
     store_artifact,
 )
-from quantsearch.search import _recovery
 from quantsearch.search._loop import TrialLoop
 from quantsearch.search._objective import train_config
 from quantsearch.search._prepare import StudyContext
 from quantsearch.search._progress import Progress, Silent
-from quantsearch.search._recovery import beat, fail_stale_trials, requeue_interrupted
+from quantsearch.search._recovery import (
+    beat,
+    fail_stale_trials,
+    heartbeat_seconds,
+    requeue_interrupted,
+)
 from quantsearch.search._seed_guide import seed_study
 from quantsearch.search._spec import SearchSpec
 from quantsearch.search._storage import StorageError, open_study, study_lock
@@ -161,7 +165,7 @@ def run_study(
             requeue_interrupted(study, location)
         else:
             fail_stale_trials(study)
-            heartbeat = Heartbeat(beat(study), _recovery.HEARTBEAT_SECONDS)
+            heartbeat = Heartbeat(beat(study), heartbeat_seconds())
         store = open_store(study, spec)
         loop = TrialLoop(study, context, progress, heartbeat, store=store)
         # The float model trains here, on every thread the jobs will share.

@@ -5,16 +5,19 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 
+from quantsearch.tasks._batches import Batches
+from quantsearch.tasks._contract import TrainRun
+from quantsearch.tasks._evaluation import measure
 from quantsearch.tasks._train_config import TrainConfig, resolve_device
 
 if TYPE_CHECKING:
@@ -34,8 +37,6 @@ __all__ = [
 _STEP_MILESTONES = (0.5, 0.75)
 # On a GPU the finiteness check forces a sync, so it looks at several losses at once.
 _GPU_CHECK_EVERY = 16
-# TensorDatasets up to this size are copied to the accelerator whole, once per fit/evaluate.
-_DEVICE_COPY_LIMIT = 2 * 1024**3
 
 
 class DivergedError(RuntimeError):
@@ -56,7 +57,8 @@ class FitResult:
     """What :func:`fit` reports.
 
     ``final_loss`` is the mean training loss of the last epoch (NaN when no epoch ran);
-    ``val_accuracy`` is measured on the task's validation set after the last epoch.
+    ``val_metrics`` are the task's metrics on its validation set after the last epoch, and
+    ``val_accuracy`` their ``accuracy`` (NaN for a task that reports none).
     """
 
     epochs_run: int
@@ -65,6 +67,7 @@ class FitResult:
     val_accuracy: float
     epoch_losses: tuple[float, ...] = ()
     steps_run: int = 0
+    val_metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -85,97 +88,6 @@ def make_optimizer(
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-class _Batches:
-    """Mini-batches of a dataset on a device, in a seeded order when shuffled.
-
-    A two-tensor TensorDataset is indexed directly, without per-example collation (copied to
-    an accelerator whole when it is at most 2 GiB). Any other dataset goes through a
-    DataLoader. Both take their order from the same ``torch.randperm`` draw of ``generator``,
-    so they visit the examples identically.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int,
-        device: torch.device,
-        *,
-        shuffle: bool,
-        generator: torch.Generator | None = None,
-        skip_single_tail: bool = False,
-    ) -> None:
-        self.length = len(dataset)  # type: ignore[arg-type]
-        if self.length == 0:
-            raise ValueError("the dataset is empty")
-        self.batch_size = batch_size
-        self.device = device
-        self.shuffle = shuffle
-        self.generator = generator
-        # BatchNorm cannot train on one example, so a trailing batch of one is dropped.
-        self.drop_tail = skip_single_tail and self.length > 1 and self.length % batch_size == 1
-        self.dataset = dataset
-        self.tensors: tuple[Tensor, Tensor] | None = None
-        self.move_batches = False
-        if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-            inputs, targets = dataset.tensors
-            nbytes = inputs.nelement() * inputs.element_size()
-            # Small datasets move to the accelerator once; larger ones batch by batch.
-            self.move_batches = device != inputs.device and nbytes > _DEVICE_COPY_LIMIT
-            target_device = inputs.device if self.move_batches else device
-            self.tensors = (inputs.to(target_device), targets.to(target_device, torch.long))
-
-    def __len__(self) -> int:
-        return math.ceil(self.length / self.batch_size) - int(self.drop_tail)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        starts = range(0, len(self) * self.batch_size, self.batch_size)
-        order = None
-        if self.shuffle:
-            order = torch.randperm(self.length, generator=self.generator)
-        if self.tensors is not None:
-            inputs, targets = self.tensors
-            if order is not None:
-                order = order.to(inputs.device)
-            for start in starts:
-                if order is None:
-                    batch = inputs[start : start + self.batch_size]
-                    labels = targets[start : start + self.batch_size]
-                else:
-                    index = order[start : start + self.batch_size]
-                    batch, labels = inputs[index], targets[index]
-                if self.move_batches:
-                    batch = batch.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
-                yield batch, labels
-            return
-        indices = order.tolist() if order is not None else list(range(self.length))
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=[indices[start : start + self.batch_size] for start in starts],
-            pin_memory=self.device.type == "cuda",
-            # A private generator: the loader's own seed draw must not consume torch's global one.
-            generator=torch.Generator(),
-        )
-        non_blocking = self.device.type == "cuda"
-        for inputs, targets in loader:
-            yield (
-                inputs.to(self.device, non_blocking=non_blocking),
-                targets.to(self.device, torch.long, non_blocking=non_blocking),
-            )
-
-
-def batches_of(
-    dataset: Dataset,
-    config: TrainConfig,
-    *,
-    shuffle: bool,
-    generator: torch.Generator | None = None,
-) -> _Batches:
-    """Mini-batches of ``config.batch_size`` on ``config.device`` (``.device`` tells which)."""
-    device = resolve_device(config.device)
-    return _Batches(dataset, config.batch_size, device, shuffle=shuffle, generator=generator)
 
 
 def _lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -206,8 +118,10 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on ``task.train_set`` with ``optimizer``, in place.
 
-    The loss is ``F.cross_entropy(model(x), y)``: a model may return logits or log-probabilities
-    (log_softmax of log-probabilities is the identity, so cross entropy then equals NLL).
+    The loss is the task's ``loss(model, batch)``, else ``F.cross_entropy(model(x), y)``: a
+    model may return logits or log-probabilities (log_softmax of log-probabilities is the
+    identity, so cross entropy then equals NLL). A task's ``training_routine`` trains instead of
+    this loop, for the same budget of steps.
     ``seed`` seeds torch's global generator (dropout and the like) and the generator that
     shuffles the training set, so the same model, data and seed give the same weights on CPU.
     The model is moved to ``config.device``. ``on_epoch(epoch_index, val_accuracy)`` runs after
@@ -221,28 +135,34 @@ def fit(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
-    batches = _Batches(
+    raw = not task.is_classifier
+    batches = Batches(
         task.train_set,
         config.batch_size,
         device,
         shuffle=True,
         generator=generator,
         skip_single_tail=True,
+        collate_fn=task.collate_fn,
+        raw=raw,
     )
     steps_per_epoch = len(batches)
     if config.steps is None:
         epochs, total_steps = config.epochs, config.epochs * steps_per_epoch
     else:
         epochs, total_steps = math.ceil(config.steps / steps_per_epoch), config.steps
+    eval_batch = max(256, config.batch_size)
+    if task.training_routine is not None:
+        return _fit_routine(model, task, optimizer, config, batches, total_steps, seed, started)
     scheduled = config.lr_schedule != "none"
     base_lrs: list[float] = []
     if scheduled:
         base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
     check_every = _check_interval(device)
-    eval_batch = max(256, config.batch_size)
 
     epoch_losses: list[float] = []
     val_accuracy = float("nan")
+    val_metrics: dict[str, float] = {}
     global_step = 0
     for epoch in range(epochs):
         model.train()
@@ -250,14 +170,18 @@ def fit(
         first_pending_step = 1
         loss_sum = 0.0
         epoch_steps = 0
-        for step, (inputs, targets) in enumerate(batches, start=1):
+        for step, batch in enumerate(batches, start=1):
             if global_step == total_steps:
                 break
             if scheduled:
                 factor = _lr_factor(config.lr_schedule, global_step, total_steps)
                 for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
                     group["lr"] = base_lr * factor
-            loss = F.cross_entropy(model(inputs), targets)
+            if raw:
+                loss = _task_loss(task, model, batch)
+            else:
+                inputs, targets = batch
+                loss = F.cross_entropy(model(inputs), targets)
             pending.append(loss.detach())
             # On CPU the check comes before the update, so a NaN never reaches the weights.
             if len(pending) >= check_every:
@@ -272,11 +196,11 @@ def fit(
             loss_sum += _flush(pending, epoch + 1, first_pending_step)
         epoch_losses.append(loss_sum / max(1, epoch_steps))
         if on_epoch is not None or epoch == epochs - 1:
-            val_accuracy = evaluate(model, task.val_set, batch_size=eval_batch, device=device)
+            val_accuracy, val_metrics = _validate(model, task, eval_batch, device)
         if on_epoch is not None:
             on_epoch(epoch, val_accuracy)
     if epochs == 0:
-        val_accuracy = evaluate(model, task.val_set, batch_size=eval_batch, device=device)
+        val_accuracy, val_metrics = _validate(model, task, eval_batch, device)
     if scheduled:
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
             group["lr"] = base_lr
@@ -287,6 +211,72 @@ def fit(
         val_accuracy=val_accuracy,
         epoch_losses=tuple(epoch_losses),
         steps_run=global_step,
+        val_metrics=val_metrics,
+    )
+
+
+def _task_loss(task: Task, model: nn.Module, batch: Any) -> Tensor:
+    """The task's loss for a batch, else cross-entropy of its output against ``batch[1]``."""
+    if task.loss is not None:
+        loss = task.loss(model, batch)
+    else:
+        loss = F.cross_entropy(task.output(model, batch), batch[1])
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shown = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"task {task.name!r}: loss must return a scalar tensor, got {shown}")
+    return loss.reshape(())
+
+
+def _validate(
+    model: nn.Module, task: Task, batch_size: int, device: torch.device
+) -> tuple[float, dict[str, float]]:
+    """The validation accuracy (NaN when the task reports none) and every metric."""
+    if task.is_classifier:
+        accuracy = evaluate(model, task.val_set, batch_size=batch_size, device=device)
+        return accuracy, {"accuracy": accuracy}
+    values = measure(model, task, task.val_set, batch_size=batch_size, device=device).values
+    return values.get("accuracy", float("nan")), values
+
+
+def _fit_routine(
+    model: nn.Module,
+    task: Task,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    batches: Batches,
+    total_steps: int,
+    seed: int,
+    started: float,
+) -> FitResult:
+    """Train with the task's own routine; its optimizer steps are counted by a hook."""
+    assert task.training_routine is not None
+    steps = [0]
+
+    def count(*_: Any) -> None:
+        steps[0] += 1
+
+    def endless() -> Iterator[Any]:
+        while True:
+            yield from batches
+
+    handle = optimizer.register_step_post_hook(count)
+    model.train()
+    try:
+        task.training_routine(
+            model, optimizer, TrainRun(total_steps, batches.device, config, seed, endless)
+        )
+    finally:
+        handle.remove()
+    val_accuracy, val_metrics = _validate(
+        model, task, max(256, config.batch_size), batches.device
+    )
+    return FitResult(
+        epochs_run=math.ceil(steps[0] / max(1, len(batches))),
+        train_seconds=time.perf_counter() - started,
+        final_loss=float("nan"),
+        val_accuracy=val_accuracy,
+        steps_run=steps[0],
+        val_metrics=val_metrics,
     )
 
 
@@ -338,7 +328,7 @@ def evaluate(
     total = 0
     try:
         with torch.no_grad():
-            for inputs, targets in _Batches(dataset, batch_size, resolved, shuffle=False):
+            for inputs, targets in Batches(dataset, batch_size, resolved, shuffle=False):
                 correct += (model(inputs).argmax(dim=1) == targets).sum()
                 total += targets.shape[0]
     finally:

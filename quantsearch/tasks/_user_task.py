@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quantsearch.tasks._contract import Task
+from quantsearch.tasks._contract import Task, TaskMetric, call_model
 from quantsearch.tasks._errors import TaskError
 from quantsearch.tasks._time_limit import TaskTimeoutError, time_limit
 from quantsearch.tasks._train_config import TrainConfig
@@ -150,14 +150,16 @@ def _check_user_task(spec: str, task: Any) -> Task:
         raise TaskError(f"{where}: Task.name must be a non-empty string, got {task.name!r}")
     if not callable(task.build_model):
         raise TaskError(f"{where}: Task.build_model must be callable")
-    if (
+    if task.num_classes is not None and (
         isinstance(task.num_classes, bool)
         or not isinstance(task.num_classes, int)
         or (task.num_classes < 2)
     ):
         raise TaskError(
-            f"{where}: Task.num_classes must be an integer >= 2, got {task.num_classes!r}"
+            f"{where}: Task.num_classes must be an integer >= 2 (or None for a task that is "
+            f"not a classifier), got {task.num_classes!r}"
         )
+    _check_hooks(where, task)
     if not isinstance(task.default_train_config, TrainConfig):
         raise TaskError(f"{where}: Task.default_train_config must be a TrainConfig")
     for split in ("train_set", "val_set", "test_set"):
@@ -173,8 +175,13 @@ def _check_user_task(spec: str, task: Any) -> Task:
             f"{where}: Task.pretrained must be a state-dict file path or a state dict, got a "
             f"{type(task.pretrained).__name__}"
         )
-    if not isinstance(task.dummy_input, Tensor) or task.dummy_input.dim() == 0:
-        raise TaskError(f"{where}: Task.dummy_input must be a batch tensor, e.g. train_x[:1]")
+    if task.dummy_input is None or (
+        isinstance(task.dummy_input, Tensor) and task.dummy_input.dim() == 0
+    ):
+        raise TaskError(
+            f"{where}: Task.dummy_input must be one input of the model: a batch tensor (e.g. "
+            "train_x[:1]), a tuple of positional arguments or a dict of keyword arguments"
+        )
     with torch.random.fork_rng(devices=[]):
         try:
             model = task.build_model()
@@ -189,14 +196,16 @@ def _check_user_task(spec: str, task: Any) -> Task:
         model.eval()
         try:
             with torch.no_grad():
-                output = model(task.dummy_input)
+                output = call_model(model, task.dummy_input)
         except TaskTimeoutError:
             raise
         except Exception as exc:
             raise TaskError(
-                f"{where}: the model fails on dummy_input of shape "
-                f"{tuple(task.dummy_input.shape)}: {type(exc).__name__}: {exc}"
+                f"{where}: the model fails on dummy_input {_shape_text(task.dummy_input)}: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
+    if task.num_classes is None or not task.is_classifier:
+        return task
     if not isinstance(output, Tensor) or output.dim() != 2 or output.shape[1] != task.num_classes:
         shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
         raise TaskError(
@@ -204,6 +213,40 @@ def _check_user_task(spec: str, task: Any) -> Task:
             f"dummy_input, got {shape}"
         )
     return task
+
+
+def _shape_text(value: Any) -> str:
+    """``of shape (1, 8)``, or the structure of a tuple or dict input."""
+    if isinstance(value, Tensor):
+        return f"of shape {tuple(value.shape)}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_shape_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, tuple | list):
+        return "(" + ", ".join(_shape_text(v) for v in value) + ")"
+    return f"a {type(value).__name__}"
+
+
+_HOOKS = ("loss", "training_routine", "evaluate", "forward", "collate_fn")
+
+
+def _check_hooks(where: str, task: Task) -> None:
+    """The task's own functions are callables, its metrics TaskMetrics with distinct names."""
+    for hook in _HOOKS:
+        value = getattr(task, hook)
+        if value is not None and not callable(value):
+            raise TaskError(f"{where}: Task.{hook} must be a function, got {value!r}")
+    if task.num_classes is None and task.evaluate is None and task.metrics:
+        raise TaskError(f"{where}: Task.metrics are declared but Task.evaluate is not given")
+    names: set[str] = set()
+    for metric in task.metrics:
+        if not isinstance(metric, TaskMetric):
+            raise TaskError(
+                f"{where}: Task.metrics must hold TaskMetric(name, direction) entries, got "
+                f"{metric!r}"
+            )
+        if metric.name in names:
+            raise TaskError(f"{where}: metric {metric.name!r} is declared twice")
+        names.add(metric.name)
 
 
 def load_user_task(

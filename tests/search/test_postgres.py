@@ -282,3 +282,111 @@ def test_a_trial_running_on_another_machine_is_not_trained_twice(
     assert trials[1].user_attrs["duplicate_of"] == 0
     assert trials[1].user_attrs["train_seconds"] == 0.0
     assert trials[1].values == [0.5, 1000.0]
+
+
+def _machine(folder: Path, space: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    folder.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantsearch", "study", "--space", str(space), "--quiet",
+         "--no-report", *args],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+
+
+def _trained(output: str) -> set[int]:
+    """The trial numbers a `quantsearch study --quiet` output says it ran (not reused)."""
+    import re
+
+    found = (re.search(r"trial\s+(\d+) COMPLETE", line) for line in output.splitlines()
+             if "not trained again" not in line)
+    return {int(match.group(1)) for match in found if match}
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_killed_machines_trials_are_finished_elsewhere_and_export_from_a_third(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """Two working folders (two machines) share a study on PostgreSQL and one artifact folder;
+    one is killed mid-trial; the other finishes; a third folder exports a trial the killed one
+    trained, from the artifact store, and its accuracy reproduces."""
+    import shutil
+    import signal
+    import threading
+
+    shared = tmp_path / "nfs"
+    space = write_space(
+        tmp_path, n_trials=10, storage=postgres_url, artifacts=str(shared),
+        train={"epochs": 4}, float_train={"epochs": 1},
+    )  # fmt: skip
+    quick = {"QUANTSEARCH_HEARTBEAT_SECONDS": "1", "QUANTSEARCH_GRACE_SECONDS": "3"}
+    first = _machine(tmp_path / "a", space, **quick)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(first.stdout or []), daemon=True)
+    reader.start()
+    # Machine a has trained a trial and started another: kill it mid-trial.
+    deadline = time.monotonic() + 240
+    study = None
+    while time.monotonic() < deadline:
+        done = _trained("".join(lines))
+        if done:
+            study = optuna.load_study(study_name="small", storage=postgres_url)
+            if any(t.state == TrialState.RUNNING for t in study.get_trials()):
+                break
+        time.sleep(0.2)
+    assert study is not None, "".join(lines)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    killed_done = _trained("".join(lines))
+
+    second = _machine(tmp_path / "b", space, **quick)
+    out, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err
+
+    trials = optuna.load_study(study_name="small", storage=postgres_url).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all("no heartbeat for 3 s" in t.user_attrs["fail_reason"] for t in failed)
+    # Every failed trial ran again, and nothing trained twice.
+    assert {t.user_attrs.get("retry_of") for t in trials} >= {t.number for t in failed}
+    assert not killed_done & _trained(out)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 10
+
+    # A third machine: neither a's nor b's folder, only the database and the artifact store.
+    shutil.rmtree(tmp_path / "a")
+    number = min(killed_done)
+    third = tmp_path / "c"
+    third.mkdir()
+    run = _quantsearch(third, "export", "--storage", postgres_url, "--study", "small",
+                       "--trial", str(number), "--out", "model")
+    assert run.returncode == 0, run.stderr
+    exported = __import__("json").loads((third / "model" / "export.json").read_text())
+    stored = next(t for t in trials if t.number == number).user_attrs["test_accuracy"]
+    assert exported["reloaded_accuracy"] == stored
+
+
+@pytest.mark.slow
+def test_eight_workers_on_two_machines_lose_nothing_and_train_nothing_twice(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    n_trials = 24
+    space = write_space(tmp_path, n_trials=n_trials, storage=postgres_url,
+                        float_train={"epochs": 1}, artifacts=str(tmp_path / "nfs"))
+    machines = [_machine(tmp_path / name, space, "--jobs", "4") for name in ("a", "b")]
+    outputs = [m.communicate(timeout=900) for m in machines]
+    for machine, (_, err) in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, err
+    trials = optuna.load_study(study_name="small", storage=postgres_url).get_trials()
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert n_trials <= len(trials) <= n_trials + 8  # each worker may start the last trial
+    ran = [_trained(out) for out, _ in outputs]
+    assert not ran[0] & ran[1]  # no trial trained on both machines
+    reused = {t.number for t in trials if "duplicate_of" in t.user_attrs}
+    assert ran[0] | ran[1] | reused == {t.number for t in trials}  # none lost
+    # A trial that trained (not a reused result) has its checkpoint in the shared store.
+    stored = {p.name for p in (tmp_path / "nfs").iterdir()}
+    for trial in trials:
+        if trial.number not in reused:
+            assert trial.user_attrs["checkpoint_artifact"] in stored
