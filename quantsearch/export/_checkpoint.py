@@ -74,13 +74,10 @@ def checkpoint_file(
         if artifact is None:
             raise
     else:
-        if record.checkpoint_sha256 in (None, file_sha256(path)):
+        # A local file of other bytes is read anyway when there is no stored copy: loading
+        # it says what is wrong with it.
+        if artifact is None or record.checkpoint_sha256 in (None, file_sha256(path)):
             return path, False
-        if artifact is None:
-            raise ExportError(
-                f"checkpoint of trial {trial.number} at {path} was changed since the trial "
-                "wrote it (its bytes differ)"
-            )
     if store is None:
         raise ExportError(
             f"trial {trial.number}'s checkpoint is in an artifact store the study does not "

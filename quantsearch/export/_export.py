@@ -79,15 +79,42 @@ class ExportResult:
         """The ONNX export, checked in onnxruntime (``format="onnx"``)."""
         return self.part if self.format == "onnx" else None  # type: ignore[return-value]
 
+    metric: str = "accuracy"
+    """The test metric the ``*_accuracy`` fields hold: accuracy for a classifier, else the
+    task's first metric the trial stored."""
+
     @property
     def matches(self) -> bool:
-        """True when the reloaded export classifies exactly as many test samples right."""
-        return _same_count(self.reloaded_accuracy, self.stored_test_accuracy, self.test_samples)
+        """True when the reloaded export classifies exactly as many test samples right (for
+        another metric: gives the stored value to a relative 1e-4)."""
+        return _same(
+            self.reloaded_accuracy, self.stored_test_accuracy, self.test_samples, self.metric
+        )
 
 
 def _same_count(a: float, b: float, samples: int) -> bool:
     """Accuracies equal as counts of correct samples (immune to float formatting of a ratio)."""
     return round(a * samples) == round(b * samples)
+
+
+#: How close a metric that is not a count of hits must come back (relative).
+METRIC_TOLERANCE = 1e-4
+
+
+def _same(a: float, b: float, samples: int, metric: str) -> bool:
+    if metric == "accuracy":
+        return _same_count(a, b, samples)
+    return math.isclose(a, b, rel_tol=METRIC_TOLERANCE, abs_tol=1e-9)
+
+
+def _checked_metric(record: Any, task: Any) -> tuple[str, float | None]:
+    """The test metric the export checks, and its stored value."""
+    if record.test_accuracy is not None or task.is_classifier:
+        return "accuracy", record.test_accuracy
+    names = [m.name for m in task.task_metrics if m.name in record.test_metrics]
+    if not names:
+        return "accuracy", None
+    return names[0], record.test_metrics[names[0]]
 
 
 def _find_trial(study: optuna.Study, number: int) -> FrozenTrial:
@@ -172,7 +199,8 @@ def export_trial(
 
     from quantsearch.pipeline import StudyRecord, TrialRecord, build_compressed
     from quantsearch.quantization import load_packed, save_packed
-    from quantsearch.tasks import evaluate
+    from quantsearch.tasks import evaluate as _top1
+    from quantsearch.tasks import measure
 
     handler = get_export_format(format).handler
     trial = _find_trial(study, trial_number)
@@ -187,25 +215,30 @@ def export_trial(
     config_list = record.config_list
     study_record = StudyRecord.of(study)
     algorithm = record.algorithm or study_record.algorithm
-    stored = record.test_accuracy
+    task = task if task is not None else _task_of(study, study_record)
+    metric, stored = _checked_metric(record, task)
+
+    def evaluate(model: Any, dataset: Any) -> float:
+        if metric == "accuracy":
+            return _top1(model, dataset)
+        return measure(model, task, dataset).values[metric]
+
     if config_list is None or algorithm is None or stored is None:
         missing = [
             key
             for key, value in (
                 ("config_list", config_list),
                 ("algorithm", algorithm),
-                ("test_accuracy", stored),
+                (f"test {metric}" if metric != "accuracy" else "test_accuracy", stored),
             )
             if value is None
         ]
         raise ExportError(f"trial {trial_number} lacks the user attributes {missing}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     store = artifacts or study_record.artifacts
     checkpoint, fetched = checkpoint_file(
         study, trial, out, checkpoint_root=checkpoint_root, store=store
     )
-    task = task if task is not None else _task_of(study, study_record)
 
     # A float trial (empty config_list) holds the bare model: no quantizer to rebuild.
     compressed = build_compressed(task, algorithm, config_list)
@@ -222,6 +255,7 @@ def export_trial(
             checkpoint.unlink(missing_ok=True)
     checkpoint_accuracy = evaluate(model, task.test_set)
 
+    out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     calibration_path = out / CALIBRATION_FILE
     packed_path = out / PACKED_FILE
@@ -281,9 +315,16 @@ def export_trial(
         test_samples=samples,
         format=format,
         part=part,
+        metric=metric,
     )
     (out / SUMMARY_FILE).write_text(json.dumps(_summary(result), indent=2) + "\n")
-    if not _same_count(checkpoint_accuracy, result.stored_test_accuracy, samples):
+    if metric != "accuracy" and not result.matches:
+        raise ExportError(
+            f"the exported model {packed_path} (or checkpoint {checkpoint}) gives test {metric} "
+            f"{reloaded_accuracy:.6g} (checkpoint {checkpoint_accuracy:.6g}), but trial "
+            f"{trial_number} stored {result.stored_test_accuracy:.6g}"
+        )
+    if not _same(checkpoint_accuracy, result.stored_test_accuracy, samples, metric):
         raise ExportError(
             f"trial {trial_number}'s checkpoint {checkpoint} gives test accuracy "
             f"{checkpoint_accuracy:.4%}, but the study stored {result.stored_test_accuracy:.4%}: "
@@ -375,6 +416,13 @@ def describe_export(result: ExportResult) -> str:
         f"{result.size_bytes:,} bytes)"
     )
     verdict = "equal" if result.matches else "DIFFERENT"
+    if result.metric != "accuracy":
+        lines.append(
+            f"test {result.metric} of the reloaded packed model: {result.reloaded_accuracy:.6g}; "
+            f"stored: {result.stored_test_accuracy:.6g} (to a relative {METRIC_TOLERANCE:g}): "
+            f"{verdict}"
+        )
+        return "\n".join(lines + (result.part.describe() if result.part is not None else []))
     lines.append(
         f"test accuracy of the reloaded packed model: {result.reloaded_accuracy:.4%} "
         f"({correct}/{result.test_samples}); stored: {result.stored_test_accuracy:.4%}: {verdict}"

@@ -27,6 +27,14 @@ from quantsearch.pipeline._build import (
     build_compressed,
     trial_mode,
 )
+from quantsearch.pipeline._fidelity import (
+    FIDELITY_METRICS,
+    FidelityError,
+    fidelity,
+    float_outputs,
+    main_tensor,
+    model_outputs,
+)
 from quantsearch.pipeline._float import (
     FloatModel,
     FloatModelError,
@@ -43,16 +51,20 @@ from quantsearch.pipeline._location import (
     sqlite_path,
     storage_url,
 )
+from quantsearch.pipeline._measure import SplitMetrics, known_metrics, measure_split
 from quantsearch.pipeline._metrics import (
     FLOAT_BITS,
     METRICS,
     Evaluated,
     Metric,
+    MetricInfo,
     ModelProfile,
     accuracy_interval,
+    bootstrap_interval,
     front_mask,
     front_trials,
     get_metric,
+    metric_info,
     register_metric,
 )
 from quantsearch.pipeline._record import RECORD_VERSION, TrialMode, TrialRecord
@@ -70,6 +82,7 @@ from quantsearch.pipeline._study_record import (
 )
 
 __all__ = [
+    "FIDELITY_METRICS",
     "FLOAT_BITS",
     "FLOAT_MODEL_FILE",
     "METRICS",
@@ -81,13 +94,16 @@ __all__ = [
     "Bits",
     "Compressed",
     "Evaluated",
+    "FidelityError",
     "FloatModel",
     "FloatModelError",
     "Metric",
+    "MetricInfo",
     "ModelProfile",
     "ParamSensitivity",
     "Sensitivity",
     "SensitivityEntry",
+    "SplitMetrics",
     "StudyLocation",
     "StudyRecord",
     "TargetState",
@@ -95,18 +111,26 @@ __all__ = [
     "TrialRecord",
     "accuracy_interval",
     "adapt",
+    "bootstrap_interval",
     "build_compressed",
     "fetch_artifact",
+    "fidelity",
     "file_sha256",
+    "float_outputs",
     "front_mask",
     "front_trials",
     "get_metric",
+    "known_metrics",
     "layer_order",
     "load_state",
     "load_weights",
+    "main_tensor",
     "make_float_model",
     "mask_text",
     "mask_url",
+    "measure_split",
+    "metric_info",
+    "model_outputs",
     "open_artifact_store",
     "register_metric",
     "sqlite_path",

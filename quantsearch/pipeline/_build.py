@@ -14,12 +14,15 @@ from quantsearch.pipeline._record import TrialMode
 from quantsearch.quantization import Quantizer, algorithm_rules, get_quantizer
 from quantsearch.tasks import (
     FitResult,
+    Measured,
     Task,
     TrainConfig,
     batches_of,
     evaluate,
     fit,
     make_optimizer,
+    measure,
+    resolve_device,
 )
 
 __all__ = ["Adapted", "Compressed", "adapt", "build_compressed", "trial_mode"]
@@ -73,10 +76,12 @@ def build_compressed(
 
 @dataclass(frozen=True)
 class Adapted:
-    """What adapting a compressed model measured."""
+    """What adapting a compressed model measured: the validation accuracy (NaN for a task
+    that reports none), the steps trained, and the task's validation measurement."""
 
     val_accuracy: float
     steps: int
+    val_measured: Measured | None = None
 
 
 def adapt(
@@ -97,16 +102,32 @@ def adapt(
         result: FitResult = fit(
             model, task, compressed.optimizer, config, seed=seed, on_epoch=on_epoch
         )
-        return Adapted(val_accuracy=float(result.val_accuracy), steps=result.steps_run)
+        return Adapted(
+            val_accuracy=float(result.val_accuracy),
+            steps=result.steps_run,
+            val_measured=result.val_measured,
+        )
     if mode == "ptq" and compressed.quantizer is not None:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         generator = torch.Generator().manual_seed(seed)
-        batches = batches_of(task.train_set, config, shuffle=True, generator=generator)
+        batches = batches_of(
+            task.train_set, config, shuffle=True, generator=generator, task=task
+        )
         model.to(batches.device)
         with compressed.quantizer.calibrate(), torch.no_grad():
-            for inputs, _ in itertools.islice(batches, calibration_batches):
-                model(inputs)
+            for batch in itertools.islice(batches, calibration_batches):
+                task.output(model, batch)
+    if not task.is_classifier:
+        measured = measure(
+            model,
+            task,
+            task.val_set,
+            batch_size=max(256, config.batch_size),
+            device=resolve_device(config.device),
+        )
+        accuracy = measured.values.get("accuracy", float("nan"))
+        return Adapted(val_accuracy=accuracy, steps=0, val_measured=measured)
     accuracy = evaluate(
         model, task.val_set, batch_size=max(256, config.batch_size), device=config.device
     )

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from quantsearch._paths import replacing
@@ -18,6 +18,8 @@ from quantsearch.tasks import (
     evaluate,
     fit,
     make_optimizer,
+    measure,
+    resolve_device,
     seed_everything,
 )
 
@@ -36,7 +38,7 @@ class FloatModelError(ValueError):
 
 
 class FloatModel(BaseModel):
-    """Where a study's float weights are, their hash, and how good they are.
+    """Where a study's float weights are, their hash, and how good they are (``metric``).
 
     Stored as the study's ``float_model`` attribute; ``file`` is relative to the study's
     artifacts root (as trial checkpoints are).
@@ -49,9 +51,22 @@ class FloatModel(BaseModel):
     source: str
     val_accuracy: float
     test_accuracy: float
+    """Top-1 accuracies (NaN for a task that reports no accuracy)."""
     steps: int = 0
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """The task's metrics on the validation split (a classifier's: its accuracy)."""
+    test_metrics: dict[str, float] = Field(default_factory=dict)
     artifact: str | None = None
     """Its artifact id in the study's artifact store, when it has one."""
+
+    def metric(self, name: str, split: str = "val") -> float | None:
+        """The float model's value of a task metric (a classifier's accuracy included)."""
+        values = self.metrics if split == "val" else self.test_metrics
+        if name in values:
+            return values[name]
+        if name == "accuracy":
+            return self.val_accuracy if split == "val" else self.test_accuracy
+        return None
 
 
 def state_sha256(state: Mapping[str, Tensor]) -> str:
@@ -136,8 +151,16 @@ def make_float_model(
             ) from None
         steps = result.steps_run
         source = f"trained by quantsearch ({budget})"
-    val_accuracy = evaluate(model, task.val_set, device=train.device)
-    test_accuracy = evaluate(model, task.test_set, device=train.device)
+    if task.is_classifier:
+        val_accuracy = evaluate(model, task.val_set, device=train.device)
+        test_accuracy = evaluate(model, task.test_set, device=train.device)
+        val_metrics, test_metrics = {"accuracy": val_accuracy}, {"accuracy": test_accuracy}
+    else:
+        device = resolve_device(train.device)
+        val_metrics = measure(model, task, task.val_set, device=device).values
+        test_metrics = measure(model, task, task.test_set, device=device).values
+        val_accuracy = val_metrics.get("accuracy", float("nan"))
+        test_accuracy = test_metrics.get("accuracy", float("nan"))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out) as partial:  # a killed study never leaves half a file
@@ -149,4 +172,6 @@ def make_float_model(
         val_accuracy=val_accuracy,
         test_accuracy=test_accuracy,
         steps=steps,
+        # Only a task's own metrics: a classifier's float model is stored as before.
+        **({} if task.is_classifier else {"metrics": val_metrics, "test_metrics": test_metrics}),
     )

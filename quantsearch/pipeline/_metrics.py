@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from quantsearch.pipeline._record import TrialRecord
@@ -23,11 +24,14 @@ __all__ = [
     "METRICS",
     "Evaluated",
     "Metric",
+    "MetricInfo",
     "ModelProfile",
     "accuracy_interval",
+    "bootstrap_interval",
     "front_mask",
     "front_trials",
     "get_metric",
+    "metric_info",
     "register_metric",
 ]
 
@@ -107,6 +111,8 @@ class Evaluated:
     profile: ModelProfile
     val_accuracy: float
     size_bytes: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Every metric measured on the validation split: the task's and the fidelity ones."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,9 @@ class Metric:
     """One objective: its Optuna metric name, direction, axis label and computation.
 
     ``relative`` metrics are divided by the float model's value on the plots' and the
-    hypervolume's axes (sizes, bitops); the others are used as they are (accuracy).
+    hypervolume's axes (sizes, bitops); the others are put on [0, 1] by ``bounds`` ``(worst,
+    best)``, else as proportions (``proportion``: a share of hits, with a Wilson interval),
+    else by twice the float model's value (see :class:`MetricInfo`). ``unit`` follows values.
     """
 
     name: str
@@ -122,9 +130,90 @@ class Metric:
     label: str
     compute: Callable[[Evaluated], float]
     relative: bool = False
+    unit: str = ""
+    proportion: bool = False
+    bounds: tuple[float, float] | None = None
+
+    @property
+    def info(self) -> MetricInfo:
+        return MetricInfo(
+            name=self.name,
+            direction=self.direction,
+            label=self.label,
+            unit=self.unit,
+            proportion=self.proportion,
+            relative=self.relative,
+            bounds=self.bounds,
+        )
+
+
+class MetricInfo(BaseModel):
+    """What a study stores about one metric, so every reader labels it without the task:
+    its name, direction, label, unit, whether it is a proportion (Wilson intervals, shown in
+    percent) or relative to the float model (sizes), and its hypervolume ``bounds``.
+
+    On the hypervolume's axes a metric runs from 0 (best) to 1 (worst): a relative metric as
+    value / float value; one with ``bounds`` ``(worst, best)`` linearly between them; a
+    proportion between 0 and 1; any other between 0 and twice the float model's value (the
+    float model sits at 0.5), or, with no float value, the range the trials span.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    direction: Literal["maximize", "minimize"]
+    label: str = ""
+    unit: str = ""
+    proportion: bool = False
+    relative: bool = False
+    bounds: tuple[float, float] | None = None
+
+    @property
+    def maximize(self) -> bool:
+        return self.direction == "maximize"
+
+    @property
+    def shown_label(self) -> str:
+        """The axis label, with the unit: ``perplexity``, ``SQNR (dB)``."""
+        label = self.label or self.name
+        return f"{label} ({self.unit})" if self.unit and self.unit not in label else label
+
+    def format(self, value: float | None) -> str:
+        """A value as the reports show it: percent for proportions, else 4 significant
+        digits and the unit."""
+        if value is None or not math.isfinite(value):
+            return "–"
+        if self.proportion:
+            return f"{value:.2%}"
+        return f"{value:.4g}" + (f" {self.unit}" if self.unit else "")
+
+
+def metric_info(
+    name: str, direction: str, *, label: str = "", unit: str = "", proportion: bool = False,
+    bounds: tuple[float, float] | None = None,
+) -> MetricInfo:
+    """The MetricInfo of a registered metric by that name, else one built from the rest."""
+    known = METRICS.get(name)
+    if known is not None:
+        return known.info
+    return MetricInfo.model_validate(
+        {"name": name, "direction": direction, "label": label or name, "unit": unit,
+         "proportion": proportion, "bounds": bounds}
+    )
 
 
 METRICS: dict[str, Metric] = {}
+
+
+def _measured(name: str) -> Callable[[Evaluated], float]:
+    def compute(evaluated: Evaluated) -> float:
+        if name not in evaluated.metrics:
+            raise KeyError(
+                f"metric {name!r} was not measured (measured: {', '.join(evaluated.metrics)})"
+            )
+        return float(evaluated.metrics[name])
+
+    return compute
 
 
 def register_metric(metric: Metric) -> Metric:
@@ -143,7 +232,13 @@ def get_metric(name: str) -> Metric:
 
 
 register_metric(
-    Metric("accuracy", "maximize", "validation accuracy", lambda e: float(e.val_accuracy))
+    Metric(
+        "accuracy",
+        "maximize",
+        "validation accuracy",
+        lambda e: float(e.metrics.get("accuracy", e.val_accuracy)),
+        proportion=True,
+    )
 )
 register_metric(
     Metric("size_bytes", "minimize", "model size", lambda e: float(e.size_bytes), relative=True)
@@ -171,6 +266,29 @@ def accuracy_interval(accuracy: float, samples: int, z: float = _Z95) -> tuple[f
     half = z * math.sqrt(accuracy * (1 - accuracy) / samples + z * z / (4 * samples**2))
     half /= denominator
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_interval(
+    per_example: np.ndarray,
+    reduce: Callable[[np.ndarray], float] | None = None,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of ``reduce`` (default: the mean) of per-example
+    values, from ``resamples`` resamples with replacement (seeded: the same values give the
+    same interval)."""
+    values = np.asarray(per_example, dtype=float).reshape(-1)
+    if len(values) < 2 or not np.isfinite(values).all():
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(values), size=(resamples, len(values)))
+    if reduce is None:
+        stats = values[draws].mean(axis=1)
+    else:
+        stats = np.asarray([reduce(values[row]) for row in draws], dtype=float)
+    low, high = np.quantile(stats, [0.025, 0.975])
+    return (float(low), float(high))
 
 
 def front_mask(points: np.ndarray) -> np.ndarray:

@@ -18,6 +18,9 @@ RECORD_VERSION = 2
 TrialMode = Literal["finetune", "ptq", "scratch", "float"]
 
 
+_METRIC_FIELDS = ("metrics", "test_metrics", "intervals", "test_intervals")
+
+
 class TrialRecord(BaseModel):
     """Everything quantsearch stores about one trial, as Optuna user attributes.
 
@@ -44,6 +47,15 @@ class TrialRecord(BaseModel):
     test_accuracy: float | None = None
     val_samples: int | None = None
     test_samples: int | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Every metric measured on the validation split, by name: the task's (``accuracy`` for a
+    classifier, as ``val_accuracy``) and the fidelity metrics the space names."""
+    test_metrics: dict[str, float] = Field(default_factory=dict)
+    """The same metrics on the test split."""
+    intervals: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    """95% intervals of the validation metrics that have one: Wilson for proportions,
+    percentile bootstrap from per-example values otherwise (MetricInfo says which)."""
+    test_intervals: dict[str, tuple[float, float]] = Field(default_factory=dict)
     size_bytes: int | None = None
     float_size_bytes: int | None = None
     compression_ratio: float | None = None
@@ -71,8 +83,20 @@ class TrialRecord(BaseModel):
         return cls.from_attrs(trial.user_attrs)
 
     def to_attrs(self) -> dict[str, Any]:
-        """The user attributes to store: every field that is set."""
-        return self.model_dump(exclude_none=True)
+        """The user attributes to store: every field that is set (empty metric mappings are
+        left out, so a classifier's trials store what they stored before)."""
+        empty = {k for k in _METRIC_FIELDS if not getattr(self, k)}
+        return self.model_dump(exclude_none=True, exclude=empty)
+
+    def metric(self, name: str, split: str = "val") -> float | None:
+        """A metric's value on ``split`` ("val" or "test"): from ``metrics``, else a
+        classifier's ``val_accuracy``/``test_accuracy``."""
+        values = self.metrics if split == "val" else self.test_metrics
+        if name in values:
+            return values[name]
+        if name == "accuracy":
+            return self.val_accuracy if split == "val" else self.test_accuracy
+        return None
 
     def reused_by(self, **changes: Any) -> TrialRecord:
         """This trial's result as another trial that reuses it (a duplicate of it)."""

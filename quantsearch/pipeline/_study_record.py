@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantsearch.pipeline._float import FloatModel
+from quantsearch.pipeline._metrics import MetricInfo, metric_info
 from quantsearch.pipeline._record import TrialRecord
 from quantsearch.pipeline._sensitivity import Sensitivity
 
@@ -25,14 +26,23 @@ STUDY_RECORD_VERSION = 1
 
 
 class TargetState(BaseModel):
-    """What ``target: {max_accuracy_drop: d}`` means for one study, once its float model is
-    known: the accuracy floor and the smallest size any config of the space can reach."""
+    """What ``target`` means for one study, once its float model is known: the metric's bound
+    and the smallest size any config of the space can reach.
+
+    For ``accuracy`` (``max_accuracy_drop``) the fields say what their names say. For another
+    ``metric``, ``float_accuracy`` holds the float model's value of it, ``min_accuracy`` the
+    bound a trial must meet (a ceiling when ``direction`` is minimize) and
+    ``max_accuracy_drop`` the allowed change in the worse direction (a fraction of the float
+    value when ``relative``; NaN for an absolute bound)."""
 
     model_config = ConfigDict(frozen=True)
 
     max_accuracy_drop: float
     float_accuracy: float
     min_accuracy: float
+    metric: str = "accuracy"
+    direction: str = "maximize"
+    relative: bool = False
     smallest_bytes: int
     """The smallest model_size_bytes any config of the space gives (every bits parameter at
     its lowest value)."""
@@ -66,6 +76,16 @@ class StudyRecord(BaseModel):
     """The artifact store (a folder or ``s3://bucket/prefix``) every machine uploads to."""
     target: TargetState | None = None
     sensitivity: Sensitivity | None = None
+    metrics: dict[str, MetricInfo] = Field(default_factory=dict)
+    """Every metric the study names (objectives, constraints, target), with its direction,
+    label and unit; empty in studies of classifiers written before metrics were general."""
+
+    def metric(self, name: str) -> MetricInfo:
+        """What the study stored about metric ``name``, else the registered one, else a
+        minimized one by that name."""
+        if name in self.metrics:
+            return self.metrics[name]
+        return metric_info(name, "minimize")
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StudyRecord:

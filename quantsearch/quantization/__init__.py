@@ -28,7 +28,7 @@ from ._algorithms import (
 from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, AlgorithmRules, ConfigError, match_layers
 from ._observers import OBSERVERS
-from ._onnx import OnnxExport, OnnxExportError, OnnxTensor, export_onnx
+from ._onnx import FloatOp, OnnxExport, OnnxExportError, OnnxTensor, export_onnx
 from ._pack import load_packed, model_size_bytes, save_packed
 from ._ptq import NotCalibratedError, PtqQuantizer
 from ._registry import QUANTIZERS, algorithm_rules, get_quantizer, register_quantizer
@@ -46,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DoReFaQuantizer",
     "Example",
+    "FloatOp",
     "LsqQuantizer",
     "NaiveQuantizer",
     "NotCalibratedError",

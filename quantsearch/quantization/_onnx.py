@@ -23,11 +23,20 @@ import torch
 from torch import Tensor, nn
 
 from ._onnx_deploy import OnnxExportError, deployed_copy, register_ops
-from ._onnx_graph import OnnxTensor, edit_graph, import_onnx, register_schemas, translation_table
+from ._onnx_fuse import FloatOp, fold_requantizations, float_ops
+from ._onnx_graph import (
+    OnnxTensor,
+    edit_graph,
+    import_onnx,
+    prune_graph,
+    register_schemas,
+    translation_table,
+)
 from ._pack import model_size_bytes
 
 __all__ = [
     "DEFAULT_OPSET",
+    "FloatOp",
     "MIN_OPSET",
     "OnnxExport",
     "OnnxExportError",
@@ -53,6 +62,17 @@ class OnnxExport:
     unquantized: tuple[str, ...]
     """Quantized roles that never saw a training batch: eval mode passes them through in float,
     and so does the ONNX model."""
+    folded: tuple[str, ...] = ()
+    """Tensors quantized twice in a row, written once (``first -> second``): the first
+    quantizer is dropped so that onnxruntime fuses the op into an integer kernel."""
+    float_ops: tuple[FloatOp, ...] = ()
+    """Compute nodes onnxruntime keeps in float, each with the reason; empty when the whole
+    graph runs on integer kernels (or the model is float)."""
+
+    @property
+    def integer(self) -> bool:
+        """Quantized, and every compute node fits onnxruntime's integer kernels."""
+        return bool(self.tensors) and not self.float_ops
 
     def types(self) -> dict[str, str]:
         """Tensor name -> ONNX integer type of its codes."""
@@ -76,6 +96,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    fold: bool = True,
 ) -> OnnxExport:
     """Write ``model`` (compressed by a quantizer, or a plain float model) as an ONNX QDQ model.
 
@@ -86,7 +107,16 @@ def export_onnx(
     int16/uint16, int32 (DoReFa's 16 bits); ``sub_byte_types=False`` keeps 8-bit containers for
     runtimes without the 2- and 4-bit types. Activations use int8/uint8 (int16/uint16 above 8
     bits): onnxruntime's graph optimizations fail on 2- and 4-bit activations. A range narrower
-    than its type (-127..127 or 4-bit codes in int8) is kept by Min/Max before QuantizeLinear.
+    than its type (-127..127 or 4-bit codes in int8) is kept by Min (Max) before QuantizeLinear
+    on the side where it is narrower, unless a ReLU or clamp already keeps it.
+
+    With ``fold`` (the default) a tensor quantized twice in a row (a conv's output quantizer,
+    then the ReLU's after it; a layer's output quantizer, then the next layer's input quantizer
+    on a tensor nothing else reads) is rounded once, to the second quantizer's grid, so that
+    onnxruntime fuses the op into an integer kernel: ``OnnxExport.folded`` names each pair and
+    ``OnnxExport.float_ops`` every op that stays float, and why; and 8-bit unsigned weights are
+    written as int8 (codes and zero point minus 128, the same values), which onnxruntime's
+    fast kernels (uint8 activations times int8 weights) take.
 
     ``dummy_input`` is an example batch (a tensor or a tuple of tensors); with ``dynamic_batch``
     the batch dimension of every input is left free. The model is copied, never changed, and
@@ -120,7 +150,9 @@ def export_onnx(
         dynamic_shapes=dynamic_shapes, translations=translation_table(onnxscript),
     )
     proto = program.model_proto
-    records = edit_graph(onnx, proto, opset, sub_byte_types)
+    records = edit_graph(onnx, proto, opset, sub_byte_types, signed_weights=fold)
+    folded = fold_requantizations(onnx, proto) if fold else []
+    prune_graph(proto)
     needed_ir = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     proto.ir_version = max(proto.ir_version, needed_ir, 11 if opset >= 25 else 10)
     proto.producer_name = "quantsearch"
@@ -134,6 +166,8 @@ def export_onnx(
         opset=opset,
         tensors=tuple(records),
         unquantized=tuple(unquantized),
+        folded=tuple(folded),
+        float_ops=tuple(float_ops(onnx, proto)) if records else (),
     )
 
 

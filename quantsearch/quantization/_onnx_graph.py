@@ -4,7 +4,8 @@
 module registers their schemas and translations, then edits the exported proto:
 
 * a weight: its codes as an initializer of the narrowest ONNX integer type that holds them,
-  then ``DequantizeLinear`` (per tensor, or per output channel with ``axis=0``);
+  then ``DequantizeLinear`` (per tensor, or per output channel with ``axis=0``); optionally
+  8-bit unsigned codes shifted to int8, which onnxruntime's fast kernels take;
 * an activation: ``QuantizeLinear`` then ``DequantizeLinear`` with the trial's scale and zero
   point, in an 8-bit (or 16-bit) type, after Min/Max bounds when the quantizer's integer range
   is narrower than the type's (QuantizeLinear saturates to the type's range only);
@@ -21,7 +22,14 @@ import torch
 
 from ._onnx_deploy import OnnxExportError
 
-__all__ = ["OnnxTensor", "edit_graph", "import_onnx", "register_schemas", "translation_table"]
+__all__ = [
+    "OnnxTensor",
+    "edit_graph",
+    "import_onnx",
+    "prune_graph",
+    "register_schemas",
+    "translation_table",
+]
 
 _EXTRA_HINT = "install the ONNX extra: pip install 'quantsearch[onnx]'"
 _DOMAIN = "quantsearch.export"  # placeholder nodes only; none is left in a written model
@@ -154,8 +162,11 @@ def _numpy_type(kind: _IntType) -> Any:
 class _GraphEditor:
     """Replaces the placeholder nodes of an exported graph with standard ONNX operators."""
 
-    def __init__(self, onnx: Any, proto: Any, opset: int, sub_byte: bool) -> None:
+    def __init__(
+        self, onnx: Any, proto: Any, opset: int, sub_byte: bool, signed_weights: bool
+    ) -> None:
         self.onnx, self.proto, self.opset, self.sub_byte = onnx, proto, opset, sub_byte
+        self.signed_weights = signed_weights
         graph = proto.graph
         self.initializers = {t.name: t for t in graph.initializer}
         self.records: list[OnnxTensor] = []
@@ -200,8 +211,14 @@ class _GraphEditor:
         qmin, qmax, axis = attrs["qmin"], attrs["qmax"], attrs.get("axis")
         kind = _int_type(qmin, qmax, self.opset, self.sub_byte, weight=True)
         out, tag = node.output[0], attrs["name"]
-        codes = self.add_initializer(f"{tag}.codes", self.typed(self.array(codes_name), kind))
-        zero = self.add_initializer(f"{tag}.zero_point", self.typed(self.array(zero_name), kind))
+        codes, zero = self.array(codes_name), self.array(zero_name)
+        if self.signed_weights and kind.name == "uint8":
+            # The same (codes - zero point) in int8: onnxruntime's fast integer kernels take
+            # uint8 activations times int8 weights (VNNI), uint8 weights run a slower path.
+            kind, qmin, qmax = _INT_TYPES[4], qmin - 128, qmax - 128
+            codes, zero = codes.astype("int64") - 128, zero.astype("int64") - 128
+        codes = self.add_initializer(f"{tag}.codes", self.typed(codes, kind))
+        zero = self.add_initializer(f"{tag}.zero_point", self.typed(zero, kind))
         self.records.append(OnnxTensor(
             attrs["name"], attrs["bits"], kind.name, qmin, qmax, axis is not None, False
         ))
@@ -221,10 +238,13 @@ class _GraphEditor:
         zero = self.add_initializer(f"{tag}.zero_point", self.typed(self.array(zero_name), kind))
         clipped = (qmin, qmax) != (kind.low, kind.high)
         nodes = []
-        if clipped:
-            # Min and Max rather than Clip: they broadcast per-channel bounds.
+        # Min and Max rather than Clip: they broadcast per-channel bounds. Only the side that is
+        # narrower than the type gets one: QuantizeLinear saturates to the type's range.
+        if qmax < kind.high:
             nodes.append(make("Min", [x, high], [f"{tag}.below"], name=f"{tag}.min"))
-            nodes.append(make("Max", [f"{tag}.below", low], [f"{tag}.clipped"], name=f"{tag}.max"))
+            x = f"{tag}.below"
+        if qmin > kind.low:
+            nodes.append(make("Max", [x, low], [f"{tag}.clipped"], name=f"{tag}.max"))
             x = f"{tag}.clipped"
         extra = {} if axis is None else {"axis": axis}
         nodes.append(make("QuantizeLinear", [x, scale_name, zero], [f"{tag}.codes"],
@@ -263,7 +283,15 @@ def _prune(proto: Any, initializers: dict[str, Any]) -> None:
     proto.opset_import.extend(imports)
 
 
-def edit_graph(onnx: Any, proto: Any, opset: int, sub_byte: bool) -> list[OnnxTensor]:
+def prune_graph(proto: Any) -> None:
+    """Drop the nodes and initializers of ``proto`` that no graph output needs (after a fold)."""
+    _prune(proto, {t.name: t for t in proto.graph.initializer})
+
+
+def edit_graph(
+    onnx: Any, proto: Any, opset: int, sub_byte: bool, signed_weights: bool = False
+) -> list[OnnxTensor]:
     """Replace every placeholder node of ``proto`` in place; returns how each tensor was
-    written."""
-    return _GraphEditor(onnx, proto, opset, sub_byte).run()
+    written. With ``signed_weights`` 8-bit unsigned weight codes are written as int8 (codes and
+    zero point minus 128: the same dequantized values)."""
+    return _GraphEditor(onnx, proto, opset, sub_byte, signed_weights).run()

@@ -29,7 +29,6 @@ from ._ptq_fit import FitRecord
 from ._ptq_methods import (
     METHOD_OPTIONS,
     Recording,
-    check_methods,
     equalize_model,
     recording_needed,
 )
@@ -336,7 +335,7 @@ def _check_entry(
     if "percentile" in given and "percentile" not in _observers_of(entry).values():
         chosen = sorted(set(_observers_of(entry).values()))
         return "percentile", f"only used with observer 'percentile' (this entry's: {chosen})"
-    return check_methods(given, entry)
+    return None
 
 
 @register_quantizer("ptq")

@@ -1,7 +1,7 @@
 """Post-training methods beyond round-to-nearest, as keys of the ptq config_list entries.
 
 ``rounding`` (``nearest``, ``adaround``, ``gptq``), ``bias_correction`` and ``equalize``, with
-``adaround_iters`` and ``gptq_damp``: their validators, the cross-key checks, and what
+``adaround_iters`` and ``gptq_damp``: their validators and what
 ``PtqQuantizer`` runs for them: :func:`equalize_model` on the float model before wrapping, and
 a :class:`Recording` that samples each layer's inputs during ``calibrate()`` and fits the
 rounding and the bias when the calibration ends (:mod:`._ptq_fit`).
@@ -23,7 +23,6 @@ __all__ = [
     "METHOD_OPTIONS",
     "ROUNDINGS",
     "Recording",
-    "check_methods",
     "equalize_model",
     "recording_needed",
 ]
@@ -57,7 +56,9 @@ def _damp_value(value: Any) -> str | None:
     return None if number and 0 < value <= 1 else "expected a number in (0, 1]"
 
 
-#: key -> (default, validator), merged into ``PtqQuantizer.rules.options``.
+#: key -> (default, validator), merged into ``PtqQuantizer.rules.options``. No cross-key
+#: check: a search writes every searched key into every entry, so an entry without weights
+#: (ReLU6 outputs) and one whose rounding is not AdaRound take them too, and ignore them.
 METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
     "rounding": ("nearest", _rounding_value),
     "bias_correction": (False, _bool_value),
@@ -65,22 +66,6 @@ METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
     "adaround_iters": (ADAROUND_ITERS, _iters_value),
     "gptq_damp": (GPTQ_DAMP, _damp_value),
 }
-
-def check_methods(
-    given: Mapping[str, Any], entry: Mapping[str, Any]
-) -> tuple[str, str] | None:
-    """Cross-key check: the methods act on weights. (``adaround_iters`` and ``gptq_damp`` are
-    accepted with any ``rounding`` and read only by their method, so that a space can search
-    ``rounding`` while fixing them.)"""
-    if "weight" not in entry["quant_types"]:
-        for key in ("rounding", "bias_correction", "equalize"):
-            if key in given and given[key] != METHOD_OPTIONS[key][0]:
-                return key, (
-                    f"acts on weights, and this entry's quant_types {list(entry['quant_types'])} "
-                    "has no 'weight'"
-                )
-    return None
-
 
 def equalize_model(model: nn.Module, layers: Mapping[str, Any]) -> EqualizeResult | None:
     """Cross-layer equalization of the pairs whose two layers both have ``equalize: true``

@@ -10,7 +10,7 @@ from itertools import combinations
 import optuna
 import pandas as pd
 
-from quantsearch.pipeline import Sensitivity, StudyRecord, mask_url, storage_url
+from quantsearch.pipeline import MetricInfo, Sensitivity, StudyRecord, mask_url, storage_url
 from quantsearch.report._objectives import (
     Axis,
     float_references,
@@ -100,6 +100,9 @@ class ReportData:
     """The arguments that name the study on the command line."""
     command: str | None
     """The command line that wrote the report, if given."""
+    quality: Axis | None = None
+    """The metric the tables show first: the first objective that is not relative to the
+    float model (size, bitops); accuracy for a study without one."""
 
     @classmethod
     def of(
@@ -112,9 +115,15 @@ class ReportData:
         check_reportable(study.study_name, frame, rerun_hint=f"quantsearch study {args}")
         axes = tuple(
             objective_axes(
-                frame, metric_names=study.metric_names, references=float_references(record)
+                frame,
+                metric_names=study.metric_names,
+                references=float_references(record),
+                metrics=record.metrics,
             )
         )
+        quality = next((a for a in axes if not a.relative), None) or objective_axes(
+            frame, metric_names=["accuracy"]
+        )[0]
         plots = tuple(
             ParetoPlot(x, y, "pareto" if index == 0 else f"pareto_{y.name}_{x.name}")
             for index, (x, y) in enumerate(_plot_pairs(axes))
@@ -130,7 +139,19 @@ class ReportData:
             pareto_plots=plots,
             study_args=args,
             command=command,
+            quality=quality,
         )
+
+    @property
+    def quality_metric(self) -> Axis:
+        """The quality metric's axis (see ``quality``)."""
+        assert self.quality is not None
+        return self.quality
+
+    @property
+    def metric_infos(self) -> dict[str, MetricInfo]:
+        """What the study stored about its metrics."""
+        return dict(self.record.metrics)
 
     @property
     def hypervolume(self) -> float:

@@ -21,7 +21,9 @@ from quantsearch.report._data import (
     ReportData,
 )
 from quantsearch.report._noise import noise_markdown
+from quantsearch.report._objectives import Axis
 from quantsearch.report._sensitivity import sensitivity_markdown
+from quantsearch.report._table import metric_columns
 from quantsearch.report._target import target_markdown
 
 __all__ = ["SECTIONS", "Section", "render_markdown"]
@@ -77,17 +79,35 @@ def _task_text(task: Any) -> str:
     return f"{name} ({', '.join(details)})" if details else name
 
 
-def _with_interval(value: float, low: float, high: float) -> str:
-    """``97.41% ±1.23``: the accuracy and the half-width of its 95% interval, in points."""
+def _with_interval(value: float, low: float, high: float, axis: Axis | None = None) -> str:
+    """``97.41% ±1.23``: the accuracy and the half-width of its 95% interval, in points (for
+    another metric: its value and half-width in its own units)."""
     if value is None or not math.isfinite(value):
         return "–"
+    proportion = axis is None or axis.proportion
+    shown = _percent(value) if proportion else axis.format(value)  # type: ignore[union-attr]
     if low is None or not (math.isfinite(low) and math.isfinite(high)):
-        return _percent(value)
-    return f"{value:.2%} ±{(high - low) / 2 * 100:.2f}"
+        return shown
+    if proportion:
+        return f"{value:.2%} ±{(high - low) / 2 * 100:.2f}"
+    return f"{shown} ±{(high - low) / 2:.3g}"
 
 
-def _trial_table(rows: pd.DataFrame, *, with_config: bool, with_bitops: bool) -> list[str]:
-    header = "| trial | val. accuracy | test accuracy | size | bytes | compression |"
+def _cells(row: Any, axis: Axis) -> tuple[str, str]:
+    """The validation and test cells of the quality metric, with their intervals."""
+    val, test, val_low, val_high, test_low, test_high = metric_columns(axis.name)
+    get = row.get if isinstance(row, Mapping | pd.Series) else lambda k: getattr(row, k, None)
+    return (
+        _with_interval(get(val), get(val_low), get(val_high), axis),
+        _with_interval(get(test), get(test_low), get(test_high), axis),
+    )
+
+
+def _trial_table(
+    rows: pd.DataFrame, *, with_config: bool, with_bitops: bool, quality: Axis | None = None
+) -> list[str]:
+    name = "accuracy" if quality is None else quality.name
+    header = f"| trial | val. {name} | test {name} | size | bytes | compression |"
     rule = "|---:|---:|---:|---:|---:|---:|"
     if with_bitops:
         header += " bitops |"
@@ -98,10 +118,16 @@ def _trial_table(rows: pd.DataFrame, *, with_config: bool, with_bitops: bool) ->
         header += " config_list |"
         rule += "---|"
     lines = [header, rule]
-    for row in rows.itertuples():
+    for _, series in rows.iterrows():
+        row = series
+        if quality is None or quality.name == "accuracy":
+            val = _with_interval(row.accuracy, row.val_low, row.val_high)
+            test = _with_interval(row.test_accuracy, row.test_low, row.test_high)
+        else:
+            val, test = _cells(series, quality)
         line = (
-            f"| {int(row.number)} | {_with_interval(row.accuracy, row.val_low, row.val_high)} "
-            f"| {_with_interval(row.test_accuracy, row.test_low, row.test_high)} "
+            f"| {int(row.number)} | {val} "
+            f"| {test} "
             f"| {_size(row.size_bytes)} | {_bytes(row.size_bytes)} "
             f"| {_ratio(row.compression_ratio)} |"
         )
@@ -114,8 +140,10 @@ def _trial_table(rows: pd.DataFrame, *, with_config: bool, with_bitops: bool) ->
     return lines
 
 
-def _split_sizes(frame: pd.DataFrame) -> str | None:
+def _split_sizes(frame: pd.DataFrame, quality: Axis | None = None) -> str | None:
     """How many images the splits hold, and what one image is worth in accuracy."""
+    if quality is not None and quality.name != "accuracy":
+        return _example_counts(frame, quality)
     sizes = []
     for split in ("val", "test"):
         values = frame[f"{split}_samples"].dropna()
@@ -127,6 +155,23 @@ def _split_sizes(frame: pd.DataFrame) -> str | None:
         f"validation {val:,} images (one image = {100 / val:.2f} points), test {test:,} "
         f"(one image = {100 / test:.2f} points); ± is the half-width of the 95% (Wilson) interval"
     )
+
+
+def _example_counts(frame: pd.DataFrame, quality: Axis) -> str | None:
+    counts = [frame[f"{split}_samples"].dropna() for split in ("val", "test")]
+    if any(c.empty for c in counts):
+        return None
+    val, test = (int(c.max()) for c in counts)
+    if quality.proportion:
+        how = "± is the half-width of the 95% (Wilson) interval"
+    else:
+        low = metric_columns(quality.name)[2]
+        has = low in frame and frame[low].notna().any()
+        how = (
+            "± is the half-width of the 95% percentile-bootstrap interval of the per-example "
+            "values" if has else f"{quality.name} has no interval (no per-example values)"
+        )
+    return f"validation {val:,} examples, test {test:,}; {how}"
 
 
 _STATE_WORDS = {
@@ -167,7 +212,9 @@ def _header(data: ReportData) -> list[str]:
 
 def _target(data: ReportData) -> list[str]:
     target = data.record.target
-    return [] if target is None else target_markdown(data.frame, target)
+    if target is None:
+        return []
+    return target_markdown(data.frame, target, data.record.metric(target.metric))
 
 
 def _summary_rows(data: ReportData) -> list[tuple[str, str]]:
@@ -182,7 +229,18 @@ def _summary_rows(data: ReportData) -> list[tuple[str, str]]:
     if data.axes:
         rows.append(("objectives", ", ".join(f"{a.direction} `{a.name}`" for a in data.axes)))
     float_model = record.float_model
-    if float_model is not None:
+    quality = data.quality_metric
+    if float_model is not None and quality.name != "accuracy":
+        val = float_model.metric(quality.name)
+        test = float_model.metric(quality.name, "test")
+        rows.append(
+            (
+                "float model",
+                f"{_cell(_text(float_model.source))}: validation {quality.name} "
+                f"{quality.format(val)}, test {quality.format(test)}",
+            )
+        )
+    elif float_model is not None:
         rows.append(
             (
                 "float model",
@@ -191,7 +249,7 @@ def _summary_rows(data: ReportData) -> list[tuple[str, str]]:
                 f"{_percent(float_model.test_accuracy)}",
             )
         )
-    splits = _split_sizes(frame)
+    splits = _split_sizes(frame, quality)
     if splits:
         rows.append(("splits", splits))
     rows.append(("trials", f"{len(frame)} ({_state_summary(frame)})"))
@@ -202,7 +260,26 @@ def _summary_rows(data: ReportData) -> list[tuple[str, str]]:
     else:
         rows.append(("front", f"{len(front)} trials"))
     rows.append(("float model size", f"{_size(data.float_size_bytes)}"))
-    if not front.empty:
+    if not front.empty and quality.name != "accuracy":
+        column = front[quality.name]
+        best = front.loc[column.idxmax() if quality.maximize else column.idxmin()]
+        smallest = front.iloc[0]
+        rows.append(
+            (
+                f"best {quality.name} on the front",
+                f"trial {int(best.number)}: {quality.format(best[quality.name])} at "
+                f"{_size(best.size_bytes)}",
+            )
+        )
+        rows.append(
+            (
+                "smallest on the front",
+                f"trial {int(smallest.number)}: {_size(smallest.size_bytes)} "
+                f"({_ratio(smallest.compression_ratio)} smaller) at "
+                f"{quality.format(smallest[quality.name])}",
+            )
+        )
+    elif not front.empty:
         best = front.loc[front["accuracy"].idxmax()]
         smallest = front.iloc[0]
         rows.append(
@@ -218,16 +295,23 @@ def _summary_rows(data: ReportData) -> list[tuple[str, str]]:
                 f"({_ratio(smallest.compression_ratio)} smaller) at {_percent(smallest.accuracy)}",
             )
         )
-    spanned = ", ".join(
-        f"{a.name} / float" if a.relative else ("1 - " if a.maximize else "") + a.name
-        for a in data.axes
-    )
+    spanned = ", ".join(_spanned(a) for a in data.axes)
     rows.append(
         ("hypervolume", f"{data.hypervolume:.4f} (of the unit cube of {spanned}; reference 1)")
     )
     if record.space_hash is not None:
         rows.append(("space hash", f"`{_cell(_text(record.space_hash))}`"))
     return rows
+
+
+def _spanned(axis: Axis) -> str:
+    """How an axis is put on [0, 1]: ``size_bytes / float``, ``1 - accuracy``, ``perplexity
+    from 0 to 9.8``."""
+    if axis.relative:
+        return f"{axis.name} / float"
+    if axis.best is not None and axis.worst is not None:
+        return f"{axis.name} from {axis.best:.4g} (0) to {axis.worst:.4g} (1)"
+    return ("1 - " if axis.maximize else "") + axis.name
 
 
 def _summary(data: ReportData) -> list[str]:
@@ -251,19 +335,25 @@ def _pareto_plots(data: ReportData) -> list[str]:
 
 
 def _front(data: ReportData) -> list[str]:
+    quality = data.quality_metric
+    name = "Accuracy" if quality.name == "accuracy" else f"`{quality.name}`"
     return [
         "## Pareto front",
         "",
-        "Smallest first. Accuracy is measured on the validation split during the search and "
+        f"Smallest first. {name} is measured on the validation split during the search and "
         "on the test split once per trial; size is the packed model's size.",
         "",
-        *_trial_table(data.front, with_config=True, with_bitops=_with_bitops(data)),
+        *_trial_table(
+            data.front, with_config=True, with_bitops=_with_bitops(data), quality=quality
+        ),
         "",
     ]
 
 
 def _noise(data: ReportData) -> list[str]:
-    return [] if data.front.empty else noise_markdown(data.front)
+    if data.front.empty or data.quality_metric.name != "accuracy":
+        return []
+    return noise_markdown(data.front)
 
 
 def _bit_widths(data: ReportData) -> list[str]:
@@ -292,7 +382,12 @@ def _baselines(data: ReportData) -> list[str]:
     return [
         "## Baselines",
         "",
-        *_trial_table(baselines, with_config=False, with_bitops=_with_bitops(data)),
+        *_trial_table(
+            baselines,
+            with_config=False,
+            with_bitops=_with_bitops(data),
+            quality=data.quality_metric,
+        ),
         "",
     ]
 
@@ -319,7 +414,7 @@ def _export(data: ReportData) -> list[str]:
         "Every trial's trained weights are stored with the study, so exporting needs no "
         "training. This writes the state dict (`model.pt`), the calibration file "
         "(`calibration.json`) and the packed integer model (`model.qpk`), reloads them and "
-        "checks the reloaded model's test accuracy against the stored one:",
+        f"checks the reloaded model's test {data.quality_metric.name} against the stored one:",
         "",
         "```sh",
         export,

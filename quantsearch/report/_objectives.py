@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from quantsearch.pipeline import METRICS, StudyRecord, front_mask
+from quantsearch.pipeline import METRICS, MetricInfo, StudyRecord, front_mask
 
 __all__ = [
     "DEFAULT_OBJECTIVES",
@@ -32,7 +32,10 @@ class Axis:
     """One objective: its trials-frame column (the metric's name), direction and scale.
 
     ``reference`` is the float model's value of a ``relative`` metric (size, bitops): the
-    hypervolume divides by it, so each axis runs from 0 (best) to 1 (the float model).
+    hypervolume divides by it, so each axis runs from 0 (best) to 1 (the float model). A metric
+    with ``best`` and ``worst`` runs linearly from one to the other (see
+    :class:`~quantsearch.pipeline.MetricInfo` for how they are chosen); without them a
+    maximised metric is a proportion (1 - value) and a minimised one is used as it is.
     """
 
     name: str
@@ -40,23 +43,53 @@ class Axis:
     label: str
     relative: bool
     reference: float = 1.0
+    best: float | None = None
+    worst: float | None = None
+    info: MetricInfo | None = None
 
     @property
     def maximize(self) -> bool:
         return self.direction == "maximize"
 
+    @property
+    def proportion(self) -> bool:
+        return self.info is not None and self.info.proportion
+
+    def format(self, value: float | None, *, short: bool = False) -> str:
+        """A value as labels show it: 97.4% for a proportion, else 4 digits and the unit."""
+        if value is None or not math.isfinite(value):
+            return "–"
+        if self.proportion:
+            return f"{value:.1%}" if short else f"{value:.2%}"
+        unit = self.info.unit if self.info is not None else ""
+        return f"{value:.4g}" + (f" {unit}" if unit else "")
+
     def unit(self, values: Any) -> np.ndarray:
-        """Values on [0, 1], 0 best: 1 - value when maximised, value / reference when relative."""
+        """Values on [0, 1], 0 best: value / reference when relative, (value - best) / (worst
+        - best) with bounds, else 1 - value when maximised."""
         array = np.asarray(values, dtype=float)
+        if self.relative:
+            return array / self.reference
+        if self.best is not None and self.worst is not None:
+            return (array - self.best) / (self.worst - self.best)
         if self.maximize:
             return 1.0 - array
-        return array / self.reference if self.relative else array
+        return array
 
 
 def float_references(record: StudyRecord) -> dict[str, float]:
     """The float model's value of each metric the study recorded one for, by metric name."""
-    recorded = {"size_bytes": record.float_size_bytes, "bitops": record.float_bitops}
-    return {name: float(value) for name, value in recorded.items() if value}
+    recorded: dict[str, Any] = {
+        "size_bytes": record.float_size_bytes,
+        "bitops": record.float_bitops,
+    }
+    if record.float_model is not None:
+        recorded.update(record.float_model.metrics)
+    return {
+        name: float(value)
+        for name, value in recorded.items()
+        if value and math.isfinite(float(value))
+    }
 
 
 def _reference(name: str, frame: pd.DataFrame, references: Mapping[str, float]) -> float:
@@ -82,20 +115,56 @@ def objective_axes(
     *,
     metric_names: Sequence[str] | None = None,
     references: Mapping[str, float] | None = None,
+    metrics: Mapping[str, MetricInfo] | None = None,
 ) -> list[Axis]:
     """The axes of a study's objectives (default: accuracy and size_bytes); ``references``:
     the float model's values the study recorded (:func:`float_references`)."""
     axes = []
     for name in metric_names or DEFAULT_OBJECTIVES:
-        metric = METRICS.get(name)
-        direction = metric.direction if metric else "minimize"
-        relative = metric.relative if metric else direction == "minimize"
-        label = metric.label if metric else name
+        info = (metrics or {}).get(name)
+        if info is None and name in METRICS:
+            info = METRICS[name].info
+        if info is None:  # a metric of an old study that nothing describes: a relative one
+            info = MetricInfo(name=name, direction="minimize", label=name, relative=True)
+        relative = info.relative
         reference = _reference(name, frame, references or {}) if relative else 1.0
         if not math.isfinite(reference) or reference <= 0:
             reference = 1.0
-        axes.append(Axis(name, direction, label, relative, reference))
+        best, worst = _bounds(info, frame, references or {})
+        axes.append(
+            Axis(
+                name, info.direction, info.shown_label, relative, reference, best, worst, info
+            )
+        )
     return axes
+
+
+def _bounds(
+    info: MetricInfo, frame: pd.DataFrame, references: Mapping[str, float]
+) -> tuple[float | None, float | None]:
+    """(best, worst) of a metric that is neither relative nor a proportion: its declared
+    bounds, else 0 and twice the float model's value, else the range the trials span."""
+    if info.relative or info.proportion:
+        return None, None
+    if info.bounds is not None:
+        worst, best = info.bounds
+        return float(best), float(worst)
+    reference = references.get(info.name)
+    if reference:
+        far = 2 * abs(reference)
+        return (0.0, far) if not info.maximize else (far, 0.0)
+    values = (
+        frame.loc[frame["state"] == "COMPLETE", info.name].dropna()
+        if info.name in frame and "state" in frame
+        else pd.Series(dtype=float)
+    )
+    values = values[np.isfinite(values.astype(float))]
+    if values.empty:
+        return None, None
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        high = low + 1.0
+    return (high, low) if info.maximize else (low, high)
 
 
 def hypervolume(points: np.ndarray) -> float:

@@ -135,10 +135,19 @@ def _value_axis(ax: matplotlib.axes.Axes, which: str, axis: Axis, values: np.nda
         target.set_major_formatter(FuncFormatter(lambda v, _pos: formatter(v)))
         label = f"{axis.label} (log scale)"
     else:
-        if axis.name == "accuracy":
+        if axis.name == "accuracy" or axis.proportion:
             target.set_major_formatter(PercentFormatter(xmax=1.0))
         label = axis.label
     (ax.set_xlabel if which == "x" else ax.set_ylabel)(label)
+
+
+def _short(axis: Axis | None, value: float) -> str:
+    """A point's label: 97.4% for accuracy (and proportions), else the metric's format."""
+    if axis is None or axis.name == "accuracy" or axis.proportion:
+        return f"{value:.1%}"
+    if axis.relative:
+        return format_count(value)
+    return axis.format(value, short=True)
 
 
 def _axis_words(axis: Axis) -> str:
@@ -238,7 +247,7 @@ def pareto_figure(
         # Labels of points in the right half go to their left, so they stay inside the axes.
         right_half = row[x.name] > math.sqrt(np.nanmin(xs) * np.nanmax(xs))
         ax.annotate(
-            f"{label}\n{row['accuracy']:.1%} · {format_size(row['size_bytes'])}",
+            f"{label}\n{_short(y, row[y.name])} · {format_size(row['size_bytes'])}",
             (row[x.name], row[y.name]),
             xytext=(-9 if right_half else 7, -18 if label == "float" else 6),
             textcoords="offset points",
@@ -249,13 +258,13 @@ def pareto_figure(
             fontweight="bold" if label == "float" else "normal",
             zorder=6,
         )
-        if label == "float" and y.name == "accuracy":
+        if label == "float" and not y.relative:
             ax.axhline(
-                row["accuracy"],
+                row[y.name],
                 color=_FLOAT_COLOR,
                 linestyle=":",
                 linewidth=1.2,
-                label="float accuracy",
+                label=f"float {y.name}",
                 zorder=1,
             )
 
@@ -309,8 +318,10 @@ def bits_heatmap_figure(
     *,
     layers: Sequence[str] | None = None,
     front: pd.DataFrame | None = None,
+    quality: Axis | None = None,
 ) -> Figure:
-    """Bit width of every quantized tensor (rows) for each front trial (columns, by size).
+    """Bit width of every quantized tensor (rows) for each front trial (columns, by size);
+    the columns are labelled with ``quality``'s value (default: the validation accuracy).
 
     ``fig.axes[0].images[0].get_array()`` holds the bits, masked where the tensor stays float.
     ``layers`` (model order) adds a float row for each layer that no trial quantized.
@@ -366,13 +377,15 @@ def bits_heatmap_figure(
             ax.text(j, i, "fp", ha="center", va="center", fontsize=7, color=_MUTED)
     ax.set_yticks(range(len(rows)), [f"{layer} ({qtype})" for layer, qtype in rows], fontsize=8)
     column_labels = [
-        f"#{int(r.number)}\n{format_size(r.size_bytes)}\n{r.accuracy:.1%}"
-        + (f"\n{r.baseline}" if isinstance(r.baseline, str) else "")
-        for r in front.itertuples()
+        f"#{int(r['number'])}\n{format_size(r['size_bytes'])}\n"
+        f"{_short(quality, r[quality.name]) if quality else format(r['accuracy'], '.1%')}"
+        + (f"\n{r['baseline']}" if isinstance(r["baseline"], str) else "")
+        for _, r in front.iterrows()
     ]
     ax.set_xticks(range(len(front)), column_labels, fontsize=7)
     ax.tick_params(length=0)
-    ax.set_xlabel("front trials, smallest first (trial number, size, validation accuracy)")
+    shown = "accuracy" if quality is None else quality.name
+    ax.set_xlabel(f"front trials, smallest first (trial number, size, validation {shown})")
     ax.set_title("Bit width per layer on the Pareto front (fp = float)")
     bar = fig.colorbar(image, ax=ax, ticks=levels, fraction=0.04, pad=0.02)
     bar.set_label("bits")

@@ -26,6 +26,7 @@ __all__ = [
     "PARAMS_PREFIX",
     "bits_columns",
     "check_reportable",
+    "metric_columns",
     "pareto_frame",
     "trials_frame",
 ]
@@ -50,7 +51,17 @@ _NUMBER_FIELDS = (
 )
 _TEXT_FIELDS = ("algorithm", "mode", "baseline", "fail_reason", "checkpoint")
 _COLUMN_FIELDS = frozenset(
-    {*_NUMBER_FIELDS, *_TEXT_FIELDS, "config_list", "layer_bits", "size_bytes"}
+    {
+        *_NUMBER_FIELDS,
+        *_TEXT_FIELDS,
+        "config_list",
+        "layer_bits",
+        "size_bytes",
+        "metrics",
+        "test_metrics",
+        "intervals",
+        "test_intervals",
+    }
 )
 
 _BASE_COLUMNS = (
@@ -86,6 +97,36 @@ _BASE_COLUMNS = (
     "duration_seconds",
     "config_list",
 )
+
+
+def metric_columns(name: str) -> tuple[str, str, str, str, str, str]:
+    """The trials frame's columns of a metric: validation value, test value, and the low and
+    high ends of each one's 95% interval. Accuracy keeps its historical names (``accuracy``,
+    ``test_accuracy``, ``val_low`` ...); metric ``m`` has ``m``, ``test_m``, ``m_low``,
+    ``m_high``, ``test_m_low``, ``test_m_high``."""
+    if name == "accuracy":
+        return ("accuracy", "test_accuracy", "val_low", "val_high", "test_low", "test_high")
+    return (
+        name, f"test_{name}", f"{name}_low", f"{name}_high", f"test_{name}_low",
+        f"test_{name}_high",
+    )
+
+
+def _metric_cells(record: TrialRecord, complete: bool) -> dict[str, float]:
+    """A trial's columns of every metric it recorded that is not accuracy."""
+    row: dict[str, float] = {}
+    names = [n for n in (*record.metrics, *record.test_metrics) if n != "accuracy"]
+    for name in dict.fromkeys(names):
+        val, test, val_low, val_high, test_low, test_high = metric_columns(name)
+        row[val] = _float_or_nan(record.metrics.get(name) if complete else None)
+        row[test] = _float_or_nan(record.test_metrics.get(name))
+        for (low, high), intervals in (
+            ((val_low, val_high), record.intervals),
+            ((test_low, test_high), record.test_intervals),
+        ):
+            interval = intervals.get(name)
+            row[low], row[high] = interval if interval is not None else (math.nan, math.nan)
+    return row
 
 
 def _float_or_nan(value: Any) -> float:
@@ -147,6 +188,7 @@ def _row(
     }
     for key in _NUMBER_FIELDS:
         row[key] = _float_or_nan(getattr(record, key))
+    row.update(_metric_cells(record, complete))
     if complete:
         # Each objective's value under its metric's name, as the study recorded it.
         row.update(zip(metric_names, map(float, trial.values), strict=False))

@@ -37,7 +37,10 @@ def _write_plots(data: ReportData, out: Path) -> None:
         save_figure(figure, out / plot.image)
         if index == 0:
             save_figure(figure, out / PARETO_SVG)
-    bits = bits_heatmap_figure(data.frame, layers=data.record.layers, front=data.front)
+    quality = data.quality if data.quality and data.quality.name != "accuracy" else None
+    bits = bits_heatmap_figure(
+        data.frame, layers=data.record.layers, front=data.front, quality=quality
+    )
     save_figure(bits, out / BITS_IMAGE)
     history = history_figure(data.frame, axes=data.axes, history=data.history)
     save_figure(history, out / HISTORY_IMAGE)

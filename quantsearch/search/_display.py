@@ -54,8 +54,19 @@ def trial_line(report: TrialReport) -> str:
     record = report.record
     head = f"trial {report.number:>3} {report.state:<8}"
     if report.state == "COMPLETE":
+        shown = [n for n in record.metrics if n != "accuracy"][:3]
+        values = "  ".join(
+            f"val {name} {_number(record.metrics.get(name)):.4g}  "
+            f"test {name} {_number(record.test_metrics.get(name)):.4g}"
+            for name in shown
+        )
+        if record.val_accuracy is not None or not shown:
+            values = (
+                f"val {_number(record.val_accuracy):.4f}  test "
+                f"{_number(record.test_accuracy):.4f}" + (f"  {values}" if values else "")
+            )
         body = (
-            f"val {_number(record.val_accuracy):.4f}  test {_number(record.test_accuracy):.4f}  "
+            f"{values}  "
             f"size {format_size(record.size_bytes or 0):>9}  "
             f"ratio {_number(record.compression_ratio):5.2f}x  "
             f"{_number(record.train_seconds, 0.0):6.1f} s"
@@ -167,15 +178,31 @@ def _interval(accuracy: float | None, samples: int | None) -> str:
     return f"{accuracy:.4f} ±{(high - low) / 2:.4f}"
 
 
+def _with_interval(value: float | None, interval: Any) -> str:
+    """``5.123 ±0.08``: a metric and the half-width of its stored 95% interval, if any."""
+    if value is None:
+        return ""
+    if not interval:
+        return f"{value:.4g}"
+    low, high = interval
+    return f"{value:.4g} ±{(high - low) / 2:.2g}"
+
+
 def _common_row(trial: FrozenTrial) -> dict[str, Any]:
     record = TrialRecord.of(trial)
-    return {
-        "trial": trial.number,
-        "val_acc": _interval(record.val_accuracy, record.val_samples),
-        "test_acc": _interval(record.test_accuracy, record.test_samples),
-        "size": format_size(_number(record.size_bytes)),
-        "ratio": _ratio(record.compression_ratio),
-    }
+    row: dict[str, Any] = {"trial": trial.number}
+    if record.val_accuracy is not None or not record.metrics:
+        row["val_acc"] = _interval(record.val_accuracy, record.val_samples)
+        row["test_acc"] = _interval(record.test_accuracy, record.test_samples)
+    for name, value in record.metrics.items():
+        if name != "accuracy":
+            row[f"val_{name}"] = _with_interval(value, record.intervals.get(name))
+            row[f"test_{name}"] = _with_interval(
+                record.test_metrics.get(name), record.test_intervals.get(name)
+            )
+    row["size"] = format_size(_number(record.size_bytes))
+    row["ratio"] = _ratio(record.compression_ratio)
+    return row
 
 
 def _ratio(value: float | None) -> str:
@@ -233,8 +260,16 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             }
         )
         rows.append(row)
-    columns = ["trial", "state", "val_acc", "test_acc", "size", "ratio", "seconds", "note"]
+    measured = [
+        key for row in rows for key in row
+        if key.startswith(("val_", "test_")) and key not in ("val_acc", "test_acc")
+    ]
+    columns = [
+        "trial", "state", "val_acc", "test_acc", *dict.fromkeys(measured), "size", "ratio",
+        "seconds", "note",
+    ]
     frame = pd.DataFrame(rows)
+    columns = [c for c in columns if c in frame.columns]
     if frame.empty:
         return frame
     params = [c for c in frame.columns if c not in columns]
@@ -290,8 +325,9 @@ def target_line(study: optuna.Study) -> str | None:
     target = StudyRecord.of(study).target
     if target is None:
         return None
-    best = best_within(study.trials, target.min_accuracy)
-    floor = f"validation accuracy >= {target.min_accuracy:.4f}"
+    best = best_within(study.trials, target)
+    sign = ">=" if target.direction == "maximize" else "<="
+    floor = f"validation {target.metric} {sign} {target.min_accuracy:.4f}"
     if best is None:
         return f"target: no trial reaches {floor}"
     size = TrialRecord.of(best).size_bytes
@@ -336,7 +372,12 @@ def validation_lines(space: Path, spec: SearchSpec, context: StudyContext) -> li
         f"  algorithm  {spec.algorithm}",
         f"  trials     {_start_of(spec)}",
         "  objectives "
-        + ", ".join(f"{name} ({get_metric(name).direction})" for name in spec.objectives),
+        + ", ".join(
+            f"{name} ({context.metrics[name].direction})"
+            if name in context.metrics
+            else f"{name} ({get_metric(name).direction})"
+            for name in spec.objectives
+        ),
         f"  sampler    {spec.sampler.name} (seed {spec.seed})",
     ]
     lines += [f"  param      {name}: {_describe(param)}" for name, param in spec.params.items()]

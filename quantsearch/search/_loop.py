@@ -28,7 +28,12 @@ from quantsearch.search._progress import FINISHED, Progress, TrialReport, counte
 from quantsearch.search._recovery import fail_and_requeue, fail_stale_trials, retry_attrs, trial_id
 from quantsearch.search._seed_guide import SeedGuide
 from quantsearch.search._spec import SearchSpec
-from quantsearch.search._target import TargetState, reached
+from quantsearch.search._target import (
+    TargetState,
+    constraint_values,
+    reached,
+    target_words,
+)
 from quantsearch.search._workers import WORKER_DIED, Heartbeat, InlinePool, ProcessPool
 
 __all__ = ["TrialLoop"]
@@ -232,8 +237,8 @@ class TrialLoop:
                 return False
             self._target_trial = best.number
             self.progress.message(
-                f"target: trial {best.number} is within {self.target.max_accuracy_drop:.2%} of "
-                "the float accuracy at the smallest size the space allows; no more trials"
+                f"target: trial {best.number} {target_words(self.target)} at the smallest "
+                "size the space allows; no more trials"
             )
         return True
 
@@ -275,6 +280,7 @@ class TrialLoop:
             searched_train=ticket.train,
             config_list=ticket.config_list,
             objectives=spec.objectives,
+            fidelity=spec.metric_names,
             float_weights=None if self.float_model_path is None else str(self.float_model_path),
             calibration_batches=spec.calibration_batches,
             checkpoint=str(self.context.location.checkpoint(number)),
@@ -359,12 +365,8 @@ class TrialLoop:
         for key, value in record.to_attrs().items():
             trial.set_user_attr(key, value)
         if state == "COMPLETE":
-            constraints = self.spec.constraints
-            accuracy, size = record.val_accuracy, record.size_bytes
-            if constraints.min_accuracy is not None and accuracy is not None:
-                trial.set_constraint("min_accuracy", constraints.min_accuracy - accuracy)
-            if constraints.max_size_bytes is not None and size is not None:
-                trial.set_constraint("max_size_bytes", size - constraints.max_size_bytes)
+            for name, value in constraint_values(self.spec.constraints, record).items():
+                trial.set_constraint(name, value)
             self.study.tell(trial, list(values))
         else:
             self.study.tell(trial, state=TrialState[state])

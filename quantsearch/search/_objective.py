@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from quantsearch.pipeline import (
+    FIDELITY_METRICS,
     Evaluated,
     ModelProfile,
     TrialMode,
@@ -28,6 +29,7 @@ from quantsearch.pipeline import (
     build_compressed,
     get_metric,
     load_state,
+    measure_split,
 )
 from quantsearch.quantization import model_size_bytes
 from quantsearch.search._spec import HopelessRule, TaskSpec
@@ -35,8 +37,8 @@ from quantsearch.tasks import (
     DivergedError,
     Task,
     TrainConfig,
-    evaluate,
     get_task,
+    resolve_device,
     seed_everything,
 )
 
@@ -100,6 +102,9 @@ class TrialJob:
     # torch threads for this trial, set by ``fit``; the study leaves it None, as its worker
     # processes set their threads once when they start.
     num_threads: int | None = None
+    # Fidelity metrics the space names (objectives, constraints, target), measured against
+    # the float model's outputs.
+    fidelity: tuple[str, ...] = ()
 
     def run(self) -> TrialOutcome:
         return run_trial(self)
@@ -199,7 +204,26 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
         on_epoch=_hopeless_check(job.hopeless, task.num_classes) if trains else None,
     )
     model = compressed.model
-    test_accuracy = evaluate(model, task.test_set, device=config.device)
+    device = resolve_device(config.device)
+    fidelity = tuple(name for name in job.fidelity if name in FIDELITY_METRICS)
+    splits = {
+        split: measure_split(
+            model,
+            task,
+            split,
+            device=device,
+            batch_size=max(256, config.batch_size) if split == "val" else 256,
+            measured=adapted.val_measured if split == "val" else None,
+            fidelity_names=fidelity,
+            float_weights=job.float_weights,
+        )
+        for split in ("val", "test")
+    }
+    # A classifier's validation accuracy is the one adapting measured (exactly as before).
+    if task.is_classifier:
+        splits["val"].values["accuracy"] = adapted.val_accuracy
+    val, test = splits["val"], splits["test"]
+    test_accuracy = test.values.get("accuracy")
     size = model_size_bytes(model)
     layer_bits = compressed.quantizer.layer_bits() if compressed.quantizer is not None else {}
     profile = model_profile(task)
@@ -210,6 +234,7 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
         profile=profile,
         val_accuracy=adapted.val_accuracy,
         size_bytes=size,
+        metrics=val.values,
     )
     values = tuple(float(get_metric(name).compute(evaluated)) for name in job.objectives)
     if job.checkpoint is not None:
@@ -221,10 +246,12 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
         values=values,
         record=record.model_copy(
             update={
-                "val_accuracy": adapted.val_accuracy,
-                "test_accuracy": float(test_accuracy),
+                "val_accuracy": val.values.get("accuracy"),
+                "test_accuracy": None if test_accuracy is None else float(test_accuracy),
                 "val_samples": len(task.val_set),  # type: ignore[arg-type]
                 "test_samples": len(task.test_set),  # type: ignore[arg-type]
+                # A classifier's record holds what it held before; other tasks every metric.
+                **_metric_fields(task, val, test),
                 "size_bytes": int(size),
                 "bitops": profile.bitops(layer_bits),
                 "layer_bits": layer_bits,
@@ -235,8 +262,20 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
     )
 
 
-def _hopeless_check(rule: HopelessRule | None, num_classes: int) -> Any:
-    if rule is None:
+def _metric_fields(task: Task, val: Any, test: Any) -> dict[str, Any]:
+    only_accuracy = task.is_classifier and set(val.values) == {"accuracy"}
+    if only_accuracy:
+        return {}
+    return {
+        "metrics": val.values,
+        "test_metrics": test.values,
+        "intervals": val.intervals,
+        "test_intervals": test.intervals,
+    }
+
+
+def _hopeless_check(rule: HopelessRule | None, num_classes: int | None) -> Any:
+    if rule is None or num_classes is None:
         return None
     threshold = 1.0 / num_classes + rule.margin
 

@@ -23,9 +23,11 @@ from quantsearch.search._rules import (
     param_rule,
 )
 from quantsearch.search._sections import (
+    is_user_task,
     parse_calibration,
     parse_constraints,
     parse_hopeless,
+    parse_metrics,
     parse_objectives,
     parse_sampler,
     parse_sensitivity,
@@ -147,12 +149,14 @@ class _Parser:
             algorithm=algorithm,
             seed=seed,
             train=self.train(top.get("train")),
-            objectives=parse_objectives(top.get("objectives")),
+            objectives=parse_objectives(top.get("objectives"), user_task=is_user_task(top)),
             sampler=parse_sampler(top.get("sampler")),
             n_trials=n_trials,
             storage=storage,
             baselines=baselines,
-            constraints=parse_constraints(top.get("constraints")),
+            constraints=parse_constraints(
+                top.get("constraints"), user_task=is_user_task(top)
+            ),
             hopeless=parse_hopeless(top.get("hopeless")),
             quantize=quantize,
             params=params,
@@ -164,6 +168,7 @@ class _Parser:
                 top.get("sensitivity"), per_layer, n_trials, top.get("from_scratch") is True
             ),
             target=parse_target(top.get("target"), top),
+            metrics=parse_metrics(top.get("objectives")),
             artifacts=None
             if top.get("artifacts") is None
             else artifacts_location(top["artifacts"], key="artifacts", base=self.base),

@@ -9,13 +9,15 @@ import torch
 
 from quantsearch.pipeline import (
     Compressed,
+    FidelityError,
     FloatModelError,
+    MetricInfo,
     ModelProfile,
     StudyLocation,
     build_compressed,
-    get_metric,
     load_state,
     load_weights,
+    main_tensor,
 )
 from quantsearch.quantization import ConfigError, algorithm_rules, model_size_bytes
 from quantsearch.search._config_builder import ModelLayers, SpacePlan
@@ -23,7 +25,15 @@ from quantsearch.search._errors import SpaceError
 from quantsearch.search._objective import build_task, model_profile, train_config
 from quantsearch.search._paths import check_study_name
 from quantsearch.search._spec import SearchSpec
-from quantsearch.tasks import Task, TaskError, resolve_device, seed_everything, time_limit
+from quantsearch.search._task_metrics import check_task_fits, resolve_metrics
+from quantsearch.tasks import (
+    Batches,
+    Task,
+    TaskError,
+    resolve_device,
+    seed_everything,
+    time_limit,
+)
 
 __all__ = ["DryRun", "StudyContext", "prepare", "study_location"]
 
@@ -43,6 +53,8 @@ class StudyContext:
     float_size_bytes: int
     profile: ModelProfile
     dry_run: DryRun | None = None
+    metrics: dict[str, MetricInfo] = field(default_factory=dict)
+    """Every metric the space names, resolved against the task (direction, label, unit)."""
     location: StudyLocation = field(init=False)
 
     def __post_init__(self) -> None:
@@ -58,7 +70,7 @@ class StudyContext:
 
     @property
     def directions(self) -> list[str]:
-        return [get_metric(name).direction for name in self.spec.objectives]
+        return [self.metrics[name].direction for name in self.spec.objectives]
 
 
 def prepare(spec: SearchSpec) -> StudyContext:
@@ -69,6 +81,8 @@ def prepare(spec: SearchSpec) -> StudyContext:
     Raises SpaceError, or TaskError for a task that cannot be built.
     """
     task = build_task(spec.task, spec.seed)
+    metrics = resolve_metrics(spec, task)
+    check_task_fits(spec, task)
     try:
         config = train_config(task, spec.train)
     except ValueError as error:
@@ -123,6 +137,7 @@ def prepare(spec: SearchSpec) -> StudyContext:
         float_size_bytes=float_size,
         profile=model_profile(task),
         dry_run=_timed_dry_run(spec, task, plan, base or {}, pretrained),
+        metrics=metrics,
     )
 
 
@@ -161,20 +176,34 @@ def _at_16_bits(config_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _sample_batch(task: Task) -> torch.Tensor:
-    """Two training inputs as one batch (BatchNorm cannot train on one)."""
+def _sample_batch(task: Task) -> Any:
+    """Two training examples as one batch (BatchNorm cannot train on one): a classifier's
+    inputs, or a batch of any structure as the task's collate_fn makes it."""
     count = min(2, len(task.train_set))  # type: ignore[arg-type]
-    return torch.stack([torch.as_tensor(task.train_set[i][0]) for i in range(count)])
+    if task.is_classifier:
+        return (torch.stack([torch.as_tensor(task.train_set[i][0]) for i in range(count)]),)
+    batches = Batches(
+        task.train_set, count, torch.device("cpu"), shuffle=False,
+        collate_fn=task.collate_fn, raw=True,
+    )
+    return next(iter(batches))
 
 
-def _forward(compressed: Compressed, batch: torch.Tensor, *, train: bool) -> torch.Tensor:
+def _forward(
+    compressed: Compressed, task: Task, batch: Any, *, train: bool
+) -> torch.Tensor | None:
+    """The compared output tensor (None when the output holds none)."""
     model = compressed.model
     if compressed.quantizer is not None and not train:
         with compressed.quantizer.calibrate():
-            model(batch)
+            task.output(model, batch)
     model.train(train)
     with torch.no_grad():
-        return model(batch)
+        output = task.output(model, batch)
+    try:
+        return main_tensor(output).float()
+    except FidelityError:
+        return None
 
 
 def _dry_run(
@@ -196,7 +225,7 @@ def _dry_run(
     compressed = build_compressed(task, spec.algorithm, config_list, float_state=state)
     for train in (True, False):
         try:
-            _forward(compressed, batch, train=train)
+            _forward(compressed, task, batch, train=train)
         except Exception as error:
             mode = "training" if train else "eval"
             raise SpaceError(
@@ -210,14 +239,19 @@ def _dry_run(
     outputs = [name for name, bits in quantizer.layer_bits().items() if "output" in bits]
     difference = None
     reference = build_compressed(task, spec.algorithm, [], float_state=state)
-    expected = _forward(reference, batch, train=False)
+    expected = _forward(reference, task, batch, train=False)
     # A float model that is not finite already fails on its own (its trials say so).
     # Only an affine grid at 16 bits is the float model to within rounding.
-    if algorithm_rules(spec.algorithm).affine and bool(torch.isfinite(expected).all()):
+    if (
+        expected is not None
+        and algorithm_rules(spec.algorithm).affine
+        and bool(torch.isfinite(expected).all())
+    ):
         sixteen = build_compressed(
             task, spec.algorithm, _at_16_bits(config_list), float_state=state
         )
-        got = _forward(sixteen, batch, train=False)
+        got = _forward(sixteen, task, batch, train=False)
+        assert got is not None
         scale = float(expected.abs().max()) or 1.0
         difference = float((got - expected).abs().max()) / scale
         if not difference <= _TOLERANCE_16_BITS:

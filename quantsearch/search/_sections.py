@@ -36,9 +36,11 @@ from quantsearch.search._spec import (
 from quantsearch.tasks import user_task_file
 
 __all__ = [
+    "is_user_task",
     "parse_calibration",
     "parse_constraints",
     "parse_hopeless",
+    "parse_metrics",
     "parse_objectives",
     "parse_sampler",
     "parse_sensitivity",
@@ -122,7 +124,9 @@ def parse_sensitivity(
 def parse_target(value: Any, top: Mapping[str, Any]) -> Target | None:
     if value is None:
         return None
-    rule = mapping(value, key="target", allowed=("max_accuracy_drop",))
+    rule = mapping(value, key="target", allowed=_TARGET_KEYS)
+    if "metric" in rule or "max_accuracy_drop" not in rule:
+        return _metric_target(rule, top)
     drop = rule.get("max_accuracy_drop")
     if not is_real(drop) or not 0 <= drop < 1:
         raise SpaceError(
@@ -135,7 +139,7 @@ def parse_target(value: Any, top: Mapping[str, Any]) -> Target | None:
             "use; use constraints.min_accuracy instead",
             key="target",
         )
-    objectives = parse_objectives(top.get("objectives"))
+    objectives = parse_objectives(top.get("objectives"), user_task=True)
     if "accuracy" not in objectives or "size_bytes" not in objectives:
         raise SpaceError(
             "asks for the smallest model within an accuracy drop, so objectives must "
@@ -143,6 +147,50 @@ def parse_target(value: Any, top: Mapping[str, Any]) -> Target | None:
             key="target",
         )
     return Target(max_accuracy_drop=float(drop))
+
+
+_TARGET_KEYS = ("max_accuracy_drop", "metric", "max_drop", "max_relative_drop", "bound")
+
+
+def _metric_target(rule: Mapping[str, Any], top: Mapping[str, Any]) -> Target:
+    """``{metric: m, max_drop: d}``, ``{metric: m, max_relative_drop: r}`` or ``{metric: m,
+    bound: v}``: exactly one of the three."""
+    metric = rule.get("metric")
+    if not isinstance(metric, str) or not metric:
+        raise SpaceError(f"{metric!r} is not a metric name", key="target.metric")
+    metric = METRIC_ALIASES.get(metric, metric)
+    given = [k for k in _TARGET_KEYS if k != "metric" and k in rule]
+    if len(given) != 1:
+        raise SpaceError(
+            "takes one of max_drop (in the metric's units), max_relative_drop (a fraction of "
+            "the float model's value) or bound (an absolute floor, or ceiling for a minimized "
+            "metric)",
+            key="target",
+        )
+    key = given[0]
+    amount = rule[key]
+    if not is_real(amount) or (key != "bound" and amount < 0):
+        raise SpaceError(f"{amount!r} is not a number >= 0", key=f"target.{key}")
+    if key != "bound" and top.get("from_scratch") is True:
+        raise SpaceError(
+            "is measured from the float model's value, which from_scratch trials do not "
+            f"use; use constraints (min_{metric} or max_{metric}) instead",
+            key="target",
+        )
+    objectives = parse_objectives(top.get("objectives"), user_task=True)
+    if metric not in objectives or "size_bytes" not in objectives:
+        raise SpaceError(
+            f"asks for the smallest model that keeps {metric}, so objectives must include "
+            f"{metric} and size_bytes",
+            key="target",
+        )
+    if key == "bound":
+        return Target(max_accuracy_drop=float("nan"), metric=metric, bound=float(amount))
+    return Target(
+        max_accuracy_drop=float(amount),
+        metric=metric,
+        relative=key == "max_relative_drop",
+    )
 
 
 def parse_task(value: Any, base: Path | None) -> TaskSpec:
@@ -201,7 +249,23 @@ def task_spec(
     )
 
 
-def parse_objectives(value: Any) -> tuple[str, ...]:
+def is_user_task(top: Mapping[str, Any]) -> bool:
+    """Whether the space's task is the user's (its metrics are known only once it is built)."""
+    task = top.get("task", "digits")
+    name = task.get("name") if isinstance(task, Mapping) else task
+    return isinstance(name, str) and (":" in name or name.strip().endswith(".py"))
+
+
+def _objective_name(item: Any, index: int) -> Any:
+    if isinstance(item, Mapping):
+        return item.get("name")
+    return item
+
+
+def parse_objectives(value: Any, *, user_task: bool = False) -> tuple[str, ...]:
+    """The objectives' metric names. A name that is not a registered metric is the task's:
+    a user task's metrics are checked once it is built (``user_task``); a built-in task (a
+    classifier) has only the registered ones."""
     if value is None:
         return OBJECTIVES
     known = ", ".join(METRICS)
@@ -211,9 +275,13 @@ def parse_objectives(value: Any) -> tuple[str, ...]:
             key="objectives",
         )
     names: list[str] = []
+    declared = parse_metrics(value)
     for index, item in enumerate(value):
-        name = METRIC_ALIASES.get(item, item) if isinstance(item, str) else item
-        if name not in METRICS:
+        name = _objective_name(item, index)
+        name = METRIC_ALIASES.get(name, name) if isinstance(name, str) else name
+        if not isinstance(name, str) or not name or (
+            name not in METRICS and not user_task and name not in declared
+        ):
             raise SpaceError(
                 f"{item!r} is not a metric; known metrics: {known}",
                 key=f"objectives[{index}]",
@@ -222,6 +290,41 @@ def parse_objectives(value: Any) -> tuple[str, ...]:
             raise SpaceError(f"{item!r} is listed twice", key=f"objectives[{index}]")
         names.append(name)
     return tuple(names)
+
+
+_DECLARATION_KEYS = ("name", "direction", "label", "unit")
+
+
+def parse_metrics(value: Any) -> dict[str, dict[str, Any]]:
+    """The metrics ``objectives`` declares as mappings (``{name: perplexity, direction:
+    minimize, unit: ...}``): name -> its direction, label and unit as given."""
+    if not isinstance(value, list):
+        return {}
+    declared: dict[str, dict[str, Any]] = {}
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping):
+            continue
+        where = f"objectives[{index}]"
+        entry = mapping(item, key=where, allowed=_DECLARATION_KEYS)
+        name = entry.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise SpaceError(f"{name!r} is not a metric name", key=f"{where}.name")
+        direction = entry.get("direction")
+        if direction not in ("maximize", "minimize"):
+            raise SpaceError(
+                f"{direction!r} is not a direction; allowed: maximize, minimize",
+                key=f"{where}.direction",
+            )
+        registered = METRICS.get(METRIC_ALIASES.get(name, name))
+        if registered is not None and registered.direction != direction:
+            raise SpaceError(
+                f"{name} is {registered.direction}d, not {direction}d", key=f"{where}.direction"
+            )
+        for key in ("label", "unit"):
+            if key in entry and not isinstance(entry[key], str):
+                raise SpaceError(f"{entry[key]!r} is not text", key=f"{where}.{key}")
+        declared[name] = {k: entry[k] for k in ("direction", "label", "unit") if k in entry}
+    return declared
 
 
 def parse_sampler(value: Any) -> SamplerSpec:
@@ -250,9 +353,21 @@ def parse_sampler(value: Any) -> SamplerSpec:
     return SamplerSpec(name=name, options=options)
 
 
-def parse_constraints(value: Any) -> Constraints:
+class _ConstraintKeys(tuple):
+    """The keys ``constraints`` takes: its two named ones and any ``min_<m>``/``max_<m>``."""
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and (
+            key in _NAMED_CONSTRAINTS or key.startswith(("min_", "max_"))
+        )
+
+
+_NAMED_CONSTRAINTS = ("min_accuracy", "max_size_bytes")
+
+
+def parse_constraints(value: Any, *, user_task: bool = True) -> Constraints:
     constraints = mapping(
-        value or {}, key="constraints", allowed=("min_accuracy", "max_size_bytes")
+        value or {}, key="constraints", allowed=_ConstraintKeys(_NAMED_CONSTRAINTS)
     )
     min_accuracy = constraints.get("min_accuracy")
     if min_accuracy is not None and not (is_real(min_accuracy) and 0 <= min_accuracy <= 1):
@@ -265,9 +380,24 @@ def parse_constraints(value: Any) -> Constraints:
             f"{max_size!r} is not a size in bytes (an integer > 0)",
             key="constraints.max_size_bytes",
         )
+    bounds: list[tuple[str, str, float]] = []
+    for key, bound in constraints.items():
+        if key in _NAMED_CONSTRAINTS:
+            continue
+        kind, _, metric = key.partition("_")
+        metric = METRIC_ALIASES.get(metric, metric)
+        if not metric or (metric not in METRICS and not user_task):
+            raise SpaceError(
+                f"{metric!r} is not a metric; known metrics: {', '.join(METRICS)}",
+                key=f"constraints.{key}",
+            )
+        if not is_real(bound):
+            raise SpaceError(f"{bound!r} is not a number", key=f"constraints.{key}")
+        bounds.append((kind, metric, float(bound)))
     return Constraints(
         min_accuracy=None if min_accuracy is None else float(min_accuracy),
         max_size_bytes=max_size,
+        bounds=tuple(bounds),
     )
 
 

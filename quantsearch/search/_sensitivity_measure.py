@@ -1,11 +1,8 @@
-"""Per-layer sensitivity, measured once on the float model.
-
-For every per-layer bits parameter of a space (a layer's ``weight_bits``, ...) and each of its
-bit widths, the float model is quantized post-training at that one parameter alone and
-evaluated on a few validation batches (loss and accuracy); with ``method: hessian`` each
-weight also gets HAWQ-V2's mean Hessian trace (Hutchinson's estimator) times
-||Q(W) - W||^2. Each bit width also gets the bytes it saves, by ``model_size_bytes``.
-"""
+"""Per-layer sensitivity, measured once on the float model: for every per-layer bits parameter
+(a layer's ``weight_bits``, ...) and bit width, the float model quantized post-training at that
+one parameter alone, evaluated on a few validation batches (loss and accuracy, or the task's
+own); ``method: hessian`` adds HAWQ-V2's mean Hessian trace x ||Q(W) - W||^2 per weight. Each
+bit width also gets the bytes it saves, by ``model_size_bytes``."""
 
 from __future__ import annotations
 
@@ -35,6 +32,7 @@ from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._objective import build_task, float_state_of, train_config
 from quantsearch.search._rules import MEASURING_ALGORITHM, entry_keys
+from quantsearch.search._sensitivity_task import batch_loss, outputs_on, task_sensitivity_eval
 from quantsearch.search._spec import BITS_PARAMS, SearchSpec, SensitivitySpec
 from quantsearch.search._workers import InlinePool, ProcessPool
 from quantsearch.tasks import Task, batches_of, seed_everything
@@ -113,14 +111,22 @@ class _Measurer:
         self.config = train_config(self.task, self.spec.train)
         self.batches = (self.spec.sensitivity or SensitivitySpec()).batches
 
-    def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = batches_of(self.task.val_set, self.config, shuffle=False)
+    def _val_batches(self) -> Iterator[Any]:
+        batches = batches_of(self.task.val_set, self.config, shuffle=False, task=self.task)
         return itertools.islice(batches, self.batches)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float, int]:
-        """(mean cross-entropy loss, accuracy, images) on the first validation batches."""
+        """(mean cross-entropy loss, accuracy, images) on the first validation batches (another
+        task: its own loss and metric, ``task_sensitivity_eval``)."""
         model.eval()
+        if not self.task.is_classifier:
+            reference = lambda: outputs_on(  # noqa: E731
+                self.task, self.float_model(), self._val_batches(), self.config
+            )
+            return task_sensitivity_eval(
+                self.task, model, self._val_batches(), self.spec.objectives, reference, self.config
+            )
         loss, correct, count = 0.0, 0, 0
         for inputs, targets in self._val_batches():
             model.to(inputs.device)
@@ -131,7 +137,6 @@ class _Measurer:
         return loss / max(count, 1), correct / max(count, 1), count
 
     _float_result: tuple[float, float, int] | None = None
-
     def float_result(self) -> tuple[float, float, int]:
         if self._float_result is None:
             self._float_result = self.evaluate(self.float_model())
@@ -156,8 +161,14 @@ class _Measurer:
         )
         assert compressed.quantizer is not None
         activations = any(t.rpartition(".")[2] in _ACTIVATIONS for t in tensors)
-        # Weights set their own ranges; activations need calibration batches first.
-        self._calibrate(compressed, self.spec.calibration_batches if activations else 1)
+        # Weights set their own ranges; activations need calibration batches first, and so do
+        # weights the space rounds with AdaRound/GPTQ or bias-corrects (measured as trials run).
+        fitted = any(
+            e.get("rounding", "nearest") != "nearest" or e.get("bias_correction")
+            for e in measured
+        )
+        count = self.spec.calibration_batches if activations or fitted else 1
+        self._calibrate(compressed, count)
         loss, accuracy, _ = self.evaluate(compressed.model)
         # The size the study's own algorithm gives this setting (it may store more or less).
         sized = build_compressed(self.task, self.spec.algorithm, config_list)
@@ -172,11 +183,13 @@ class _Measurer:
 
     def _calibrate(self, compressed: Any, count: int) -> None:
         generator = torch.Generator().manual_seed(self.spec.seed)
-        batches = batches_of(self.task.train_set, self.config, shuffle=True, generator=generator)
+        batches = batches_of(
+            self.task.train_set, self.config, shuffle=True, generator=generator, task=self.task
+        )
         compressed.model.to(batches.device)
         with compressed.quantizer.calibrate(), torch.no_grad():
-            for inputs, _ in itertools.islice(batches, count):
-                compressed.model(inputs)
+            for batch in itertools.islice(batches, count):
+                self.task.output(compressed.model, batch)
 
     # Set by ``traces`` before measuring with method hessian: layer -> mean Hessian trace.
     layer_traces: dict[str, float] | None = None
@@ -204,12 +217,14 @@ class _Measurer:
         modules = dict(model.named_modules())
         weights = [modules[layer].weight for layer in layers]
         generator = torch.Generator().manual_seed(self.spec.seed)
-        batches = batches_of(self.task.train_set, self.config, shuffle=True, generator=generator)
+        batches = batches_of(
+            self.task.train_set, self.config, shuffle=True, generator=generator, task=self.task
+        )
         sums = [0.0] * len(layers)
         count = 0
-        for inputs, targets in itertools.islice(batches, self.batches):
-            model.to(inputs.device)
-            loss = nn.functional.cross_entropy(model(inputs), targets)
+        model.to(batches.device)
+        for batch in itertools.islice(batches, self.batches):
+            loss = batch_loss(self.task, model, batch)
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             for _ in range(samples):
                 vectors = [

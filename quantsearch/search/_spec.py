@@ -97,14 +97,26 @@ class Baselines:
 
 @dataclass(frozen=True)
 class Constraints:
+    """Bounds a feasible trial meets: ``min_accuracy``, ``max_size_bytes``, and ``bounds`` on
+    any other metric, ``(kind, metric, value)`` with kind ``min`` or ``max`` (a space writes
+    ``min_<metric>`` / ``max_<metric>``)."""
+
     min_accuracy: float | None = None
     max_size_bytes: int | None = None
+    bounds: tuple[tuple[str, str, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"min_accuracy": self.min_accuracy, "max_size_bytes": self.max_size_bytes}
+        return {
+            "min_accuracy": self.min_accuracy,
+            "max_size_bytes": self.max_size_bytes,
+            # Only when set: the hash of a space without them stays what it was.
+            **{f"{kind}_{metric}": value for kind, metric, value in self.bounds},
+        }
 
     def __bool__(self) -> bool:
-        return self.min_accuracy is not None or self.max_size_bytes is not None
+        return self.min_accuracy is not None or self.max_size_bytes is not None or bool(
+            self.bounds
+        )
 
 
 @dataclass(frozen=True)
@@ -161,14 +173,28 @@ class SensitivitySpec:
 
 @dataclass(frozen=True)
 class Target:
-    """The smallest model whose validation accuracy is within ``max_accuracy_drop`` of the
-    float model's: trials below it are infeasible, and the study stops once its best
-    feasible trial is as small as the space allows."""
+    """The smallest model whose validation ``metric`` is within ``max_accuracy_drop`` of the
+    float model's (for accuracy: ``target: {max_accuracy_drop: d}``): trials beyond it are
+    infeasible, and the study stops once its best feasible trial is as small as the space
+    allows.
+
+    For another metric (``target: {metric: m, max_drop | max_relative_drop | bound: v}``),
+    ``max_accuracy_drop`` is the allowed change in the metric's worse direction (a fraction
+    of the float model's value when ``relative``), or ``bound`` an absolute floor (ceiling for a
+    minimized metric) and ``max_accuracy_drop`` NaN."""
 
     max_accuracy_drop: float
+    metric: str = "accuracy"
+    relative: bool = False
+    bound: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_accuracy_drop": self.max_accuracy_drop}
+        if self.metric == "accuracy" and not self.relative and self.bound is None:
+            return {"max_accuracy_drop": self.max_accuracy_drop}
+        if self.bound is not None:
+            return {"metric": self.metric, "bound": self.bound}
+        key = "max_relative_drop" if self.relative else "max_drop"
+        return {"metric": self.metric, key: self.max_accuracy_drop}
 
 
 @dataclass(frozen=True)
@@ -226,6 +252,18 @@ class SearchSpec:
     artifacts: str | None = None
     """The artifact store every machine shares (a folder, s3://bucket/prefix); None: the
     artifacts folder beside the study."""
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Metrics the space declares in ``objectives`` (``{name: perplexity, direction:
+    minimize}``): name -> direction (and label, unit)."""
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Every metric the space names: objectives, constraint bounds, the target's."""
+        names = list(self.objectives)
+        names += [m for _, m, _ in self.constraints.bounds if m not in names]
+        if self.target is not None and self.target.metric not in names:
+            names.append(self.target.metric)
+        return tuple(names)
 
     def to_dict(self) -> dict[str, Any]:
         """The space with every default filled in, as plain JSON-able data."""
@@ -252,6 +290,7 @@ class SearchSpec:
             **({"sensitivity": self.sensitivity.to_dict()} if self.sensitivity else {}),
             **({"target": self.target.to_dict()} if self.target else {}),
             **({"artifacts": self.artifacts} if self.artifacts else {}),
+            **({"metrics": dict(self.metrics)} if self.metrics else {}),
         }
 
     def search_dict(self) -> dict[str, Any]:

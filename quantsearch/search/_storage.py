@@ -24,6 +24,7 @@ from optuna.storages import RDBStorage
 
 from quantsearch._paths import check_writable_folder
 from quantsearch.pipeline import (
+    METRICS,
     STUDY_RECORD_VERSION,
     StudyLocation,
     StudyRecord,
@@ -399,6 +400,8 @@ def _set_study_attrs(study: optuna.Study, context: StudyContext) -> None:
         float_size_bytes=context.float_size_bytes,
         float_bitops=context.float_bitops,
         layers=context.layers,
+        # Only where a metric is the task's own: a classifier's study stores what it did.
+        **({"metrics": context.metrics} if set(context.metrics) - set(METRICS) else {}),
         # Last: a study whose space_hash is written is fully created (StudyRecord.created).
         space_hash=spec.space_hash,
     )

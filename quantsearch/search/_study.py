@@ -118,8 +118,14 @@ def ensure_float_model(
         if store is not None:
             made = made.model_copy(update={"artifact": store_artifact(store, path, study)})
         StudyRecord.write(study, float_model=made)
+    shown = made.metrics or {"accuracy": made.val_accuracy}
+    tests = made.test_metrics or {"accuracy": made.test_accuracy}
     log(
-        f"float model: val {made.val_accuracy:.4f}, test {made.test_accuracy:.4f} "
+        "float model: "
+        + ", ".join(f"val {k} {v:.4f}, test {k} {tests.get(k, float('nan')):.4f}"
+                    for k, v in shown.items())
+        if made.metrics
+        else f"float model: val {made.val_accuracy:.4f}, test {made.test_accuracy:.4f} "
         f"({made.source}; {path})"
     )
     return stored or made, path

@@ -10,7 +10,7 @@ routine and named metrics (:class:`TaskMetric`).
 
 from __future__ import annotations
 
-from quantsearch.tasks._batches import batches_of, to_device
+from quantsearch.tasks._batches import Batches, batches_of, to_device
 from quantsearch.tasks._contract import ACCURACY, Task, TaskMetric, TrainRun, call_model
 from quantsearch.tasks._data import CIFAR10_BATCHES, IDX_FILES, read_cifar_batch, read_idx
 from quantsearch.tasks._errors import TaskError
@@ -49,6 +49,7 @@ __all__ = [
     "OPTIMIZERS",
     "TASK_TIMEOUT_ENV",
     "USER_TASK_FUNCTION",
+    "Batches",
     "CifarSmallCNN",
     "DigitsCNN",
     "DivergedError",

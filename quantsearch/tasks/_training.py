@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from quantsearch.tasks._batches import Batches
 from quantsearch.tasks._contract import TrainRun
-from quantsearch.tasks._evaluation import measure
+from quantsearch.tasks._evaluation import Measured, measure
 from quantsearch.tasks._train_config import TrainConfig, resolve_device
 
 if TYPE_CHECKING:
@@ -68,6 +68,9 @@ class FitResult:
     epoch_losses: tuple[float, ...] = ()
     steps_run: int = 0
     val_metrics: Mapping[str, float] = field(default_factory=dict)
+    val_measured: Measured | None = None
+    """The validation split's measurement (with per-example values), for a task that is not a
+    plain classifier."""
 
 
 def seed_everything(seed: int) -> None:
@@ -163,6 +166,7 @@ def fit(
     epoch_losses: list[float] = []
     val_accuracy = float("nan")
     val_metrics: dict[str, float] = {}
+    measured: Measured | None = None
     global_step = 0
     for epoch in range(epochs):
         model.train()
@@ -196,11 +200,11 @@ def fit(
             loss_sum += _flush(pending, epoch + 1, first_pending_step)
         epoch_losses.append(loss_sum / max(1, epoch_steps))
         if on_epoch is not None or epoch == epochs - 1:
-            val_accuracy, val_metrics = _validate(model, task, eval_batch, device)
+            val_accuracy, val_metrics, measured = _validate(model, task, eval_batch, device)
         if on_epoch is not None:
             on_epoch(epoch, val_accuracy)
     if epochs == 0:
-        val_accuracy, val_metrics = _validate(model, task, eval_batch, device)
+        val_accuracy, val_metrics, measured = _validate(model, task, eval_batch, device)
     if scheduled:
         for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
             group["lr"] = base_lr
@@ -212,6 +216,7 @@ def fit(
         epoch_losses=tuple(epoch_losses),
         steps_run=global_step,
         val_metrics=val_metrics,
+        val_measured=measured,
     )
 
 
@@ -229,13 +234,14 @@ def _task_loss(task: Task, model: nn.Module, batch: Any) -> Tensor:
 
 def _validate(
     model: nn.Module, task: Task, batch_size: int, device: torch.device
-) -> tuple[float, dict[str, float]]:
-    """The validation accuracy (NaN when the task reports none) and every metric."""
+) -> tuple[float, dict[str, float], Measured | None]:
+    """The validation accuracy (NaN when the task reports none), every metric, and the
+    measurement of a task that is not a plain classifier."""
     if task.is_classifier:
         accuracy = evaluate(model, task.val_set, batch_size=batch_size, device=device)
-        return accuracy, {"accuracy": accuracy}
-    values = measure(model, task, task.val_set, batch_size=batch_size, device=device).values
-    return values.get("accuracy", float("nan")), values
+        return accuracy, {"accuracy": accuracy}, None
+    measured = measure(model, task, task.val_set, batch_size=batch_size, device=device)
+    return measured.values.get("accuracy", float("nan")), dict(measured.values), measured
 
 
 def _fit_routine(
@@ -267,7 +273,7 @@ def _fit_routine(
         )
     finally:
         handle.remove()
-    val_accuracy, val_metrics = _validate(
+    val_accuracy, val_metrics, measured = _validate(
         model, task, max(256, config.batch_size), batches.device
     )
     return FitResult(
@@ -277,6 +283,7 @@ def _fit_routine(
         val_accuracy=val_accuracy,
         steps_run=steps[0],
         val_metrics=val_metrics,
+        val_measured=measured,
     )
 
 

@@ -156,8 +156,8 @@ def _check_user_task(spec: str, task: Any) -> Task:
         or (task.num_classes < 2)
     ):
         raise TaskError(
-            f"{where}: Task.num_classes must be an integer >= 2 (or None for a task that is "
-            f"not a classifier), got {task.num_classes!r}"
+            f"{where}: Task.num_classes must be an integer >= 2, got {task.num_classes!r} "
+            "(None for a task that is not a classifier)"
         )
     _check_hooks(where, task)
     if not isinstance(task.default_train_config, TrainConfig):

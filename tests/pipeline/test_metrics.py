@@ -51,6 +51,10 @@ def test_the_registry_names_every_builtin_metric_with_its_direction() -> None:
         "accuracy": "maximize",
         "size_bytes": "minimize",
         "bitops": "minimize",
+        "agreement": "maximize",
+        "kl": "minimize",
+        "sqnr_db": "maximize",
+        "cosine": "maximize",
     }
     with pytest.raises(KeyError, match="unknown metric 'latency'; known: accuracy"):
         get_metric("latency")

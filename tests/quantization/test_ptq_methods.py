@@ -163,7 +163,7 @@ def test_bias_correction_zeroes_the_mean_output_error() -> None:
         wrapper = wrappers_of(model)[name]
         inputs = _layer_inputs(_conv_net(), name, batches)  # the float layer inputs
         module = wrapper.module
-        weight, bias = wrapper._folded()
+        weight, _bias = wrapper._folded()
         with torch.no_grad():
             if isinstance(module, nn.Linear):
                 error = nn.functional.linear(inputs, wrapper.quantized_weight() - weight)
@@ -171,10 +171,10 @@ def test_bias_correction_zeroes_the_mean_output_error() -> None:
             else:
                 error = module._conv_forward(inputs, wrapper.quantized_weight() - weight, None)
                 ref = module._conv_forward(inputs, weight, None)
-        dims = [0] + list(range(2, error.dim()))
+        dims = [0, *list(range(2, error.dim()))]
         shift = quantizer.fit_records[name].bias_shift
         assert shift is not None  # dw has no bias, but its BatchNorm takes the correction
-        mean_error = error.mean(dims) - shift  # the corrected bias removes the mean change
+        mean_error = error.mean(dims) + shift  # the corrected bias cancels the mean change
         assert float(mean_error.abs().max()) < 1e-4 * float(ref.abs().mean()) + 1e-6
         assert float(error.mean(dims).abs().max()) > 1e-4  # there was something to correct
 
@@ -183,21 +183,21 @@ def test_second_calibration_replaces_the_bias_correction() -> None:
     batches = [_data(i, 16, (3, 8, 8)) for i in range(2)]
     model = _conv_net()
     quantizer = _calibrated(model, _weights(4, bias_correction=True), batches)
-    first = model.fc.module.bias.detach().clone()
+    first = model.conv1.bn.bias.detach().clone()  # conv1 sees the data: the same inputs again
     with quantizer.calibrate():
         for batch in batches:
             model(batch)
-    assert torch.allclose(model.fc.module.bias, first, atol=1e-6)
+    assert torch.allclose(model.conv1.bn.bias, first, atol=1e-6)
+    assert not torch.allclose(first, _conv_net().bn1.bias, atol=1e-4)
 
 
 def test_learned_codes_survive_state_dict_and_exports(tmp_path: Path) -> None:
     batches = [_data(i, 16, (3, 8, 8)) for i in range(2)]
-    config = _weights(3, rounding="adaround", adaround_iters=100) + [
-        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"]}
-    ]
+    # weights only: onnxruntime's activation rounding ties would blur an exact comparison
+    config = _weights(3, rounding="adaround", adaround_iters=40)
     model = _conv_net()
     quantizer = _calibrated(model, config, batches)
-    wrappers = wrappers_of(model)
+    wrappers = {n: w for n, w in wrappers_of(model).items() if w.weight_quant is not None}
     moved = sum(int((w.weight_quant.rounding_offset != 0).sum()) for w in wrappers.values())
     assert moved > 0  # AdaRound rounded some weights away from nearest
     x = _data(9, 8, (3, 8, 8))
@@ -216,15 +216,16 @@ def test_learned_codes_survive_state_dict_and_exports(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
     pytest.importorskip("onnxruntime")
-    from quantsearch.quantization import export_onnx
     import onnxruntime
+
+    from quantsearch.quantization import export_onnx
 
     export_onnx(model, tmp_path / "m.onnx", x[:1])
     session = onnxruntime.InferenceSession(
         str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]
     )
     got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
-    assert torch.allclose(got, expected, atol=1e-4 * (1 + float(expected.abs().max())))
+    assert torch.allclose(got, expected, atol=1e-5 * (1 + float(expected.abs().max())))
 
 
 def test_training_forward_drops_the_learned_rounding() -> None:
@@ -345,12 +346,8 @@ def test_equalize_through_the_quantizer_keeps_float_calibration() -> None:
          "config_list[0]: 'gptq_damp' = 0 is invalid: expected a number in (0, 1]"),
         ({"adaround_iters": 2.5},
          "config_list[0]: 'adaround_iters' = 2.5 is invalid: expected an int in 1..100000"),
-        ({"quant_types": ["input"], "bias_correction": True},
-         "config_list[0]: 'bias_correction' = True is invalid: acts on weights, and this "
-         "entry's quant_types ['input'] has no 'weight'"),
-        ({"quant_types": ["output"], "rounding": "gptq"},
-         "config_list[0]: 'rounding' = 'gptq' is invalid: acts on weights, and this entry's "
-         "quant_types ['output'] has no 'weight'"),
+        ({"gptq_damp": True},
+         "config_list[0]: 'gptq_damp' = True is invalid: expected a number in (0, 1]"),
     ],
 )
 def test_bad_keys(entry: dict, message: str) -> None:

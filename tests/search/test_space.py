@@ -144,7 +144,8 @@ def test_overrides_from_the_command_line() -> None:
         ),
         (
             {**MINIMAL, "objectives": ["accuracy", "latency"]},
-            "objectives[1]: 'latency' is not a metric; known metrics: accuracy, size_bytes, bitops",
+            "objectives[1]: 'latency' is not a metric; known metrics: accuracy, size_bytes, bitops, "
+            "agreement, kl, sqnr_db, cosine",
         ),
         (
             {**MINIMAL, "objectives": ["size", "size_bytes"]},

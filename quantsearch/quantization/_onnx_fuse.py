@@ -1,0 +1,239 @@
+"""The integer side of the ONNX export: a QDQ graph that onnxruntime runs on its integer kernels.
+
+onnxruntime fuses ``DequantizeLinear -> op -> QuantizeLinear`` groups into integer kernels
+(QLinearConv, QGemm, QLinearAdd, QLinearConcat, ...) when every activation input of the op is
+dequantized from 8 bits, its weight is 8-bit codes and its output goes straight to a
+``QuantizeLinear`` (through a ReLU or a clamp that the quantizer's range makes redundant). Two
+patterns of a quantized model break that shape and are folded here:
+
+* a tensor quantized twice in a row: a conv's output quantizer followed by the ReLU's output
+  quantizer (``Q1 -> DQ1 -> Relu -> Q2``), or a layer's output quantizer followed by the next
+  layer's input quantizer (``Q1 -> DQ1 -> Q2``) on a tensor nobody else reads. The first pair
+  is dropped: the tensor is rounded once, to the second quantizer's grid, instead of twice
+  (a value next to a rounding boundary of the first grid can land one step of the second apart
+  from PyTorch's double rounding);
+* a lower bound (``Max``) before a ``QuantizeLinear`` whose input is a ReLU's or a clamp's
+  output, which is never below it.
+
+:func:`float_ops` then says, for every compute node that onnxruntime will not fuse, why.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["FloatOp", "fold_requantizations", "float_ops", "runtime_op_counts"]
+
+#: Ops between an op and its QuantizeLinear that onnxruntime removes (ReluQuantFusion,
+#: ClipQuantFusion) when the quantizer's range makes them redundant.
+_CLAMPS = ("Relu", "Clip")
+#: Compute ops that onnxruntime's CPU provider runs as integer kernels in a QDQ group.
+_WEIGHTED = ("Conv", "Gemm", "MatMul")
+_ELEMENTWISE = ("Add", "Mul", "Concat")
+_UNARY = ("AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid", "Softmax")
+_EIGHT_BIT = ("INT8", "UINT8")
+
+
+@dataclass(frozen=True)
+class FloatOp:
+    """A compute node of the exported graph that onnxruntime runs in float, and why."""
+
+    name: str
+    """The layer (a weighted op's weight name without ``.weight``) or the ONNX node's name."""
+    op_type: str
+    reason: str
+
+
+class _Graph:
+    """Producers and consumers of an ONNX graph's tensors."""
+
+    def __init__(self, onnx: Any, proto: Any) -> None:
+        self.onnx, self.graph = onnx, proto.graph
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list[Any]] = defaultdict(list)
+        for node in self.graph.node:
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        outputs = {o.name for o in self.graph.output}
+        for name in outputs:
+            self.consumers[name].append(None)  # a graph output is read by the user
+        self.initializers = {t.name: t for t in self.graph.initializer}
+
+    def only_consumer(self, tensor: str) -> Any:
+        readers = self.consumers.get(tensor, [])
+        return readers[0] if len(readers) == 1 else None
+
+    def constant(self, name: str) -> Any:
+        tensor = self.initializers.get(name)
+        return None if tensor is None else self.onnx.numpy_helper.to_array(tensor)
+
+    def code_type(self, dequantize: Any) -> str:
+        """The integer type of a DequantizeLinear's codes (its zero point's type)."""
+        zero = self.initializers.get(dequantize.input[2]) if len(dequantize.input) > 2 else None
+        if zero is None:
+            return "unknown"
+        return self.onnx.TensorProto.DataType.Name(zero.data_type)
+
+
+def _tag(node: Any) -> str:
+    """The quantized tensor a node of the export belongs to: ``conv1.output.quantize`` and
+    ``conv1.output.min`` -> ``conv1.output``."""
+    if node.name.endswith((".quantize", ".dequantize", ".min", ".max")):
+        return node.name.rsplit(".", 1)[0]
+    return node.name
+
+
+def _fold_pairs(graph: _Graph) -> list[str]:
+    """Drop the first of two quantizations in a row; returns 'first -> second' per fold."""
+    folded = []
+    for quantize in list(graph.graph.node):
+        if quantize.op_type != "QuantizeLinear":
+            continue
+        dequantize = graph.only_consumer(quantize.output[0])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        follower = graph.only_consumer(dequantize.output[0])
+        if follower is None:
+            continue
+        second = follower
+        if follower.op_type in _CLAMPS:
+            second = graph.only_consumer(follower.output[0])
+        if second is None or second.op_type != "QuantizeLinear":
+            continue
+        source = quantize.input[0]
+        bound = graph.producer.get(source)
+        while bound is not None and bound.op_type in ("Min", "Max") and _tag(bound) == _tag(
+            quantize
+        ):  # the first quantizer's own bounds go with it
+            source = bound.input[0]
+            bound = graph.producer.get(source)
+        follower.input[0] = source  # the clamp, or the second QuantizeLinear, reads the float
+        folded.append(f"{_tag(quantize)} -> {_tag(second)}")
+        graph.refresh()
+    return folded
+
+
+def _drop_bounds(graph: _Graph) -> None:
+    """A Max(x, low) before a QuantizeLinear, where x is a ReLU's or a clamp's output that is
+    never below ``low``, is dropped."""
+    for node in list(graph.graph.node):
+        if node.op_type != "Max" or len(node.input) != 2:
+            continue
+        reader = graph.only_consumer(node.output[0])
+        producer = graph.producer.get(node.input[0])
+        low = graph.constant(node.input[1])
+        if reader is None or reader.op_type != "QuantizeLinear" or producer is None or low is None:
+            continue
+        if producer.op_type == "Relu":
+            floor = 0.0
+        elif producer.op_type == "Clip" and len(producer.input) > 1 and producer.input[1]:
+            value = graph.constant(producer.input[1])
+            if value is None:
+                continue
+            floor = float(value)
+        else:
+            continue
+        if float(low.max()) <= floor:
+            reader.input[0] = node.input[0]
+            graph.refresh()
+
+
+def fold_requantizations(onnx: Any, proto: Any) -> list[str]:
+    """Fold the patterns above in ``proto`` (in place, nodes left unread are for the caller's
+    pruning); returns the folded quantizer pairs as 'first -> second'."""
+    graph = _Graph(onnx, proto)
+    folded = _fold_pairs(graph)
+    _drop_bounds(graph)
+    return folded
+
+
+def _input_reason(graph: _Graph, tensor: str, what: str) -> str | None:
+    producer = graph.producer.get(tensor)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return f"its {what} is not quantized"
+    kind = graph.code_type(producer)
+    if kind not in _EIGHT_BIT:
+        return f"its {what} is {kind.lower()} (integer kernels need int8 or uint8)"
+    return None
+
+
+def _output_reason(graph: _Graph, tensor: str) -> str | None:
+    reader = graph.only_consumer(tensor)
+    while reader is not None and reader.op_type in _CLAMPS:
+        reader = graph.only_consumer(reader.output[0])
+    if reader is None:
+        return "its output is not quantized (or is read by more than one node)"
+    if reader.op_type in ("Min", "Max"):
+        return "its output quantizer's range is narrower than its type (Min/Max before it)"
+    if reader.op_type != "QuantizeLinear":
+        return "its output is not quantized"
+    dequantize = graph.only_consumer(reader.output[0])
+    kind = graph.code_type(dequantize) if dequantize is not None else "unknown"
+    if dequantize is not None and kind not in _EIGHT_BIT:
+        return f"its output is {kind.lower()} (integer kernels need int8 or uint8)"
+    return None
+
+
+def _weighted_name(graph: _Graph, node: Any) -> str:
+    weight = graph.producer.get(node.input[1]) if len(node.input) > 1 else None
+    if weight is not None and weight.op_type == "DequantizeLinear":
+        return _tag(weight).removesuffix(".weight")
+    return node.name
+
+
+def float_ops(onnx: Any, proto: Any) -> list[FloatOp]:
+    """Every compute node of ``proto`` that onnxruntime's CPU provider keeps in float, with the
+    first reason found: an input that is not dequantized from 8 bits, a weight below 8 bits, an
+    output that does not go straight to an 8-bit QuantizeLinear."""
+    graph = _Graph(onnx, proto)
+    found = []
+    for node in graph.graph.node:
+        reasons: list[str | None] = []
+        name = node.name
+        if node.op_type in _WEIGHTED:
+            name = _weighted_name(graph, node)
+            reasons.append(_input_reason(graph, node.input[0], "input"))
+            reasons.append(_input_reason(graph, node.input[1], "weight"))
+            if node.op_type == "Conv":  # QGemm and MatMulIntegerToFloat may output float
+                reasons.append(_output_reason(graph, node.output[0]))
+        elif node.op_type in _ELEMENTWISE:
+            for index, tensor in enumerate(node.input):
+                reasons.append(_input_reason(graph, tensor, f"input {index}"))
+            reasons.append(_output_reason(graph, node.output[0]))
+        elif node.op_type in _UNARY:
+            reasons.append(_input_reason(graph, node.input[0], "input"))
+            reasons.append(_output_reason(graph, node.output[0]))
+        else:
+            continue
+        reason = next((r for r in reasons if r is not None), None)
+        if reason is not None:
+            found.append(FloatOp(name, node.op_type, reason))
+    return found
+
+
+def runtime_op_counts(path: Any, *, threads: int = 1) -> dict[str, int]:
+    """Node types of the model at ``path`` after onnxruntime's graph optimisation (CPU
+    provider), with their counts, most frequent first: what became ``QLinearConv``,
+    ``QGemm``, ``QLinearAdd``... and what stayed float."""
+    import tempfile
+    from collections import Counter
+    from pathlib import Path
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        optimized = Path(folder) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(optimized)
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    return dict(counts.most_common())
