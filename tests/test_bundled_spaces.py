@@ -14,7 +14,9 @@ from quantsearch.cli import main
 from tests.tasks.conftest import cifar_batch, write_mnist_files
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
-NEEDS_DATA = {"bnn_cifar10.yaml", "qat_mnist.yaml", "qat_mnist_finetune.yaml"}
+NEEDS_DATA = {"bnn_cifar10.yaml", "latency.yaml", "qat_mnist.yaml", "qat_mnist_finetune.yaml",
+              # MNIST files, and the MiniLM package (not in .[test]): their slow tests run them.
+              "mnist_segmentation.yaml", "minilm_embeddings.yaml"}
 
 
 @pytest.mark.parametrize(
@@ -83,6 +85,19 @@ def test_bnn_cifar10_uniform_baseline_is_the_nni_example_config(
                               "features.14", "features.17", "classifier.0", "classifier.3"])
     assert outputs == sorted(["features.6", "features.9", "features.13", "features.16",
                               "features.20", "classifier.2", "classifier.5"])
+
+
+def test_latency_space_validates_on_idx_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _repository(tmp_path, monkeypatch, "latency.yaml")
+    (root / "examples").mkdir()  # its task: the built-in MNIST data, its own network
+    shutil.copy(SPACES.parent / "examples" / "latency_task.py", root / "examples")
+    write_mnist_files(root / "data" / "mnist")
+    assert main(["validate", "--space", str(root / "search_spaces" / "latency.yaml")]) == 0
+    assert "objectives accuracy (maximize), size_bytes (minimize), latency (minimize)" in (
+        capsys.readouterr().out
+    )
 
 
 def test_qat_mnist_space_validates_on_idx_files(

@@ -399,16 +399,18 @@ def _summary(result: ExportResult) -> dict[str, Any]:
 def describe_export(result: ExportResult) -> str:
     """What an export wrote and measured, as lines for a terminal."""
     correct = round(result.reloaded_accuracy * result.test_samples)
+    shown = (lambda v: f"{v:.2%}") if result.metric == "accuracy" else (lambda v: f"{v:.6g}")
     lines = [
         f"exported trial {result.trial_number} to {result.out_dir}",
         f"  {result.model_path.name:<20} the float weights the trial trained, before quantization"
-        f" (NNI's export_model): {result.state_dict_accuracy:.2%} on test; not the deployed model",
+        f" (NNI's export_model): {shown(result.state_dict_accuracy)} on test; not the deployed "
+        "model",
         f"  {result.calibration_path.name:<20} calibration (scales, zero points, bits)",
     ]
     if result.dequantized_path is not None:
         lines.append(
             f"  {result.dequantized_path.name:<20} the deployed weights, dequantized, for the "
-            f"original architecture (activations float): {result.dequantized_accuracy:.2%}"
+            f"original architecture (activations float): {shown(result.dequantized_accuracy)}"
         )
     lines.append(
         f"  {result.packed_path.name:<20} the deployed model (load_packed): packed integers and "

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from quantsearch.pipeline._record import TrialRecord
+from quantsearch.tasks import call_model
 
 if TYPE_CHECKING:
     from quantsearch.tasks import Task
@@ -73,7 +74,7 @@ class ModelProfile:
         model.eval()
         try:
             with torch.no_grad():
-                model(dummy_input)
+                call_model(model, dummy_input)
         finally:
             for handle in handles:
                 handle.remove()

@@ -63,6 +63,20 @@ class TrialRecord(BaseModel):
     """Sum over conv/linear layers of MACs x weight bits x activation bits."""
     float_bitops: float | None = None
     layer_bits: dict[str, dict[str, int]] = Field(default_factory=dict)
+    latency_ms: float | None = None
+    """Median milliseconds per batch of the trial's ONNX export in onnxruntime (the space's
+    ``latency`` setup), measured where the trial ran."""
+    latency_spread_ms: float | None = None
+    """The interquartile range of the timed runs."""
+    latency_repeats: int | None = None
+    latency_setup: dict[str, Any] | None = None
+    """Batch size, threads, provider, repeats and warm-up runs of the measurement."""
+    latency_integer: bool | None = None
+    """Whether every compute op of the export ran on onnxruntime's integer kernels."""
+    latency_float_ms: float | None = None
+    """The float model's median, timed in the same loop as the trial's (in turn)."""
+    latency_speedup: float | None = None
+    """latency_float_ms / latency_ms: above 1 the trial's model is faster than float."""
     train_seconds: float | None = None
     steps: int | None = None
     """Optimizer steps the trial trained (0 for ptq and float trials)."""

@@ -6,7 +6,10 @@
     model = QAT_Quantizer(model, config_list, optimizer).compress()
 
 Post-training: ``PtqQuantizer(model, config_list, dummy_input=x).compress()``, then
-``with quantizer.calibrate(): model(batch)`` for a few batches, then evaluate.
+``with quantizer.calibrate(): model(batch)`` for a few batches, then evaluate. Its entries may
+ask for more than round-to-nearest: ``rounding: adaround|gptq`` (fitted on the calibration
+batches when the block ends), ``bias_correction: true`` and ``equalize: true`` (cross-layer
+equalization of the float model in ``compress()``); the learned integers are ordinary codes.
 
 The core owns its vocabulary: :data:`SCHEMES` (``quant_scheme`` values), :data:`OBSERVERS`
 (PTQ's ``observer`` values), :data:`QUANT_TYPES`, and per registered algorithm its
@@ -29,6 +32,7 @@ from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, AlgorithmRules, ConfigError, match_layers
 from ._observers import OBSERVERS
 from ._onnx import FloatOp, OnnxExport, OnnxExportError, OnnxTensor, export_onnx
+from ._onnx_fuse import runtime_op_counts
 from ._pack import load_packed, model_size_bytes, save_packed
 from ._ptq import NotCalibratedError, PtqQuantizer
 from ._registry import QUANTIZERS, algorithm_rules, get_quantizer, register_quantizer
@@ -66,6 +70,7 @@ __all__ = [
     "model_size_bytes",
     "real_state_dict",
     "register_quantizer",
+    "runtime_op_counts",
     "save_packed",
     "wrappers_of",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._onnx_deploy import OnnxExportError, deployed_copy, register_ops
-from ._onnx_fuse import FloatOp, fold_requantizations, float_ops
+from ._onnx_fuse import FloatOp, float_ops, fold_requantizations
 from ._onnx_graph import (
     OnnxTensor,
     edit_graph,
@@ -36,8 +36,8 @@ from ._pack import model_size_bytes
 
 __all__ = [
     "DEFAULT_OPSET",
-    "FloatOp",
     "MIN_OPSET",
+    "FloatOp",
     "OnnxExport",
     "OnnxExportError",
     "OnnxTensor",
@@ -97,6 +97,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     fold: bool = True,
+    int8_weights: bool = True,
 ) -> OnnxExport:
     """Write ``model`` (compressed by a quantizer, or a plain float model) as an ONNX QDQ model.
 
@@ -114,9 +115,14 @@ def export_onnx(
     then the ReLU's after it; a layer's output quantizer, then the next layer's input quantizer
     on a tensor nothing else reads) is rounded once, to the second quantizer's grid, so that
     onnxruntime fuses the op into an integer kernel: ``OnnxExport.folded`` names each pair and
-    ``OnnxExport.float_ops`` every op that stays float, and why; and 8-bit unsigned weights are
-    written as int8 (codes and zero point minus 128, the same values), which onnxruntime's
-    fast kernels (uint8 activations times int8 weights) take.
+    ``OnnxExport.float_ops`` every op that stays float, and why.
+
+    ``int8_weights`` (the default) writes 8-bit unsigned weights as int8 (codes and zero point
+    minus 128, the same values): onnxruntime runs uint8 activations times int8 weights on its
+    fast kernels, uint8 weights on a much slower path. Those u8s8 kernels add pairs of products
+    in 16 bits on CPUs without VNNI (onnxruntime's ``reduce_range`` note) and can saturate, as
+    they do for ``quantize_static``'s int8 weights: the export's check measures what that
+    changes; ``int8_weights=False`` keeps uint8 weights, computed exactly.
 
     ``dummy_input`` is an example batch (a tensor or a tuple of tensors); with ``dynamic_batch``
     the batch dimension of every input is left free. The model is copied, never changed, and
@@ -150,7 +156,7 @@ def export_onnx(
         dynamic_shapes=dynamic_shapes, translations=translation_table(onnxscript),
     )
     proto = program.model_proto
-    records = edit_graph(onnx, proto, opset, sub_byte_types, signed_weights=fold)
+    records = edit_graph(onnx, proto, opset, sub_byte_types, signed_weights=int8_weights)
     folded = fold_requantizations(onnx, proto) if fold else []
     prune_graph(proto)
     needed_ir = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)

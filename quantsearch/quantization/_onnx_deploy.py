@@ -142,6 +142,16 @@ class _DeployedLayer(nn.Module):
             self.kind == "conv" and input_qdq is not None and input_qdq.axis is not None
         )
 
+    def __getattr__(self, name: str) -> Any:
+        # What the model around the layer reads from it (a TransformerEncoderLayer reads its
+        # attention's batch_first), as QuantWrapper does.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.input_qdq is not None:
             x = self.input_qdq(x)
@@ -198,6 +208,13 @@ def deployed_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
         weight = None
         qdqs: dict[str, _ActivationQDQ | None] = {}
         tensor = f"{name}.weight"
+        if wrapper._kind == "attention":
+            refusals.append(
+                f"{name}: a quantized nn.MultiheadAttention (quantized whole: packed in_proj, "
+                "out_proj, query/key/value) has no QDQ export yet; quantize the Linear layers "
+                "around it instead"
+            )
+            continue
         try:
             if wrapper.weight_quant is not None:
                 form = wrapper.weight_quant.qdq_weight(wrapper.quantized_weight())

@@ -12,6 +12,11 @@ patterns of a quantized model break that shape and are folded here:
   is dropped: the tensor is rounded once, to the second quantizer's grid, instead of twice
   (a value next to a rounding boundary of the first grid can land one step of the second apart
   from PyTorch's double rounding);
+* a quantized tensor that passes through MaxPool (Reshape, Flatten...) into another
+  quantizer (``Q1 -> DQ1 -> MaxPool -> Q2``): its values are already on the first grid, so
+  the second pair is dropped (onnxruntime carries the first through the pooling);
+* a float tensor (a residual add's output) that one quantizer and other adds read: the adds
+  read it quantized too, as onnxruntime's ``quantize_static`` quantizes every tensor once;
 * a lower bound (``Max``) before a ``QuantizeLinear`` whose input is a ReLU's or a clamp's
   output, which is never below it.
 
@@ -24,11 +29,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FloatOp", "fold_requantizations", "float_ops", "runtime_op_counts"]
+__all__ = ["FloatOp", "float_ops", "fold_requantizations", "runtime_op_counts"]
 
 #: Ops between an op and its QuantizeLinear that onnxruntime removes (ReluQuantFusion,
 #: ClipQuantFusion) when the quantizer's range makes them redundant.
 _CLAMPS = ("Relu", "Clip")
+#: Ops that move or select values without computing new ones: a quantized tensor stays on its
+#: grid through them.
+_MOVES = ("MaxPool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
 #: Compute ops that onnxruntime's CPU provider runs as integer kernels in a QDQ group.
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
 _ELEMENTWISE = ("Add", "Mul", "Concat")
@@ -101,6 +109,11 @@ def _fold_pairs(graph: _Graph) -> list[str]:
         follower = graph.only_consumer(dequantize.output[0])
         if follower is None:
             continue
+        if follower.op_type in _MOVES:
+            second = _drop_second(graph, follower)
+            if second is not None:
+                folded.append(f"{_tag(quantize)} -> {second}")
+            continue
         second = follower
         if follower.op_type in _CLAMPS:
             second = graph.only_consumer(follower.output[0])
@@ -117,6 +130,52 @@ def _fold_pairs(graph: _Graph) -> list[str]:
         folded.append(f"{_tag(quantize)} -> {_tag(second)}")
         graph.refresh()
     return folded
+
+
+def _drop_second(graph: _Graph, move: Any) -> str | None:
+    """``Q1 -> DQ1 -> MaxPool (Reshape, ...) -> Q2 -> DQ2``: the values are already on Q1's
+    grid, so Q2 and DQ2 go and DQ2's readers read the pooled tensor (onnxruntime carries Q1's
+    quantization through the pooling). Returns Q2's tensor, or None when the pattern differs."""
+    second = graph.only_consumer(move.output[0])
+    while second is not None and second.op_type in _MOVES:  # MaxPool, then Flatten
+        move, second = second, graph.only_consumer(second.output[0])
+    if second is None or second.op_type != "QuantizeLinear":
+        return None
+    dequantize = graph.only_consumer(second.output[0])
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    for reader in graph.consumers.get(dequantize.output[0], []):
+        if reader is None:
+            return None  # a graph output: leave it
+        for index, name in enumerate(reader.input):
+            if name == dequantize.output[0]:
+                reader.input[index] = move.output[0]
+    graph.refresh()
+    return _tag(second)
+
+
+def _share_quantized(graph: _Graph) -> list[str]:
+    """A float tensor that one QuantizeLinear reads and residual adds (concats) read as it is:
+    the adds read the dequantized tensor instead, so that they fuse (``QLinearAdd``) and the
+    tensor's producer (an add) keeps one reader. Returns 'tensor -> quantizer' per tensor."""
+    shared = []
+    for tensor, readers in list(graph.consumers.items()):
+        quantizers = [r for r in readers if r is not None and r.op_type == "QuantizeLinear"]
+        others = [r for r in readers if r not in quantizers]
+        if len(quantizers) != 1 or not others:
+            continue
+        if any(r is None or r.op_type not in _ELEMENTWISE for r in others):
+            continue
+        dequantize = graph.only_consumer(quantizers[0].output[0])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            continue
+        for reader in others:
+            for index, name in enumerate(reader.input):
+                if name == tensor:
+                    reader.input[index] = dequantize.output[0]
+        shared.append(f"{tensor} -> {_tag(quantizers[0])}")
+        graph.refresh()
+    return shared
 
 
 def _drop_bounds(graph: _Graph) -> None:
@@ -150,11 +209,13 @@ def fold_requantizations(onnx: Any, proto: Any) -> list[str]:
     graph = _Graph(onnx, proto)
     folded = _fold_pairs(graph)
     _drop_bounds(graph)
-    return folded
+    return folded + _share_quantized(graph)
 
 
 def _input_reason(graph: _Graph, tensor: str, what: str) -> str | None:
     producer = graph.producer.get(tensor)
+    while producer is not None and producer.op_type in _MOVES:  # onnxruntime carries DQ on
+        producer = graph.producer.get(producer.input[0])
     if producer is None or producer.op_type != "DequantizeLinear":
         return f"its {what} is not quantized"
     kind = graph.code_type(producer)
@@ -184,6 +245,8 @@ def _weighted_name(graph: _Graph, node: Any) -> str:
     weight = graph.producer.get(node.input[1]) if len(node.input) > 1 else None
     if weight is not None and weight.op_type == "DequantizeLinear":
         return _tag(weight).removesuffix(".weight")
+    if len(node.input) > 1 and node.input[1] in graph.initializers:  # a float weight
+        return node.input[1].removesuffix(".weight")
     return node.name
 
 

@@ -169,12 +169,16 @@ class _GraphEditor:
         self.signed_weights = signed_weights
         graph = proto.graph
         self.initializers = {t.name: t for t in graph.initializer}
+        # The exporter's constants as exported: it names a buffer by its module path
+        # (``conv1.weight.zero_point``) and shares one among layers with the same value, so a
+        # written initializer may take the name of one that a later placeholder still reads.
+        self.exported = dict(self.initializers)
         self.records: list[OnnxTensor] = []
 
     def array(self, name: str) -> Any:
-        if name not in self.initializers:
+        if name not in self.exported:
             raise RuntimeError(f"ONNX export: placeholder input {name!r} is not a constant")
-        return self.onnx.numpy_helper.to_array(self.initializers[name])
+        return self.onnx.numpy_helper.to_array(self.exported[name])
 
     def add_initializer(self, name: str, values: Any) -> str:
         tensor = self.onnx.numpy_helper.from_array(values, name)
@@ -214,7 +218,7 @@ class _GraphEditor:
         codes, zero = self.array(codes_name), self.array(zero_name)
         if self.signed_weights and kind.name == "uint8":
             # The same (codes - zero point) in int8: onnxruntime's fast integer kernels take
-            # uint8 activations times int8 weights (VNNI), uint8 weights run a slower path.
+            # uint8 activations times int8 weights, uint8 weights run a much slower path.
             kind, qmin, qmax = _INT_TYPES[4], qmin - 128, qmax - 128
             codes, zero = codes.astype("int64") - 128, zero.astype("int64") - 128
         codes = self.add_initializer(f"{tag}.codes", self.typed(codes, kind))

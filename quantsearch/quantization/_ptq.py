@@ -27,6 +27,7 @@ from ._observers import (
 )
 from ._ptq_fit import FitRecord
 from ._ptq_methods import (
+    METHOD_EXAMPLES,
     METHOD_OPTIONS,
     Recording,
     equalize_model,
@@ -70,6 +71,16 @@ class PtqWeightQuant(AffineWeightQuant):
         # The bias correction this layer's bias holds (so a new calibration replaces it).
         self.register_buffer("bias_shift", torch.zeros(0))
         self._rounded = False
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        # A checkpoint written before learned rounding existed holds neither buffer: nearest.
+        for name in ("rounding_offset", "bias_shift"):
+            buffer = self._buffers[name]
+            if buffer is not None:
+                state_dict.setdefault(prefix + name, buffer.new_zeros(0))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _after_load(self) -> None:
         self.__dict__["_source"] = None
@@ -416,32 +427,7 @@ class PtqQuantizer(Quantizer):
               "observer": {"weight": "mse", "output": "percentile"}}],
             {name: {"weight": 5, "output": 7} for name in _WEIGHTED},
         ),
-        Example(
-            "w4a8-adaround-bias-correction-equalize",
-            [
-                {"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
-                 "rounding": "adaround", "adaround_iters": 20, "bias_correction": True,
-                 "equalize": True},
-                {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
-            ],
-            {"conv1": {"weight": 4}, "conv2": {"weight": 4}, "fc": {"weight": 4},
-             "relu1": {"output": 8}, "relu2": {"output": 8}},
-        ),
-        Example(
-            "w3a8-gptq-per-channel-mse",
-            [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 3, "input": 8},
-              "op_types": ["Conv2d", "Linear"], "quant_scheme": "per_channel_symmetric",
-              "quant_dtype": "int", "observer": {"weight": "mse", "input": "minmax"},
-              "rounding": "gptq", "gptq_damp": 0.05, "bias_correction": True}],
-            {name: {"weight": 3} for name in _WEIGHTED},
-        ),
-        Example(
-            "w2-adaround-per-channel-affine",
-            [{"quant_types": ["weight"], "quant_bits": 2, "op_types": ["Conv2d", "Linear"],
-              "quant_scheme": "per_channel_affine", "rounding": "adaround",
-              "adaround_iters": 10}],
-            {name: {"weight": 2} for name in _WEIGHTED},
-        ),
+        *METHOD_EXAMPLES,
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

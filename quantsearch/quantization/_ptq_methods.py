@@ -14,12 +14,15 @@ from typing import Any
 
 from torch import nn
 
+from ._algorithms import _WEIGHTED
+from ._base import Example
 from ._equalize import EqualizeResult, equalize
 from ._ptq_fit import FitRecord, LayerInputs, fit_layer, fits_layer
 
 __all__ = [
     "ADAROUND_ITERS",
     "GPTQ_DAMP",
+    "METHOD_EXAMPLES",
     "METHOD_OPTIONS",
     "ROUNDINGS",
     "Recording",
@@ -66,6 +69,38 @@ METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
     "adaround_iters": (ADAROUND_ITERS, _iters_value),
     "gptq_damp": (GPTQ_DAMP, _damp_value),
 }
+
+#: The conformance suite's cases for these keys (on ``ConformanceNet``), in PtqQuantizer's
+#: ``examples``.
+METHOD_EXAMPLES = (
+    Example(
+        "w4a8-adaround-bias-correction-equalize",
+        [
+            {"quant_types": ["weight"], "quant_bits": 4, "op_types": ["Conv2d", "Linear"],
+             "rounding": "adaround", "adaround_iters": 20, "bias_correction": True,
+             "equalize": True},
+            {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU6"]},
+        ],
+        {"conv1": {"weight": 4}, "conv2": {"weight": 4}, "fc": {"weight": 4},
+         "relu1": {"output": 8}, "relu2": {"output": 8}},
+    ),
+    Example(
+        "w3a8-gptq-per-channel-mse",
+        [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 3, "input": 8},
+          "op_types": ["Conv2d", "Linear"], "quant_scheme": "per_channel_symmetric",
+          "quant_dtype": "int", "observer": {"weight": "mse", "input": "minmax"},
+          "rounding": "gptq", "gptq_damp": 0.05, "bias_correction": True}],
+        {name: {"weight": 3} for name in _WEIGHTED},
+    ),
+    Example(
+        "w2-adaround-per-channel-affine",
+        [{"quant_types": ["weight"], "quant_bits": 2, "op_types": ["Conv2d", "Linear"],
+          "quant_scheme": "per_channel_affine", "rounding": "adaround",
+          "adaround_iters": 10}],
+        {name: {"weight": 2} for name in _WEIGHTED},
+    ),
+)
+
 
 def equalize_model(model: nn.Module, layers: Mapping[str, Any]) -> EqualizeResult | None:
     """Cross-layer equalization of the pairs whose two layers both have ``equalize: true``

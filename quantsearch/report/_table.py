@@ -242,6 +242,9 @@ def trials_frame(study: optuna.Study, *, record: StudyRecord | None = None) -> p
     leading = [*_BASE_COLUMNS, *custom, *bits_cols]
     if frame.empty:
         return pd.DataFrame(columns=leading)
+    for column in custom:
+        if column not in frame:
+            frame[column] = math.nan
     rest = sorted(c for c in frame.columns if c not in leading)
     frame = frame[[*leading, *rest]].sort_values("number", kind="stable").reset_index(drop=True)
     frame["number"] = frame["number"].astype(int)

@@ -285,6 +285,7 @@ class TrialLoop:
             calibration_batches=spec.calibration_batches,
             checkpoint=str(self.context.location.checkpoint(number)),
             hopeless=spec.hopeless,
+            latency=spec.latency,
         )
         self.in_flight[number] = ticket
         pool.submit(job)

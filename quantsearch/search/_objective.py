@@ -21,7 +21,10 @@ import torch
 
 from quantsearch.pipeline import (
     FIDELITY_METRICS,
+    LATENCY_METRIC,
+    METRICS,
     Evaluated,
+    LatencySetup,
     ModelProfile,
     TrialMode,
     TrialRecord,
@@ -105,6 +108,9 @@ class TrialJob:
     # Fidelity metrics the space names (objectives, constraints, target), measured against
     # the float model's outputs.
     fidelity: tuple[str, ...] = ()
+    # How the latency metric is timed (the space's ``latency:``); measured when the space
+    # sets it or names the metric.
+    latency: LatencySetup | None = None
 
     def run(self) -> TrialOutcome:
         return run_trial(self)
@@ -219,6 +225,7 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
         )
         for split in ("val", "test")
     }
+    latency = _latency(job, model, task)
     # A classifier's validation accuracy is the one adapting measured (exactly as before).
     if task.is_classifier:
         splits["val"].values["accuracy"] = adapted.val_accuracy
@@ -234,9 +241,9 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
         profile=profile,
         val_accuracy=adapted.val_accuracy,
         size_bytes=size,
-        metrics=val.values,
+        metrics=val.values if latency is None else {**val.values, LATENCY_METRIC: latency[0]},
     )
-    values = tuple(float(get_metric(name).compute(evaluated)) for name in job.objectives)
+    values = tuple(_objective_value(name, evaluated) for name in job.objectives)
     if job.checkpoint is not None:
         path = Path(job.checkpoint)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,9 +264,52 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
                 "layer_bits": layer_bits,
                 "steps": adapted.steps,
                 "train_seconds": time.perf_counter() - started,
+                **({} if latency is None else {
+                    **latency[1],
+                    # In ``metrics`` too, where constraints and reports read a metric.
+                    "metrics": {
+                        **_metric_fields(task, val, test).get("metrics", {}),
+                        LATENCY_METRIC: latency[0],
+                    },
+                    # The same model on any split: one latency.
+                    "test_metrics": {
+                        **_metric_fields(task, val, test).get("test_metrics", {}),
+                        LATENCY_METRIC: latency[0],
+                    },
+                }),
             }
         ),
     )
+
+
+def _latency(job: TrialJob, model: torch.nn.Module, task: Task) -> tuple[float, dict] | None:
+    """The trial's latency (ms) and its record fields, when the space sets ``latency:`` or
+    names the metric; the metrics mapping holds it too, so constraints on it work."""
+    if job.latency is None and LATENCY_METRIC not in job.fidelity:
+        return None
+    from quantsearch.pipeline import measure_latency
+
+    measured = measure_latency(
+        model, task.dummy_input, job.latency or LatencySetup(),
+        config={"algorithm": job.algorithm, "config_list": job.config_list},
+        # The float architecture, timed in turn with the trial's model: a speedup that load
+        # from other jobs does not skew (its weights do not change its time).
+        reference=task.build_model().eval(),
+        reference_key=f"{job.task.name}:{json.dumps(job.task.options, sort_keys=True)}",
+    )
+    return measured.median_ms, measured.record_fields()
+
+
+def _objective_value(name: str, evaluated: Evaluated) -> float:
+    """A registered metric computed, else the task's metric as measured on validation."""
+    if name in METRICS:
+        return float(get_metric(name).compute(evaluated))
+    if name not in evaluated.metrics:
+        raise KeyError(
+            f"the task's evaluate did not report {name!r} (it reported: "
+            f"{', '.join(evaluated.metrics) or 'nothing'})"
+        )
+    return float(evaluated.metrics[name])
 
 
 def _metric_fields(task: Task, val: Any, test: Any) -> dict[str, Any]:

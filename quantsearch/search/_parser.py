@@ -27,6 +27,7 @@ from quantsearch.search._sections import (
     parse_calibration,
     parse_constraints,
     parse_hopeless,
+    parse_latency,
     parse_metrics,
     parse_objectives,
     parse_sampler,
@@ -69,6 +70,7 @@ TOP_KEYS = (
     "sensitivity",
     "target",
     "artifacts",
+    "latency",
 )
 
 
@@ -169,6 +171,7 @@ class _Parser:
             ),
             target=parse_target(top.get("target"), top),
             metrics=parse_metrics(top.get("objectives")),
+            latency=parse_latency(top.get("latency")),
             artifacts=None
             if top.get("artifacts") is None
             else artifacts_location(top["artifacts"], key="artifacts", base=self.base),

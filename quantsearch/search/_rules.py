@@ -36,7 +36,7 @@ SENSITIVITY_METHODS: tuple[str, ...] = ("loss", "hessian")
 SEED_SPREADS: tuple[str, ...] = ("hypervolume", "size")
 OBJECTIVES: tuple[str, ...] = ("accuracy", "size_bytes")
 # Names a space may use for a metric besides its own.
-METRIC_ALIASES = {"size": "size_bytes"}
+METRIC_ALIASES = {"size": "size_bytes", "latency_ms": "latency"}
 # Seeds reach numpy and scikit-learn, which take 32-bit seeds.
 MAX_SEED = 2**32 - 1
 # The keys of ``train:`` and ``float_train:``: TrainConfig's settings, in its order.

@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from quantsearch.pipeline import METRICS
+from quantsearch.pipeline import METRICS, LatencySetup
 from quantsearch.quantization import algorithm_rules
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NniParam
@@ -40,6 +40,7 @@ __all__ = [
     "parse_calibration",
     "parse_constraints",
     "parse_hopeless",
+    "parse_latency",
     "parse_metrics",
     "parse_objectives",
     "parse_sampler",
@@ -399,6 +400,29 @@ def parse_constraints(value: Any, *, user_task: bool = True) -> Constraints:
         max_size_bytes=max_size,
         bounds=tuple(bounds),
     )
+
+
+_LATENCY_KEYS = tuple(f.name for f in fields(LatencySetup))
+
+
+def parse_latency(value: Any) -> LatencySetup | None:
+    """``latency:`` (``true``: LatencySetup's defaults): how the latency metric is timed."""
+    if value is None or value is False:
+        return None
+    rule = mapping({} if value is True else value, key="latency", allowed=_LATENCY_KEYS)
+    for key in ("batch_size", "threads", "repeats"):
+        if key in rule and not (is_int(rule[key]) and rule[key] >= 1):
+            raise SpaceError(f"{rule[key]!r} is not an integer >= 1", key=f"latency.{key}")
+    if "warmup" in rule and not (is_int(rule["warmup"]) and rule["warmup"] >= 0):
+        raise SpaceError(f"{rule['warmup']!r} is not an integer >= 0", key="latency.warmup")
+    provider = rule.get("provider", LatencySetup.provider)
+    if not isinstance(provider, str) or not provider.endswith("ExecutionProvider"):
+        raise SpaceError(
+            f"{provider!r} is not an onnxruntime execution provider (e.g. "
+            "CPUExecutionProvider)",
+            key="latency.provider",
+        )
+    return LatencySetup(**rule)
 
 
 def parse_hopeless(value: Any) -> HopelessRule | None:

