@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from quantsearch._paths import replacing
 from quantsearch.pipeline._float import load_state, load_weights
 from quantsearch.pipeline._metrics import Evaluated, Metric, register_metric
-from quantsearch.tasks import Batches, Task
+from quantsearch.tasks import Batches, Task, evaluation_mode
 
 __all__ = [
     "FIDELITY_METRICS",
@@ -82,22 +82,12 @@ def model_outputs(
 ) -> list[Tensor]:
     """The model's compared output tensor on each batch of ``dataset`` (in order, on the CPU,
     eval mode, no_grad; the submodules' training flags restored)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.to(device)
-    model.eval()
     batches = Batches(
         dataset, batch_size, device, shuffle=False, collate_fn=task.collate_fn,
         raw=not task.is_classifier,
     )
-    try:
-        with torch.no_grad():
-            return [
-                main_tensor(task.output(model, batch)).detach().float().cpu()
-                for batch in batches
-            ]
-    finally:
-        for module, training in modes:
-            module.training = training
+    with evaluation_mode(model, device):
+        return [main_tensor(task.output(model, b)).detach().float().cpu() for b in batches]
 
 
 @functools.lru_cache(maxsize=4)

@@ -14,7 +14,7 @@ from quantsearch.tasks._batches import Batches, batches_of, to_device
 from quantsearch.tasks._contract import ACCURACY, Task, TaskMetric, TrainRun, call_model
 from quantsearch.tasks._data import CIFAR10_BATCHES, IDX_FILES, read_cifar_batch, read_idx
 from quantsearch.tasks._errors import TaskError
-from quantsearch.tasks._evaluation import Measured, measure, model_device
+from quantsearch.tasks._evaluation import Measured, evaluation_mode, measure, model_device
 from quantsearch.tasks._lightning import LIGHTNING_EXTRA, lightning_task
 from quantsearch.tasks._models import CifarSmallCNN, DigitsCNN, MnistCNN, VGG_Cifar10
 from quantsearch.tasks._task import available_tasks, get_task, user_task_file
@@ -71,6 +71,7 @@ __all__ = [
     "batches_of",
     "call_model",
     "evaluate",
+    "evaluation_mode",
     "fit",
     "get_task",
     "lightning_task",

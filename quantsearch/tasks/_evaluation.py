@@ -3,8 +3,9 @@ the classifier's top-1 accuracy."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ from quantsearch.tasks._batches import Batches
 from quantsearch.tasks._contract import Task, TaskMetric
 from quantsearch.tasks._errors import TaskError
 
-__all__ = ["Measured", "measure", "model_device"]
+__all__ = ["Measured", "evaluation_mode", "measure", "model_device"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,21 @@ def model_device(model: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(iter(model.buffers()), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """``model`` on ``device`` in eval mode under ``torch.no_grad``; every submodule's training
+    flag is restored afterwards (a quantizer's observers must not stay frozen)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.to(device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _as_values(value: Any) -> np.ndarray | float:
@@ -68,21 +84,14 @@ def measure(
     if task.evaluate is None and task.num_classes is None:
         return Measured(values={}, samples=samples)
     resolved = device if device is not None else model_device(model)
-    modes = [(module, module.training) for module in model.modules()]
-    model.to(resolved)
-    model.eval()
     batches = Batches(
         dataset, batch_size, resolved, shuffle=False, collate_fn=task.collate_fn,
         raw=not task.is_classifier,
     )
-    try:
-        with torch.no_grad():
-            if task.evaluate is None:
-                return _top1(model, task, batches, samples)
-            reported = task.evaluate(model, batches)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with evaluation_mode(model, resolved):
+        if task.evaluate is None:
+            return _top1(model, task, batches, samples)
+        reported = task.evaluate(model, batches)
     if not isinstance(reported, Mapping):
         raise TaskError(
             f"task {task.name!r}: evaluate must return a mapping of metric names to values, "

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from quantsearch.tasks._batches import Batches
 from quantsearch.tasks._contract import TrainRun
-from quantsearch.tasks._evaluation import Measured, measure
+from quantsearch.tasks._evaluation import Measured, evaluation_mode, measure, model_device
 from quantsearch.tasks._train_config import TrainConfig, resolve_device
 
 if TYPE_CHECKING:
@@ -321,24 +321,11 @@ def evaluate(
     The model is moved to ``device`` ("auto" picks CUDA when available; None keeps the device
     of the model's first parameter or buffer).
     """
-    if device is None:
-        tensor = next(iter(model.parameters()), None)
-        if tensor is None:
-            tensor = next(iter(model.buffers()), None)
-        resolved = tensor.device if tensor is not None else torch.device("cpu")
-    else:
-        resolved = resolve_device(device)
-    modes = [(module, module.training) for module in model.modules()]
-    model.to(resolved)
-    model.eval()
+    resolved = model_device(model) if device is None else resolve_device(device)
     correct = torch.zeros((), dtype=torch.long, device=resolved)
     total = 0
-    try:
-        with torch.no_grad():
-            for inputs, targets in Batches(dataset, batch_size, resolved, shuffle=False):
-                correct += (model(inputs).argmax(dim=1) == targets).sum()
-                total += targets.shape[0]
-    finally:
-        for module, training in modes:
-            module.training = training
+    with evaluation_mode(model, resolved):
+        for inputs, targets in Batches(dataset, batch_size, resolved, shuffle=False):
+            correct += (model(inputs).argmax(dim=1) == targets).sum()
+            total += targets.shape[0]
     return int(correct) / total
