@@ -7,7 +7,10 @@ The metrics are label-free, against the float model on the same sentences (first
 standard library's docstrings): ``emb_cosine``, each sentence's cosine similarity to its float
 embedding, and ``recall10``, for each sentence the share of its 10 nearest neighbours (cosine,
 among the split's other sentences) under the float model that the quantized model also ranks in
-its 10 nearest. The float embeddings are computed once per process, on the first evaluation.
+its 10 nearest. The float embeddings are computed once per process, on first use, by a float
+model the task builds (``FloatEmbeddings``). The training ``loss`` is label-free distillation:
+1 - the cosine similarity of each sentence's embedding to its float embedding, so fine-tune
+trials (``qat``, ``lsq``) run on the calibration sentences.
 Items are dicts (``input_ids``, ``attention_mask``, and ``index``, the sentence's row in that
 table); the model takes the first two by keyword. See ``search_spaces/minilm_embeddings.yaml``.
 
@@ -122,29 +125,52 @@ def recall_at_k(embeddings: Tensor, reference: Tensor, k: int) -> Tensor:
     return hits.float() / k
 
 
-def make_evaluate(tokens: dict[str, Tensor]) -> Any:
-    cache: dict[str, Tensor] = {}
+class FloatEmbeddings:
+    """The float model's embeddings of every sentence, computed once (on first use) by a
+    float model built here, from the same pretrained weights as the study's."""
 
-    def float_table() -> Tensor:
-        if "table" not in cache:
+    def __init__(self, tokens: dict[str, Tensor]) -> None:
+        self.tokens = tokens
+        self._table: Tensor | None = None
+
+    def table(self) -> Tensor:
+        if self._table is None:
             model = SentenceEmbedder().eval()
+            ids, mask = self.tokens["input_ids"], self.tokens["attention_mask"]
             with torch.no_grad():
-                cache["table"] = torch.cat([
-                    model(tokens["input_ids"][i : i + 64], tokens["attention_mask"][i : i + 64])
-                    for i in range(0, len(tokens["input_ids"]), 64)
+                self._table = torch.cat([
+                    model(ids[i : i + 64], mask[i : i + 64]) for i in range(0, len(ids), 64)
                 ])
-        return cache["table"]
+        return self._table
 
+    def of(self, batch: dict[str, Tensor], like: Tensor) -> Tensor:
+        """The float embeddings of ``batch``'s sentences, on ``like``'s device."""
+        return self.table()[batch["index"].cpu()].to(like.device, like.dtype)
+
+
+def make_loss(reference: FloatEmbeddings) -> Any:
+    """Label-free distillation: the mean cosine distance (1 - cosine similarity) between the
+    model's embeddings and the float model's of the same sentences."""
+
+    def loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        embeddings = forward(model, batch)
+        target = reference.of(batch, embeddings)
+        return (1.0 - F.cosine_similarity(embeddings, target, dim=-1)).mean()
+
+    return loss
+
+
+def make_evaluate(reference: FloatEmbeddings) -> Any:
     def evaluate(model: nn.Module, batches: Any) -> dict[str, Tensor]:
         outputs, rows = [], []
         for batch in batches:
             outputs.append(forward(model, batch).float().cpu())
             rows.append(batch["index"].cpu())
         embeddings = F.normalize(torch.cat(outputs), dim=-1)
-        reference = float_table()[torch.cat(rows)]
+        table = reference.table()[torch.cat(rows)]
         return {
-            "recall10": recall_at_k(embeddings, reference, min(10, len(reference) - 1)),
-            "emb_cosine": (embeddings * reference).sum(dim=1),
+            "recall10": recall_at_k(embeddings, table, min(10, len(table) - 1)),
+            "emb_cosine": (embeddings * table).sum(dim=1),
         }
 
     return evaluate
@@ -169,6 +195,7 @@ def make_task(*, data_dir: Path | None, options: dict[str, Any], seed: int) -> T
     ))
     tokens = {k: tokens[k] for k in ("input_ids", "attention_mask")}
     pretrained = SentenceEmbedder().state_dict()
+    reference = FloatEmbeddings(tokens)
     return Task(
         name="minilm",
         build_model=SentenceEmbedder,
@@ -178,7 +205,8 @@ def make_task(*, data_dir: Path | None, options: dict[str, Any], seed: int) -> T
         dummy_input={k: v[:1] for k, v in tokens.items()},
         pretrained=pretrained,
         forward=forward,
-        evaluate=make_evaluate(tokens),
+        loss=make_loss(reference),
+        evaluate=make_evaluate(reference),
         metrics=METRICS,
         description=f"all-MiniLM-L6-v2 on {len(sentences)} stdlib docstring lines (label-free)",
     )

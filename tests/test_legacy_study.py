@@ -41,6 +41,11 @@ def test_its_record_reads_every_field_it_wrote(legacy: Path) -> None:
         "conv1.weight_bits", "conv2.weight_bits", "fc1.weight_bits", "fc2.weight_bits",
     ]  # fmt: skip
     assert record.task_settings()[0] == "digits"
+    # Stored as accuracy and float_accuracy (version 1): read as the metric accuracy.
+    sensitivity = record.sensitivity
+    assert sensitivity.version == 1 and sensitivity.metric == "accuracy"
+    assert 0.5 < sensitivity.float_metric <= 1.0
+    assert all(0.0 <= e.metric <= 1.0 for p in sensitivity.params for e in p.entries)
 
 
 def test_it_resumes_reports_and_exports(

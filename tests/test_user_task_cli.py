@@ -4,6 +4,7 @@ command: validate, sensitivity, study --jobs 2, report and export."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,12 @@ def test_a_regression_task_with_dict_batches_runs_every_command(tmp_path: Path) 
     )
     assert export.returncode == 0, export.stderr
     assert "test mae of the reloaded packed model" in export.stdout and ": equal" in export.stdout
+    onnx = _run(
+        tmp_path, "export", "--space", space, "--trial", front["number"], "--out", "onnx",
+        "--format", "onnx",
+    )
+    assert onnx.returncode == 0, onnx.stderr
+    assert "onnxruntime: test mae " in onnx.stdout and ": agree; onnx.checker passed" in onnx.stdout
+    summary = json.loads((tmp_path / "onnx" / "export.json").read_text())["onnx"]
+    assert summary["metric"] == "mae" and summary["agrees"] is True
+    assert summary["output_difference"]["mean"] <= 0.1 * summary["output_spread"]

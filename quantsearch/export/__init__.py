@@ -30,7 +30,7 @@ from quantsearch.export._formats import (
     get_export_format,
     register_export_format,
 )
-from quantsearch.export._onnx import Latency, OnnxReport, describe_onnx
+from quantsearch.export._onnx import Latency, OnnxReport, describe_onnx, export_onnx_files
 
 __all__ = [
     "DEFAULT_FORMAT",
@@ -47,6 +47,7 @@ __all__ = [
     "describe_export",
     "describe_formats",
     "describe_onnx",
+    "export_onnx_files",
     "export_trial",
     "get_export_format",
     "register_export_format",

@@ -1,4 +1,5 @@
-"""A trial's checkpoint: on this machine, or fetched from the study's artifact store."""
+"""A trial's checkpoint, and the study's float model: on this machine, or fetched from the
+study's artifact store."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from optuna.trial import FrozenTrial
 
 from quantsearch.export._errors import ExportError
 
-__all__ = ["checkpoint_file", "load_checkpoint", "resolve_checkpoint"]
+__all__ = ["checkpoint_file", "float_weights_file", "load_checkpoint", "resolve_checkpoint"]
 
 
 def resolve_checkpoint(
@@ -93,6 +94,58 @@ def checkpoint_file(
         )
     except ArtifactError as error:
         raise ExportError(str(error)) from None
+    return fetched, True
+
+
+def float_weights_file(
+    study: optuna.Study,
+    out: Path,
+    *,
+    checkpoint_root: str | Path | None,
+    store: str | None,
+    why: str,
+) -> tuple[Path, bool]:
+    """The study's float model (its ``float_model`` attribute): the file on this machine when
+    its weights hash as recorded, else fetched from the artifact ``store`` into ``out`` (then
+    True: the caller deletes it). ``why`` says what needs it, for the errors."""
+    from quantsearch.pipeline import (
+        ArtifactError,
+        StudyRecord,
+        fetch_artifact,
+        load_state,
+        open_artifact_store,
+        state_sha256,
+    )
+
+    stored = StudyRecord.of(study).float_model
+    if stored is None:
+        raise ExportError(f"{why}, but study {study.study_name!r} records no float model")
+    path = Path(stored.file)
+    if not path.is_absolute():
+        root = Path(checkpoint_root) if checkpoint_root is not None else _checkpoint_root(study)
+        path = (root or Path.cwd()) / path
+
+    def fits(file: Path) -> bool:
+        try:
+            return state_sha256(load_state(file)) == stored.sha256
+        except (OSError, ValueError, RuntimeError):
+            return False
+
+    if path.is_file() and fits(path):
+        return path, False
+    if stored.artifact is None or store is None:
+        state = "changed since the study made it" if path.is_file() else "not found"
+        raise ExportError(f"{why}: the study's float model {path} is {state}")
+    fetched = out / ".float_model.pt"
+    try:
+        fetch_artifact(
+            open_artifact_store(store), stored.artifact, fetched, what="the study's float model"
+        )
+    except ArtifactError as error:
+        raise ExportError(str(error)) from None
+    if not fits(fetched):
+        fetched.unlink(missing_ok=True)
+        raise ExportError(f"{why}: the float model in {store} is not the one the study recorded")
     return fetched, True
 
 

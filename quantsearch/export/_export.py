@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from quantsearch.export._checkpoint import checkpoint_file, load_checkpoint, resolve_checkpoint
+from quantsearch.export._checkpoint import (
+    checkpoint_file,
+    float_weights_file,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from quantsearch.export._errors import ExportError
 from quantsearch.export._formats import (
     DEFAULT_FORMAT,
@@ -81,7 +86,8 @@ class ExportResult:
 
     metric: str = "accuracy"
     """The test metric the ``*_accuracy`` fields hold: accuracy for a classifier, else the
-    task's first metric the trial stored."""
+    task's first metric the trial stored, else its first fidelity metric (agreement, kl,
+    sqnr_db, cosine: against the study's float model's outputs on the test split)."""
 
     @property
     def matches(self) -> bool:
@@ -108,10 +114,14 @@ def _same(a: float, b: float, samples: int, metric: str) -> bool:
 
 
 def _checked_metric(record: Any, task: Any) -> tuple[str, float | None]:
-    """The test metric the export checks, and its stored value."""
+    """The test metric the export checks, and its stored value: the task's own first, else
+    a fidelity metric (a label-free task's)."""
+    from quantsearch.pipeline import FIDELITY_METRICS
+
     if record.test_accuracy is not None or task.is_classifier:
         return "accuracy", record.test_accuracy
     names = [m.name for m in task.task_metrics if m.name in record.test_metrics]
+    names += [name for name in record.test_metrics if name in FIDELITY_METRICS]
     if not names:
         return "accuracy", None
     return names[0], record.test_metrics[names[0]]
@@ -197,10 +207,16 @@ def export_trial(
     """
     import torch
 
-    from quantsearch.pipeline import StudyRecord, TrialRecord, build_compressed
+    from quantsearch.pipeline import (
+        FIDELITY_METRICS,
+        StudyRecord,
+        TrialRecord,
+        build_compressed,
+        measure_split,
+    )
     from quantsearch.quantization import load_packed, save_packed
+    from quantsearch.tasks import Measured, measure
     from quantsearch.tasks import evaluate as _top1
-    from quantsearch.tasks import measure
 
     handler = get_export_format(format).handler
     trial = _find_trial(study, trial_number)
@@ -217,11 +233,26 @@ def export_trial(
     algorithm = record.algorithm or study_record.algorithm
     task = task if task is not None else _task_of(study, study_record)
     metric, stored = _checked_metric(record, task)
+    out = Path(out_dir)
+    store = artifacts or study_record.artifacts
+    float_weights: Path | None = None
 
     def evaluate(model: Any, dataset: Any) -> float:
         if metric == "accuracy":
             return _top1(model, dataset)
-        return measure(model, task, dataset).values[metric]
+        if float_weights is None:
+            return measure(model, task, dataset).values[metric]
+        split = measure_split(
+            model,
+            task,
+            "test",
+            device=torch.device("cpu"),
+            batch_size=256,
+            measured=Measured(values={}, samples=len(dataset)),
+            fidelity_names=(metric,),
+            float_weights=float_weights,
+        )
+        return split.values[metric]
 
     if config_list is None or algorithm is None or stored is None:
         missing = [
@@ -234,8 +265,6 @@ def export_trial(
             if value is None
         ]
         raise ExportError(f"trial {trial_number} lacks the user attributes {missing}")
-    out = Path(out_dir)
-    store = artifacts or study_record.artifacts
     checkpoint, fetched = checkpoint_file(
         study, trial, out, checkpoint_root=checkpoint_root, store=store
     )
@@ -253,6 +282,16 @@ def export_trial(
     finally:
         if fetched:
             checkpoint.unlink(missing_ok=True)
+    fetched_float = False
+    if metric in FIDELITY_METRICS:
+        # Compared as the trial was: with the study's float model's outputs on the test split.
+        float_weights, fetched_float = float_weights_file(
+            study,
+            out,
+            checkpoint_root=checkpoint_root,
+            store=store,
+            why=f"trial {trial_number}'s test {metric} compares with the float model",
+        )
     checkpoint_accuracy = evaluate(model, task.test_set)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -283,6 +322,9 @@ def export_trial(
         dequantized_model = task.build_model()
         dequantized_model.load_state_dict(state)
         dequantized_accuracy = evaluate(dequantized_model, task.test_set)
+    if fetched_float and float_weights is not None:  # with the outputs cached beside it
+        for leftover in out.glob(f"{float_weights.name}*"):
+            leftover.unlink(missing_ok=True)
     part = handler(
         ExportContext(
             trial_number=trial_number,
@@ -294,6 +336,8 @@ def export_trial(
             float_model=float_model,
             deployed=deployed,
             stored_accuracy=float(stored),
+            metric=metric,
+            evaluate=lambda candidate: evaluate(candidate, task.test_set),
         )
     )
 
@@ -391,6 +435,8 @@ def _summary(result: ExportResult) -> dict[str, Any]:
         "test_samples": result.test_samples,
         "matches": result.matches,
     }
+    if result.metric != "accuracy":  # the *_accuracy values hold this metric
+        summary["metric"] = result.metric
     if result.part is not None:
         summary[result.format] = result.part.summary()
     return summary

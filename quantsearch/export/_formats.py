@@ -62,7 +62,12 @@ class ExportContext:
     deployed: nn.Module
     """The deployed model: model.qpk loaded by ``load_packed``."""
     stored_accuracy: float
-    """The trial's test accuracy as the study stored it."""
+    """The trial's test ``metric`` as the study stored it."""
+    metric: str = "accuracy"
+    """The test metric the export checks."""
+    evaluate: Callable[[nn.Module], float] | None = None
+    """That metric of a model on the test split, as the export measures it (None: the task's
+    own ``measure``)."""
 
 
 class ExportPart(Protocol):

@@ -1,23 +1,31 @@
-"""A trial's ONNX export, proved: onnxruntime classifies the test split as the trial's PyTorch
-model does, ``onnx.checker`` accepts the file, and the QDQ model's latency is measured against
-the float model's on one thread."""
+"""A trial's ONNX export, proved: ``onnx.checker`` accepts the file; onnxruntime runs the test
+split through the task's own evaluation and computes the PyTorch model's outputs (within a
+tenth of their spread on average, and, for a classifier, the same class wherever the top-1
+margin exceeds the difference); the QDQ model is timed against the float model and
+onnxruntime's own ``quantize_static`` on one thread."""
 
 from __future__ import annotations
 
+import math
 import statistics
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from quantsearch.export._errors import ExportError
 from quantsearch.export._formats import ExportContext, register_export_format
+from quantsearch.export._onnx_runtime import RuntimeModel
+from quantsearch.quantization import ModelInputs
+from quantsearch.tasks import evaluation_mode
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
+    from quantsearch.pipeline import MetricInfo
     from quantsearch.quantization import OnnxExport
     from quantsearch.tasks import Task
 
@@ -26,17 +34,20 @@ __all__ = [
     "LATENCY_BATCHES",
     "MIN_AGREEMENT",
     "ONNX_FILE",
+    "OUTPUT_TOLERANCE",
     "Latency",
     "OnnxReport",
     "describe_onnx",
     "export_onnx_files",
-    "measure_latency",
 ]
 
 ONNX_FILE = "model.onnx"
 FLOAT_ONNX_FILE = "model_float.onnx"
 #: The share of test images on which onnxruntime must pick the PyTorch model's class.
 MIN_AGREEMENT = 0.999
+#: The largest mean absolute difference between onnxruntime's and PyTorch's outputs, as a share
+#: of the standard deviation of PyTorch's outputs over the test split.
+OUTPUT_TOLERANCE = 0.1
 LATENCY_BATCHES = (1, 64)
 _MAX_LISTED = 20  # differences printed one by one; the rest are counted
 
@@ -65,14 +76,12 @@ class OnnxReport:
     export: OnnxExport
     float_path: Path
     float_file_bytes: int
-    onnx_accuracy: float
-    """Test accuracy of model.onnx in onnxruntime."""
-    stored_test_accuracy: float
-    """The trial's test accuracy as the study stored it (the PyTorch model's)."""
-    agreement: float
-    """Share of test images where onnxruntime's class equals the PyTorch model's."""
-    differences: tuple[tuple[int, int, int, int], ...]
-    """(test index, label, PyTorch class, onnxruntime class) where the two differ."""
+    metric: MetricInfo
+    """The test metric the export checks (the one the packed export checks, e.g. accuracy)."""
+    onnx_metric: float
+    """That metric of model.onnx in onnxruntime, through the task's own evaluation."""
+    stored_metric: float
+    """The trial's test metric as the study stored it (the PyTorch model's)."""
     latency: tuple[Latency, ...]
     test_samples: int
     onnxruntime_version: str
@@ -81,6 +90,10 @@ class OnnxReport:
     output_spread: float = 0.0
     """The standard deviation of PyTorch's outputs over the test split: the scale the
     difference is measured against."""
+    agreement: float | None = None
+    """A classifier's share of test images where onnxruntime's class equals PyTorch's."""
+    differences: tuple[tuple[int, int, int, int], ...] = ()
+    """(test index, label, PyTorch class, onnxruntime class) where the two differ."""
     unexplained: tuple[int, ...] = ()
     """Test images whose class differs although PyTorch's top-1 margin is more than twice that
     image's largest output difference: no rounding explains them (a graph mismatch does)."""
@@ -89,16 +102,24 @@ class OnnxReport:
 
     @property
     def agrees(self) -> bool:
-        """No image differs where its top-1 margin exceeds the outputs' difference, and the
-        outputs differ by less than a tenth of their spread on average: a near-tie that
-        rounding at a quantization boundary flips is not a mismatch."""
-        return not self.unexplained and self.output_difference[0] <= 0.1 * max(
+        """The outputs differ by at most ``OUTPUT_TOLERANCE`` of their spread on average, and
+        no image changes class where its top-1 margin exceeds the outputs' difference: a
+        near-tie that rounding at a quantization boundary flips is not a mismatch."""
+        return not self.unexplained and self.output_difference[0] <= OUTPUT_TOLERANCE * max(
             self.output_spread, 1e-12
         )
 
     def summary(self) -> dict[str, Any]:
         """The export.json section."""
         export = self.export
+        classes = {} if self.agreement is None else {
+            "agreement": self.agreement,
+            "unexplained": list(self.unexplained),
+            "differences": [
+                {"index": i, "label": label, "pytorch": a, "onnx": b}
+                for i, label, a, b in self.differences
+            ],
+        }
         return {
             "file": export.path.name,
             "float_file": self.float_path.name,
@@ -120,17 +141,14 @@ class OnnxReport:
             ],
             "runtime_ops": self.runtime_ops,
             "checker": "passed",
-            "onnx_accuracy": self.onnx_accuracy,
-            "stored_test_accuracy": self.stored_test_accuracy,
-            "agreement": self.agreement,
+            "metric": self.metric.name,
+            f"onnx_{self.metric.name}": self.onnx_metric,
+            f"stored_test_{self.metric.name}": self.stored_metric,
             "output_difference": {"mean": self.output_difference[0],
                                   "max": self.output_difference[1]},
             "output_spread": self.output_spread,
-            "unexplained": list(self.unexplained),
-            "differences": [
-                {"index": i, "label": label, "pytorch": a, "onnx": b}
-                for i, label, a, b in self.differences
-            ],
+            "output_tolerance": OUTPUT_TOLERANCE,
+            **classes,
             "latency_ms": [
                 {"batch": lat.batch, "qdq": lat.qdq_ms, "float": lat.float_ms,
                  "quantize_static": lat.quantize_static_ms}
@@ -146,61 +164,94 @@ class OnnxReport:
         return describe_onnx(self)
 
     def check(self, trial_number: int) -> None:
-        """Raise ExportError unless onnxruntime agrees with PyTorch on enough test images."""
-        if not self.agrees:
-            mean, largest = self.output_difference
-            raise ExportError("\n".join([
-                f"the ONNX model {self.export.path} of trial {trial_number} does not compute "
-                f"the PyTorch model's outputs: they differ by {mean:.4g} on average ({largest:.4g}"
-                f" at most) against a spread of {self.output_spread:.4g}, and "
-                f"{len(self.unexplained)} test images change class with a top-1 margin above "
-                f"twice that difference (test accuracy {self.onnx_accuracy:.4%}, stored "
-                f"{self.stored_test_accuracy:.4%}); {len(self.differences)} differ:",
-                *_difference_lines(self.differences),
-            ]))
+        """Raise ExportError unless onnxruntime computes the PyTorch model's outputs."""
+        if self.agrees:
+            return
+        mean, largest = self.output_difference
+        classes = "" if self.agreement is None else (
+            f", and {len(self.unexplained)} test images change class with a top-1 margin above "
+            f"twice that difference; {len(self.differences)} differ"
+        )
+        raise ExportError("\n".join([
+            f"the ONNX model {self.export.path} of trial {trial_number} does not compute the "
+            f"PyTorch model's outputs: they differ by {mean:.4g} on average ({largest:.4g} at "
+            f"most) against a spread of {self.output_spread:.4g} (allowed: {OUTPUT_TOLERANCE:g}"
+            f" of it on average){classes} (test {self.metric.name} "
+            f"{self.metric.format(self.onnx_metric)}, stored "
+            f"{self.metric.format(self.stored_metric)})",
+            *_difference_lines(self.differences),
+        ]))
 
 
-def _session(path: Path, threads: int = 1) -> Any:
-    import onnxruntime as ort
+def _calls(task: Task, model: nn.Module, dataset: Any, batch_size: int, count: int
+           ) -> list[ModelInputs]:
+    """The inputs of the model's first call on each of the first ``count`` batches of
+    ``dataset`` (as the task batches and runs it)."""
+    from quantsearch.tasks import Batches
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    calls: list[ModelInputs] = []
 
+    def hook(_module: nn.Module, args: tuple, kwargs: dict, _output: Any) -> None:
+        if len(calls) < count and not seen:
+            calls.append(ModelInputs(tuple(args), dict(kwargs)))
+            seen.append(True)
 
-def _test_batches(task: Task, size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    from torch.utils.data import DataLoader
-
-    yield from DataLoader(task.test_set, batch_size=size, shuffle=False)
-
-
-def measure_latency(
-    path: Path, inputs: Any, *, min_seconds: float = 0.5, min_runs: int = 20, warmup: int = 5
-) -> float:
-    """Median milliseconds of ``session.run`` on ``inputs`` (a numpy batch), one thread."""
-    session = _session(path)
-    name = session.get_inputs()[0].name
-    feed = {name: inputs}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - started < min_seconds:
-        begin = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - begin)
-    return 1000.0 * statistics.median(times)
+    seen: list[bool] = []
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    batches = Batches(dataset, batch_size, torch.device("cpu"), shuffle=False,
+                      collate_fn=task.collate_fn, raw=not task.is_classifier)
+    try:
+        with evaluation_mode(model, torch.device("cpu")):
+            for batch in batches:
+                seen.clear()
+                task.output(model, batch)
+                if len(calls) == count:
+                    break
+    finally:
+        handle.remove()
+    if not calls:
+        raise ExportError(f"task {task.name!r}: its forward never calls the model")
+    return calls
 
 
-def _latency_inputs(task: Task, batch: int) -> Any:
-    import torch
+def _metric_info(task: Task, name: str) -> MetricInfo:
+    from quantsearch.pipeline import metric_info
 
-    first = next(_test_batches(task, batch))[0]
-    repeats = -(-batch // first.shape[0])  # a test split smaller than the batch is repeated
-    return torch.cat([first] * repeats)[:batch].numpy()
+    declared = next((m for m in task.task_metrics if m.name == name), None)
+    if declared is None:
+        return metric_info(name, "maximize")
+    return metric_info(name, declared.direction, label=declared.label, unit=declared.unit,
+                       proportion=declared.proportion)
+
+
+def _labels(task: Task) -> np.ndarray:
+    """A classifier's test labels, in the order of its test batches."""
+    from quantsearch.tasks import Batches
+
+    batches = Batches(task.test_set, 256, torch.device("cpu"), shuffle=False)
+    return np.concatenate([batch[1].numpy() for batch in batches])
+
+
+def _classes(kept: list[tuple[np.ndarray, np.ndarray]], labels: np.ndarray
+             ) -> dict[str, Any]:
+    """The classifier's part of the check: where the classes differ, and which of those no
+    rounding explains (PyTorch's top-1 margin above twice the image's output difference)."""
+    torch_scores = np.concatenate([ours for ours, _ in kept])
+    onnx_scores = np.concatenate([theirs for _, theirs in kept])
+    torch_classes, onnx_classes = torch_scores.argmax(axis=1), onnx_scores.argmax(axis=1)
+    differ = np.flatnonzero(torch_classes != onnx_classes)
+    samples = len(labels)
+    difference = np.abs(onnx_scores - torch_scores)
+    top2 = np.sort(torch_scores, axis=1)[:, -2:]
+    margin = top2[:, -1] - top2[:, 0] if torch_scores.shape[1] > 1 else np.full(samples, np.inf)
+    return {
+        "agreement": 1.0 - len(differ) / samples,
+        "differences": tuple(
+            (int(i), int(labels[i]), int(torch_classes[i]), int(onnx_classes[i]))
+            for i in differ
+        ),
+        "unexplained": tuple(int(i) for i in differ if margin[i] > 2 * difference[i].max()),
+    }
 
 
 def export_onnx_files(
@@ -209,22 +260,27 @@ def export_onnx_files(
     task: Task,
     out_dir: Path,
     *,
-    stored_accuracy: float,
-    latency_seconds: float = 0.5,
+    stored_metric: float,
+    metric: str = "accuracy",
+    evaluate: Callable[[nn.Module], float] | None = None,
+    latency_repeats: int = 20,
 ) -> OnnxReport:
     """Write model.onnx (QDQ) and model_float.onnx to ``out_dir``, run model.onnx on the test
-    split against ``model``'s own predictions (whose accuracy the study stored as
-    ``stored_accuracy``), and time both files on batches of 1 and 64.
+    split beside ``model`` (the trial's model, whose test ``metric`` the study stored as
+    ``stored_metric``), and time both files (and onnxruntime's ``quantize_static`` of the
+    float file) on batches of 1 and 64.
 
-    ``model`` is the trial's model (compressed, or float for a float trial), ``float_model`` the
-    same architecture with the trained float weights. Raises ExportError when a quantizer has no
-    exact QDQ form or the ONNX extra is missing; the agreement is checked by the caller
-    (:meth:`OnnxReport.check`), after export.json is written.
+    The test split runs through the task's own evaluation with the ONNX model in the place of
+    the PyTorch model (``evaluate``: the export's test-metric function; default: the task's
+    ``measure``), and every call compares the two models' outputs on the same inputs.
+    ``float_model`` is the same architecture with the trained float weights. Raises
+    ExportError when a quantizer has no exact QDQ form or the ONNX extra is missing; the
+    agreement is checked by the caller (:meth:`OnnxReport.check`), after export.json is
+    written.
     """
-    import numpy as np
-    import torch
-
-    from quantsearch.quantization import OnnxExportError, export_onnx
+    from quantsearch.pipeline import LatencySetup, time_sessions
+    from quantsearch.quantization import OnnxExportError, export_onnx, runtime_op_counts
+    from quantsearch.tasks import measure
 
     path, float_path = out_dir / ONNX_FILE, out_dir / FLOAT_ONNX_FILE
     try:
@@ -241,73 +297,53 @@ def export_onnx_files(
         raise ExportError(f"no ONNX export: {error}") from error
     onnx.checker.check_model(str(path), full_check=True)  # the file as written
 
-    session = _session(path)
-    name = session.get_inputs()[0].name
     was_training = model.training
     model.eval()
-    ours, theirs, labels = [], [], []
     try:
-        with torch.no_grad():
-            for inputs, targets in _test_batches(task):
-                ours.append(model(inputs).reshape(len(inputs), -1).numpy())
-                scores = session.run(None, {name: inputs.numpy()})[0]
-                theirs.append(np.asarray(scores).reshape(len(inputs), -1))
-                labels.append(targets.numpy())
+        runtime = RuntimeModel(path, model, keep=task.is_classifier)
+        value = (evaluate(runtime) if evaluate is not None
+                 else measure(runtime, task, task.test_set).values.get(metric, math.nan))
+        classes = _classes(runtime.kept, _labels(task)) if task.is_classifier else {}
     finally:
         model.train(was_training)
-    torch_scores, onnx_scores = np.concatenate(ours), np.concatenate(theirs)
-    torch_classes, onnx_classes = torch_scores.argmax(axis=1), onnx_scores.argmax(axis=1)
-    label_array = np.concatenate(labels)
-    differ = np.flatnonzero(torch_classes != onnx_classes)
-    samples = len(label_array)
-    difference = np.abs(onnx_scores - torch_scores)
-    top2 = np.sort(torch_scores, axis=1)[:, -2:]
-    margin = top2[:, -1] - top2[:, 0] if torch_scores.shape[1] > 1 else np.full(samples, np.inf)
-    unexplained = [int(i) for i in differ if margin[i] > 2 * difference[i].max()]
-
-    from quantsearch.quantization import runtime_op_counts
-
-    qs_path = _quantize_static(float_path, task, out_dir)
+    example = _calls(task, float_model, task.test_set, 1, 1)[0]
+    qs_path = _quantize_static(float_path, task, float_model, out_dir)
     latency = []
     for batch in LATENCY_BATCHES:
-        inputs = _latency_inputs(task, batch)
+        feed = example.batched(batch).feed(float_model)
+        files = [path, float_path] + ([qs_path] if qs_path is not None else [])
+        times = time_sessions(files, feed, LatencySetup(batch_size=batch,
+                                                        repeats=latency_repeats))
+        medians = [statistics.median(kept) for kept in times]
         latency.append(Latency(
-            batch=batch,
-            qdq_ms=measure_latency(path, inputs, min_seconds=latency_seconds),
-            float_ms=measure_latency(float_path, inputs, min_seconds=latency_seconds),
-            quantize_static_ms=None if qs_path is None else measure_latency(
-                qs_path, inputs, min_seconds=latency_seconds
-            ),
+            batch=batch, qdq_ms=medians[0], float_ms=medians[1],
+            quantize_static_ms=medians[2] if qs_path is not None else None,
         ))
     if qs_path is not None:
         qs_path.unlink()
+    comparison = runtime.comparison
     return OnnxReport(
         export=export,
         float_path=float_path,
         float_file_bytes=float_path.stat().st_size,
-        onnx_accuracy=float((onnx_classes == label_array).mean()),
-        stored_test_accuracy=stored_accuracy,
-        agreement=1.0 - len(differ) / samples,
-        differences=tuple(
-            (int(i), int(label_array[i]), int(torch_classes[i]), int(onnx_classes[i]))
-            for i in differ
-        ),
+        metric=_metric_info(task, metric),
+        onnx_metric=float(value),
+        stored_metric=stored_metric,
         latency=tuple(latency),
-        test_samples=samples,
+        test_samples=len(task.test_set),  # type: ignore[arg-type]
         onnxruntime_version=onnxruntime.__version__,
-        output_difference=(float(difference.mean()), float(difference.max())),
-        output_spread=float(torch_scores.std()),
-        unexplained=tuple(unexplained),
+        output_difference=(comparison.mean_difference, comparison.largest),
+        output_spread=comparison.spread,
         runtime_ops=runtime_op_counts(path),
+        **classes,
     )
 
 
-def _quantize_static(float_path: Path, task: Task, out_dir: Path) -> Path | None:
+def _quantize_static(float_path: Path, task: Task, float_model: nn.Module, out_dir: Path
+                     ) -> Path | None:
     """model_float.onnx through onnxruntime's ``quant_pre_process`` and ``quantize_static``
     (QDQ, per-channel, MinMax on 4 validation batches of 32, uint8 activations and int8
     weights), for the latency comparison; None when onnxruntime's tool fails on the model."""
-    from torch.utils.data import DataLoader
-
     try:
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -318,12 +354,8 @@ def _quantize_static(float_path: Path, task: Task, out_dir: Path) -> Path | None
         )
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        name = _session(float_path).get_inputs()[0].name
-        feeds = []
-        for inputs, _ in DataLoader(task.val_set, batch_size=32, shuffle=False):
-            feeds.append({name: inputs.numpy()})
-            if len(feeds) == 4:
-                break
+        feeds = [inputs.feed(float_model)
+                 for inputs in _calls(task, float_model, task.val_set, 32, 4)]
 
         class _Reader(CalibrationDataReader):
             def __init__(self) -> None:
@@ -394,16 +426,21 @@ def describe_onnx(report: OnnxReport) -> list[str]:
     if report.runtime_ops:
         counts = ", ".join(f"{kind} x{n}" for kind, n in report.runtime_ops.items())
         lines.append(f"  after onnxruntime's graph optimisation: {counts}")
-    same = report.test_samples - len(report.differences)
     verdict = "agree" if report.agrees else "DISAGREE"
     mean, largest = report.output_difference
+    metric = report.metric
+    classes = "" if report.agreement is None else (
+        f"same class as PyTorch on {report.test_samples - len(report.differences)}/"
+        f"{report.test_samples} test images ({report.agreement:.2%}); "
+    )
+    changes = "" if report.agreement is None else (
+        f"; {len(report.unexplained)} class change(s) with a margin above the difference"
+    )
     lines.append(
-        f"onnxruntime: test accuracy {report.onnx_accuracy:.4%} (stored: "
-        f"{report.stored_test_accuracy:.4%}); same class as PyTorch on "
-        f"{same}/{report.test_samples} test images ({report.agreement:.2%}); outputs differ "
-        f"by {mean:.3g} on average, {largest:.3g} at most, against a spread of "
-        f"{report.output_spread:.3g}; {len(report.unexplained)} class change(s) with a margin "
-        f"above the difference: {verdict}; onnx.checker passed"
+        f"onnxruntime: test {metric.name} {metric.format(report.onnx_metric)} (stored: "
+        f"{metric.format(report.stored_metric)}); {classes}outputs differ by {mean:.3g} on "
+        f"average, {largest:.3g} at most, against a spread of {report.output_spread:.3g} "
+        f"(allowed: {OUTPUT_TOLERANCE:g} of it){changes}: {verdict}; onnx.checker passed"
     )
     lines += _difference_lines(report.differences)
     lines.append(
@@ -430,5 +467,7 @@ def _onnx_format(context: ExportContext) -> OnnxReport:
         context.float_model,
         context.task,
         context.out_dir,
-        stored_accuracy=context.stored_accuracy,
+        stored_metric=context.stored_accuracy,
+        metric=context.metric,
+        evaluate=context.evaluate,
     )

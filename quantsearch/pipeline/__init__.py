@@ -47,8 +47,12 @@ from quantsearch.pipeline._latency import (
     LATENCY_METRIC,
     LatencyMeasurement,
     LatencySetup,
+    latency_inputs,
     measure_latency,
+    measure_onnx_latency,
+    time_sessions,
 )
+from quantsearch.pipeline._latency_table import LatencyEntry, LatencyTable
 from quantsearch.pipeline._location import (
     FLOAT_MODEL_FILE,
     StudyLocation,
@@ -118,8 +122,10 @@ __all__ = [
     "FidelityError",
     "FloatModel",
     "FloatModelError",
+    "LatencyEntry",
     "LatencyMeasurement",
     "LatencySetup",
+    "LatencyTable",
     "Metric",
     "MetricInfo",
     "ModelProfile",
@@ -146,6 +152,7 @@ __all__ = [
     "front_trials",
     "get_metric",
     "known_metrics",
+    "latency_inputs",
     "layer_order",
     "load_state",
     "load_weights",
@@ -155,6 +162,7 @@ __all__ = [
     "mask_url",
     "mean_iou_per_example",
     "measure_latency",
+    "measure_onnx_latency",
     "measure_split",
     "metric_info",
     "model_outputs",
@@ -167,5 +175,6 @@ __all__ = [
     "state_sha256",
     "storage_url",
     "store_artifact",
+    "time_sessions",
     "trial_mode",
 ]

@@ -18,14 +18,15 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from quantsearch.pipeline._metrics import Evaluated, Metric, register_metric
+from quantsearch.quantization import ModelInputs
 
 __all__ = [
     "LATENCY_METRIC",
@@ -34,6 +35,7 @@ __all__ = [
     "latency_inputs",
     "measure_latency",
     "measure_onnx_latency",
+    "time_sessions",
 ]
 
 LATENCY_METRIC = "latency"
@@ -97,12 +99,10 @@ def _cache_key(config: Any, setup: LatencySetup) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def latency_inputs(dummy_input: Any, batch_size: int) -> Tensor:
-    """A batch of ``batch_size`` made of the task's example input (repeated)."""
-    example = dummy_input if isinstance(dummy_input, Tensor) else dummy_input[0]
-    example = example.detach().cpu().float()
-    repeats = -(-batch_size // example.shape[0])
-    return torch.cat([example] * repeats)[:batch_size]
+def latency_inputs(dummy_input: Any, batch_size: int) -> ModelInputs:
+    """A batch of ``batch_size`` made of the task's example input (repeated along the batch
+    dimension; a dict or tuple example keeps its structure)."""
+    return ModelInputs.of(dummy_input).map(lambda t: t.detach().cpu()).batched(batch_size)
 
 
 def _session(path: Path, setup: LatencySetup) -> Any:
@@ -116,25 +116,32 @@ def _session(path: Path, setup: LatencySetup) -> Any:
     return ort.InferenceSession(str(path), options, providers=[setup.provider])
 
 
-def measure_onnx_latency(
-    path: Path, inputs: Any, setup: LatencySetup, reference: Path | None = None
-) -> tuple[float, float, float | None]:
-    """(median, interquartile range, reference median) in ms of ``session.run`` of the ONNX
-    file at ``path`` on ``inputs`` (a numpy batch), after ``setup.warmup`` runs; with a
-    ``reference`` file the two run in turn, once each per repeat."""
-    sessions = [_session(path, setup)]
-    if reference is not None:
-        sessions.append(_session(reference, setup))
-    feed = {sessions[0].get_inputs()[0].name: inputs}
+def time_sessions(
+    paths: Sequence[Path], feed: Mapping[str, Any], setup: LatencySetup
+) -> list[list[float]]:
+    """Milliseconds of each ``session.run`` of the ONNX files at ``paths`` on ``feed`` (graph
+    input name -> numpy array), ``setup.repeats`` times each after ``setup.warmup`` runs; the
+    files run in turn, once each per repeat, so a burst of load slows them alike."""
+    sessions = [_session(path, setup) for path in paths]
     for session in sessions:
         for _ in range(setup.warmup):
-            session.run(None, feed)
+            session.run(None, dict(feed))
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(setup.repeats):
         for session, kept in zip(sessions, times, strict=True):
             begin = time.perf_counter()
-            session.run(None, feed)
+            session.run(None, dict(feed))
             kept.append(1000.0 * (time.perf_counter() - begin))
+    return times
+
+
+def measure_onnx_latency(
+    path: Path, feed: Mapping[str, Any], setup: LatencySetup, reference: Path | None = None
+) -> tuple[float, float, float | None]:
+    """(median, interquartile range, reference median) in ms of ``session.run`` of the ONNX
+    file at ``path`` on ``feed`` (graph input name -> numpy array), after ``setup.warmup``
+    runs; with a ``reference`` file the two run in turn, once each per repeat."""
+    times = time_sessions([path] if reference is None else [path, reference], feed, setup)
     ours = times[0]
     spread = 0.0
     if len(ours) >= 2:
@@ -147,7 +154,7 @@ def measure_onnx_latency(
 _REFERENCES: dict[str, Path] = {}
 
 
-def _reference_file(reference: nn.Module, key: str, example: Tensor) -> Path:
+def _reference_file(reference: nn.Module, key: str, example: ModelInputs) -> Path:
     """The float reference exported once per process (its weights do not change its time)."""
     from quantsearch.quantization import export_onnx
 
@@ -181,11 +188,14 @@ def measure_latency(
     if key is not None and key in _CACHE:
         return replace(_CACHE[key], cached=True)
     inputs = latency_inputs(dummy_input, setup.batch_size)
-    other = None if reference is None else _reference_file(reference, reference_key, inputs[:1])
+    example = latency_inputs(dummy_input, 1)
+    other = None if reference is None else _reference_file(reference, reference_key, example)
     with tempfile.TemporaryDirectory(prefix="quantsearch-latency-") as folder:
         path = Path(folder) / "model.onnx"
-        export = export_onnx(model, path, inputs[:1], sub_byte_types=False)
-        median, spread, reference_ms = measure_onnx_latency(path, inputs.numpy(), setup, other)
+        export = export_onnx(model, path, example, sub_byte_types=False)
+        median, spread, reference_ms = measure_onnx_latency(
+            path, inputs.feed(model), setup, other
+        )
     measured = LatencyMeasurement(
         median_ms=median,
         spread_ms=spread,

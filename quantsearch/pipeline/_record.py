@@ -77,6 +77,9 @@ class TrialRecord(BaseModel):
     """The float model's median, timed in the same loop as the trial's (in turn)."""
     latency_speedup: float | None = None
     """latency_float_ms / latency_ms: above 1 the trial's model is faster than float."""
+    latency_predicted_ms: float | None = None
+    """The latency predicted from the study's per-layer latency table (``latency: {table:
+    true}``): the float model's time plus each quantized layer's change alone."""
     train_seconds: float | None = None
     steps: int | None = None
     """Optimizer steps the trial trained (0 for ptq and float trials)."""

@@ -1,8 +1,8 @@
 """The study record: the one schema of the facts a study stores about itself.
 
-The study writes it (creation, float model, target, sensitivity); the report, the export,
-the tables and the CLI read it. Each field is one Optuna study user attribute of the same name,
-so ``optuna`` and optuna-dashboard show them; nothing else spells those keys.
+The study writes it (creation, float model, target, sensitivity, latency table); the report,
+the export, the tables and the CLI read it. Each field is one Optuna study user attribute of
+the same name, so ``optuna`` and optuna-dashboard show them; nothing else spells those keys.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantsearch.pipeline._float import FloatModel
+from quantsearch.pipeline._latency_table import LatencyTable
 from quantsearch.pipeline._metrics import MetricInfo, metric_info
 from quantsearch.pipeline._record import TrialRecord
 from quantsearch.pipeline._sensitivity import Sensitivity
@@ -52,8 +53,8 @@ class StudyRecord(BaseModel):
     """Everything quantsearch stores about a study as a whole (its trials: TrialRecord).
 
     A field that is None was not written (yet): ``float_model`` once the float model exists,
-    ``target`` and ``sensitivity`` only for spaces that ask for them. Attributes that are not
-    fields (ones a user added by hand) are ignored when reading.
+    ``target``, ``sensitivity`` and ``latency_table`` only for spaces that ask for them.
+    Attributes that are not fields (ones a user added by hand) are ignored when reading.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -76,6 +77,8 @@ class StudyRecord(BaseModel):
     """The artifact store (a folder or ``s3://bucket/prefix``) every machine uploads to."""
     target: TargetState | None = None
     sensitivity: Sensitivity | None = None
+    latency_table: LatencyTable | None = None
+    """The per-layer latency table (a space's ``latency: {table: true}``), measured once."""
     metrics: dict[str, MetricInfo] = Field(default_factory=dict)
     """Every metric the study names (objectives, constraints, target), with its direction,
     label and unit; empty in studies of classifiers written before metrics were general."""

@@ -31,7 +31,7 @@ from ._algorithms import (
 from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, AlgorithmRules, ConfigError, match_layers
 from ._observers import OBSERVERS
-from ._onnx import FloatOp, OnnxExport, OnnxExportError, OnnxTensor, export_onnx
+from ._onnx import FloatOp, ModelInputs, OnnxExport, OnnxExportError, OnnxTensor, export_onnx
 from ._onnx_fuse import runtime_op_counts
 from ._pack import load_packed, model_size_bytes, save_packed
 from ._ptq import NotCalibratedError, PtqQuantizer
@@ -52,6 +52,7 @@ __all__ = [
     "Example",
     "FloatOp",
     "LsqQuantizer",
+    "ModelInputs",
     "NaiveQuantizer",
     "NotCalibratedError",
     "OnnxExport",

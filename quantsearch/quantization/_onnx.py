@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from ._onnx_deploy import OnnxExportError, deployed_copy, register_ops
-from ._onnx_fuse import FloatOp, float_ops, fold_requantizations
+from ._onnx_fuse import (
+    FloatOp,
+    float_ops,
+    fold_requantizations,
+    unsigned_weights_for_centred_inputs,
+)
 from ._onnx_graph import (
     OnnxTensor,
     edit_graph,
@@ -32,12 +37,14 @@ from ._onnx_graph import (
     register_schemas,
     translation_table,
 )
+from ._onnx_inputs import ModelInputs
 from ._pack import model_size_bytes
 
 __all__ = [
     "DEFAULT_OPSET",
     "MIN_OPSET",
     "FloatOp",
+    "ModelInputs",
     "OnnxExport",
     "OnnxExportError",
     "OnnxTensor",
@@ -79,17 +86,10 @@ class OnnxExport:
         return {t.name: t.onnx_type for t in self.tensors}
 
 
-def _input_tuple(dummy_input: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    inputs = (dummy_input,) if isinstance(dummy_input, Tensor) else tuple(dummy_input)
-    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
-        raise OnnxExportError("dummy_input must be a tensor or a tuple of tensors")
-    return tuple(t.detach().cpu() for t in inputs)
-
-
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    dummy_input: Tensor | Sequence[Tensor],
+    dummy_input: Any,
     *,
     opset: int = DEFAULT_OPSET,
     sub_byte_types: bool = True,
@@ -119,13 +119,17 @@ def export_onnx(
 
     ``int8_weights`` (the default) writes 8-bit unsigned weights as int8 (codes and zero point
     minus 128, the same values): onnxruntime runs uint8 activations times int8 weights on its
-    fast kernels, uint8 weights on a much slower path. Those u8s8 kernels add pairs of products
-    in 16 bits on CPUs without VNNI (onnxruntime's ``reduce_range`` note) and can saturate, as
-    they do for ``quantize_static``'s int8 weights: the export's check measures what that
-    changes; ``int8_weights=False`` keeps uint8 weights, computed exactly.
+    fast kernels, uint8 weights on a slower path. Those u8s8 kernels add pairs of products in
+    16 bits on x86 CPUs without VNNI and saturate when both activations of a pair are large,
+    which activations centred on a nonzero zero point (a transformer's) make common: a layer
+    whose input has a nonzero zero point keeps uint8 weights, computed exactly; ReLU-like inputs
+    (zero point 0) take int8, as ``quantize_static``'s weights do. ``int8_weights=False`` keeps
+    uint8 weights everywhere.
 
-    ``dummy_input`` is an example batch (a tensor or a tuple of tensors); with ``dynamic_batch``
-    the batch dimension of every input is left free. The model is copied, never changed, and
+    ``dummy_input`` is an example batch: a tensor, a tuple of positional arguments or a dict of
+    keyword arguments (:class:`ModelInputs`; graph inputs are named ``input``, ``input_0``...,
+    or by their keyword); with ``dynamic_batch`` the batch dimension of every input that has
+    the example's batch size is left free. The model is copied, never changed, and
     nothing but ``path`` is written. Raises :class:`OnnxExportError` for quantizers without an
     exact QDQ form (BNN's sign activations, user-defined quantizers), naming each, and
     ``ImportError`` naming the ``quantsearch[onnx]`` extra when onnx is missing.
@@ -137,20 +141,21 @@ def export_onnx(
             f"opset {opset} is too old: the QDQ export needs opset {MIN_OPSET} or newer "
             "(int4 and int16 QuantizeLinear/DequantizeLinear)"
         )
-    inputs = _input_tuple(dummy_input)
+    inputs = ModelInputs.of(dummy_input).keyword_form(model).map(lambda t: t.detach().cpu())
     onnx, onnxscript = import_onnx()
     register_ops()
     deployed, unquantized = deployed_copy(model)
     size_bytes = model_size_bytes(model)
     register_schemas(onnx)
     names = list(input_names) if input_names is not None else (
-        ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+        None if inputs.kwargs else list(inputs.tensors())
     )
     dynamic_shapes = None
     if dynamic_batch:
+        batch = inputs.batch_size()
         # A size-1 dimension is specialised by torch.export: trace a batch of two instead.
-        inputs = tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in inputs)
-        dynamic_shapes = tuple({0: torch.export.Dim("batch")} if t.dim() else None for t in inputs)
+        inputs = inputs.batched(2) if batch == 1 else inputs
+        dynamic_shapes = _dynamic_shapes(inputs, 2 if batch == 1 else batch)
     program = _run_exporter(
         deployed, inputs, opset=opset, input_names=names, output_names=output_names,
         dynamic_shapes=dynamic_shapes, translations=translation_table(onnxscript),
@@ -158,6 +163,13 @@ def export_onnx(
     proto = program.model_proto
     records = edit_graph(onnx, proto, opset, sub_byte_types, signed_weights=int8_weights)
     folded = fold_requantizations(onnx, proto) if fold else []
+    if int8_weights:
+        unsigned = set(unsigned_weights_for_centred_inputs(onnx, proto))
+        records = [
+            replace(r, onnx_type="uint8", qmin=r.qmin + 128, qmax=r.qmax + 128)
+            if r.name in unsigned else r
+            for r in records
+        ]
     prune_graph(proto)
     needed_ir = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
     proto.ir_version = max(proto.ir_version, needed_ir, 11 if opset >= 25 else 10)
@@ -177,12 +189,26 @@ def export_onnx(
     )
 
 
+def _dynamic_shapes(inputs: ModelInputs, batch: int | None) -> Any:
+    """torch.export's dynamic_shapes: dimension 0 free in every tensor of the batch's size
+    (shared, so the inputs keep one batch size), in the structure of the arguments."""
+    free = torch.export.Dim("batch")
+
+    def dim(value: Any) -> dict[int, Any] | None:
+        is_batch = isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch
+        return {0: free} if is_batch else None
+
+    if inputs.kwargs:
+        return {name: dim(value) for name, value in inputs.kwargs.items()}
+    return tuple(dim(v) for v in inputs.args)
+
+
 def _run_exporter(
     model: nn.Module,
-    inputs: tuple[Tensor, ...],
+    inputs: ModelInputs,
     *,
     opset: int,
-    input_names: list[str],
+    input_names: list[str] | None,
     output_names: Sequence[str] | None,
     dynamic_shapes: tuple | None,
     translations: dict[Any, Any],
@@ -196,7 +222,8 @@ def _run_exporter(
             warnings.simplefilter("ignore")
             return torch.onnx.export(
                 model,
-                inputs,
+                inputs.args,
+                kwargs=inputs.kwargs or None,
                 dynamo=True,
                 opset_version=opset,
                 input_names=input_names,

@@ -176,6 +176,50 @@ class _DeployedLayer(nn.Module):
         return out
 
 
+class _DeployedAttention(nn.Module):
+    """A quantized ``nn.MultiheadAttention``: query, key and value through one input QDQ (a
+    tensor passed twice is quantized once), the packed in_proj and out_proj weights as codes,
+    the attention output through the output QDQ."""
+
+    def __init__(
+        self,
+        wrapper: QuantWrapper,
+        weights: dict[str, _WeightCodes],
+        input_qdq: _ActivationQDQ | None,
+        output_qdq: _ActivationQDQ | None,
+    ) -> None:
+        super().__init__()
+        self.module = wrapper.module
+        self.keys = list(weights)
+        self.codes = nn.ModuleList(weights.values())
+        self.input_qdq = input_qdq
+        self.output_qdq = output_qdq
+
+    def __getattr__(self, name: str) -> Any:
+        # The enclosing TransformerEncoderLayer reads the attention's attributes.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        tensors = list(args)
+        if self.input_qdq is not None:
+            done: dict[int, Tensor] = {}
+            for i, value in enumerate(tensors[:3]):
+                if isinstance(value, Tensor):
+                    if id(value) not in done:
+                        done[id(value)] = self.input_qdq(value)
+                    tensors[i] = done[id(value)]
+        weights = {key: codes() for key, codes in zip(self.keys, self.codes, strict=True)}
+        out = torch.func.functional_call(self.module, weights, tuple(tensors), kwargs)
+        if self.output_qdq is not None:
+            out = (self.output_qdq(out[0]), *out[1:])
+        return out
+
+
 def _weight_codes(name: str, form: QdqForm) -> _WeightCodes:
     if form.codes is None:
         raise RuntimeError(f"{name}: the weight's QDQ form carries no codes")
@@ -205,20 +249,14 @@ def deployed_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
     unquantized: list[str] = []
     paths = {m.name: path for path, m in deployed.named_modules() if isinstance(m, QuantWrapper)}
     for name, wrapper in wrappers_of(deployed).items():
-        weight = None
         qdqs: dict[str, _ActivationQDQ | None] = {}
         tensor = f"{name}.weight"
-        if wrapper._kind == "attention":
-            refusals.append(
-                f"{name}: a quantized nn.MultiheadAttention (quantized whole: packed in_proj, "
-                "out_proj, query/key/value) has no QDQ export yet; quantize the Linear layers "
-                "around it instead"
-            )
-            continue
         try:
-            if wrapper.weight_quant is not None:
-                form = wrapper.weight_quant.qdq_weight(wrapper.quantized_weight())
-                weight = _weight_codes(tensor, form)
+            weights: dict[str, _WeightCodes] = {}
+            quants = wrapper.param_quants()
+            for key, quantized in wrapper.quantized_params().items():
+                tensor = f"{name}.{key}"
+                weights[key] = _weight_codes(tensor, quants[key].qdq_weight(quantized))
             for role in ("input", "output"):
                 quant = getattr(wrapper, f"{role}_quant")
                 if quant is None:
@@ -231,7 +269,12 @@ def deployed_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
         except (NoQdqFormError, OnnxExportError) as error:
             refusals.append(f"{tensor}: {error}")
             continue
-        layer = _DeployedLayer(wrapper, weight, qdqs.get("input"), qdqs.get("output"))
+        layer: nn.Module = (
+            _DeployedAttention(wrapper, weights, qdqs.get("input"), qdqs.get("output"))
+            if wrapper._kind == "attention"
+            else _DeployedLayer(wrapper, weights.get("weight"), qdqs.get("input"),
+                                qdqs.get("output"))
+        )
         _set_module(deployed, paths[name], layer)
     if refusals:
         raise OnnxExportError("cannot export to ONNX QDQ:\n  " + "\n  ".join(refusals))

@@ -29,7 +29,13 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FloatOp", "float_ops", "fold_requantizations", "runtime_op_counts"]
+__all__ = [
+    "FloatOp",
+    "float_ops",
+    "fold_requantizations",
+    "runtime_op_counts",
+    "unsigned_weights_for_centred_inputs",
+]
 
 #: Ops between an op and its QuantizeLinear that onnxruntime removes (ReluQuantFusion,
 #: ClipQuantFusion) when the quantizer's range makes them redundant.
@@ -154,6 +160,23 @@ def _drop_second(graph: _Graph, move: Any) -> str | None:
     return _tag(second)
 
 
+def _quantized_after(graph: _Graph, tensor: str) -> bool:
+    """Every reader of ``tensor`` (through ReLUs and clamps) is a QuantizeLinear, or an add
+    that is itself quantized: the op that makes ``tensor`` can become an integer kernel."""
+    readers = graph.consumers.get(tensor, [])
+    if not readers:
+        return False
+    for reader in readers:
+        if reader is None:
+            return False
+        if reader.op_type in _CLAMPS or reader.op_type in _ELEMENTWISE:
+            if not _quantized_after(graph, reader.output[0]):
+                return False
+        elif reader.op_type != "QuantizeLinear":
+            return False
+    return True
+
+
 def _share_quantized(graph: _Graph) -> list[str]:
     """A float tensor that one QuantizeLinear reads and residual adds (concats) read as it is:
     the adds read the dequantized tensor instead, so that they fuse (``QLinearAdd``) and the
@@ -166,6 +189,8 @@ def _share_quantized(graph: _Graph) -> list[str]:
             continue
         if any(r is None or r.op_type not in _ELEMENTWISE for r in others):
             continue
+        if not all(_quantized_after(graph, r.output[0]) for r in others):
+            continue  # an add that stays float gains nothing from an input rounded first
         dequantize = graph.only_consumer(quantizers[0].output[0])
         if dequantize is None or dequantize.op_type != "DequantizeLinear":
             continue
@@ -210,6 +235,62 @@ def fold_requantizations(onnx: Any, proto: Any) -> list[str]:
     folded = _fold_pairs(graph)
     _drop_bounds(graph)
     return folded + _share_quantized(graph)
+
+
+def _readers_through_moves(graph: _Graph, tensor: str) -> list[Any]:
+    """The nodes that read ``tensor``, looking through ops that only move or split values."""
+    found, pending = [], [tensor]
+    while pending:
+        for node in graph.consumers.get(pending.pop(), []):
+            if node is not None and node.op_type in (*_MOVES, "Split", "Slice"):
+                pending.extend(node.output)
+            elif node is not None:
+                found.append(node)
+    return found
+
+
+def _source_through_moves(graph: _Graph, tensor: str) -> Any:
+    node = graph.producer.get(tensor)
+    while node is not None and node.op_type in _MOVES:
+        node = graph.producer.get(node.input[0])
+    return node
+
+
+def unsigned_weights_for_centred_inputs(onnx: Any, proto: Any) -> list[str]:
+    """Write back as uint8 every int8 weight that a layer multiplies with uint8 activations
+    whose zero point is not 0; returns those weights' names.
+
+    onnxruntime's u8s8 kernels on x86 CPUs without VNNI add pairs of uint8 x int8 products in
+    16 bits and saturate when both activations of a pair are large: activations centred on
+    their zero point (a transformer's, codes near 128) do so often, ReLU outputs (codes near
+    0) rarely. Its uint8 x uint8 kernels are exact, so such a layer keeps uint8 weights.
+    """
+    import numpy as np
+
+    graph = _Graph(onnx, proto)
+    unsigned = []
+    for dequantize in list(graph.graph.node):
+        if (dequantize.op_type != "DequantizeLinear" or graph.code_type(dequantize) != "INT8"
+                or dequantize.input[0] not in graph.initializers):
+            continue
+        centred = False
+        for reader in _readers_through_moves(graph, dequantize.output[0]):
+            if reader.op_type not in _WEIGHTED:
+                continue
+            source = _source_through_moves(graph, reader.input[0])
+            if source is not None and source.op_type == "DequantizeLinear" and (
+                graph.code_type(source) == "UINT8"
+                and np.any(graph.constant(source.input[2]) != 0)
+            ):
+                centred = True
+        if not centred:
+            continue
+        for name in (dequantize.input[0], dequantize.input[2]):
+            values = graph.constant(name).astype(np.int64) + 128
+            tensor = graph.initializers[name]
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.uint8), name))
+        unsigned.append(_tag(dequantize))
+    return unsigned
 
 
 def _input_reason(graph: _Graph, tensor: str, what: str) -> str | None:

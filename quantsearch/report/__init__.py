@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from quantsearch.report._data import ParetoPlot, ReportData
 from quantsearch.report._errors import ReportError
+from quantsearch.report._latency import PredictionError, latency_pairs, prediction_error
 from quantsearch.report._markdown import SECTIONS, render_markdown
 from quantsearch.report._noise import indistinct
 from quantsearch.report._objectives import hypervolume_2d, hypervolume_history
@@ -21,6 +22,7 @@ from quantsearch.report._write import write_report
 __all__ = [
     "SECTIONS",
     "ParetoPlot",
+    "PredictionError",
     "ReportData",
     "ReportError",
     "bits_heatmap_figure",
@@ -29,8 +31,10 @@ __all__ = [
     "hypervolume_2d",
     "hypervolume_history",
     "indistinct",
+    "latency_pairs",
     "pareto_figure",
     "pareto_frame",
+    "prediction_error",
     "render_markdown",
     "sensitivity_heatmap_figure",
     "sensitivity_markdown",

@@ -1,6 +1,6 @@
 """report.md: an ordered list of sections, each drawn from the report's data (the target, the
 summary, the plots, the front, its noise, bit widths, progress, baselines, failures, how to
-export, the sensitivity)."""
+export, the sensitivity, the predicted latency)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from quantsearch.report._data import (
     TRIALS_CSV,
     ReportData,
 )
+from quantsearch.report._latency import latency_prediction_markdown
 from quantsearch.report._noise import noise_markdown
 from quantsearch.report._objectives import Axis
 from quantsearch.report._sensitivity import sensitivity_markdown
@@ -435,6 +436,10 @@ def _export(data: ReportData) -> list[str]:
     ]
 
 
+def _latency_prediction(data: ReportData) -> list[str]:
+    return latency_prediction_markdown(data.record.latency_table, data.frame)
+
+
 def _sensitivity(data: ReportData) -> list[str]:
     sensitivity = data.sensitivity
     return [] if sensitivity is None else sensitivity_markdown(sensitivity, SENSITIVITY_IMAGE)
@@ -454,6 +459,7 @@ SECTIONS: tuple[Section, ...] = (
     _failed,
     _export,
     _sensitivity,
+    _latency_prediction,
 )
 
 

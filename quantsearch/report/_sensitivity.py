@@ -7,7 +7,7 @@ import numpy as np
 from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 
-from quantsearch.pipeline import Bits, Sensitivity
+from quantsearch.pipeline import Bits, Sensitivity, SensitivityEntry
 from quantsearch.report._plots import _new_figure
 
 __all__ = ["sensitivity_columns", "sensitivity_heatmap_figure", "sensitivity_markdown"]
@@ -67,23 +67,43 @@ def sensitivity_heatmap_figure(sensitivity: Sensitivity) -> Figure:
     ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=8)
     ax.tick_params(length=0)
     ax.set_xlabel("bits (this parameter alone quantized; everything else float)")
-    ax.set_title(f"Sensitivity: validation loss increase over float ({sensitivity.samples} images)")
+    ax.set_title(
+        f"Sensitivity: validation loss increase over float ({sensitivity.samples} examples)"
+    )
     bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     bar.set_label("loss increase")
     return fig
 
 
+def _cell_metric(sensitivity: Sensitivity, entry: SensitivityEntry) -> str:
+    """The metric part of a cell: a proportion's drop in points, another's change."""
+    info = sensitivity.metric_info
+    if info is None:
+        return ""
+    if not sensitivity.by_drop:
+        return f" / {sensitivity.shown(entry.metric)}"
+    drop = sensitivity.drop(entry)
+    return f" / {drop * 100:+.2f}" if info.proportion else f" / {drop:+.4g}"
+
+
 def sensitivity_markdown(sensitivity: Sensitivity, image: str | None) -> list[str]:
     """The report.md section: what was measured, the heatmap, and the table."""
     columns = sensitivity_columns(sensitivity)
+    info = sensitivity.metric_info
+    if info is None:
+        measured, metric_part = "", ""
+    else:
+        measured = f", {info.name} {sensitivity.shown(sensitivity.float_metric)}"
+        points = " in points" if info.proportion and sensitivity.by_drop else ""
+        metric_part = f" / {sensitivity.drop_label}{points}"
     out = [
         "## Sensitivity",
         "",
         f"Measured once on the float model before the search ({sensitivity.method}; "
-        f"{sensitivity.samples} validation images, float loss {sensitivity.float_loss:.4f}, "
-        f"accuracy {sensitivity.float_accuracy:.2%}; {sensitivity.seconds:.1f} s): each "
-        "per-layer parameter alone at each bit width, post-training. Each cell: loss increase "
-        "/ accuracy drop in points / size change in bytes"
+        f"{sensitivity.samples} validation examples, float {sensitivity.loss_label} "
+        f"{sensitivity.float_loss:.4f}{measured}; {sensitivity.seconds:.1f} s): each "
+        "per-layer parameter alone at each bit width, post-training. Each cell: "
+        f"{sensitivity.loss_label} increase{metric_part} / size change in bytes"
         + (
             " / Hessian measure (mean trace x ||Q(W) - W||^2)"
             if sensitivity.method == "hessian"
@@ -108,9 +128,8 @@ def sensitivity_markdown(sensitivity: Sensitivity, image: str | None) -> list[st
                 cells.append("–")
                 continue
             cell = (
-                f"{entry.loss - sensitivity.float_loss:+.4f} / "
-                f"{(sensitivity.float_accuracy - entry.accuracy) * 100:+.2f} / "
-                f"{entry.size_delta:+,}"
+                f"{entry.loss - sensitivity.float_loss:+.4f}"
+                f"{_cell_metric(sensitivity, entry)} / {entry.size_delta:+,}"
             )
             if entry.hessian is not None:
                 cell += f" / {entry.hessian:.3g}"

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from quantsearch._units import format_count, format_size
 from quantsearch.pipeline import (
+    LATENCY_METRIC,
     Sensitivity,
     StudyRecord,
     TrialRecord,
@@ -33,6 +34,7 @@ from quantsearch.search._seed_guide import seed_limit
 from quantsearch.search._sensitivity_study import describe_front, sensitivity_pivot
 from quantsearch.search._spec import BITS_PARAMS, SearchSpec
 from quantsearch.search._target import best_within
+from quantsearch.tasks import Task
 
 __all__ = [
     "ConsoleProgress",
@@ -50,27 +52,30 @@ __all__ = [
 
 
 def trial_line(report: TrialReport) -> str:
-    """One line per finished trial: number, state, accuracies, size, ratio, seconds."""
+    """One line per finished trial: number, state, accuracies (or the task's metrics, val and
+    test), size, ratio, latency (one value in ms, when measured), seconds."""
     record = report.record
     head = f"trial {report.number:>3} {report.state:<8}"
     if report.state == "COMPLETE":
-        shown = [n for n in record.metrics if n != "accuracy"][:3]
+        shown = [n for n in record.metrics if n not in ("accuracy", LATENCY_METRIC)][:3]
         values = "  ".join(
             f"val {name} {_number(record.metrics.get(name)):.4g}  "
             f"test {name} {_number(record.test_metrics.get(name)):.4g}"
             for name in shown
         )
-        if record.val_accuracy is not None or not shown:
+        if record.val_accuracy is not None or not (shown or LATENCY_METRIC in record.metrics):
             values = (
                 f"val {_number(record.val_accuracy):.4f}  test "
                 f"{_number(record.test_accuracy):.4f}" + (f"  {values}" if values else "")
             )
-        body = (
-            f"{values}  "
-            f"size {format_size(record.size_bytes or 0):>9}  "
-            f"ratio {_number(record.compression_ratio):5.2f}x  "
-            f"{_number(record.train_seconds, 0.0):6.1f} s"
+        parts = (
+            values,
+            f"size {format_size(record.size_bytes or 0):>9}",
+            f"ratio {_number(record.compression_ratio):5.2f}x",
+            _latency_cell(record),
+            f"{_number(record.train_seconds, 0.0):6.1f} s",
         )
+        body = "  ".join(part for part in parts if part)
     else:
         body = record.fail_reason or ""
     notes = []
@@ -80,6 +85,22 @@ def trial_line(report: TrialReport) -> str:
         notes.append(f"same config_list as trial {record.duplicate_of}, not trained again")
     tail = f"  [{'; '.join(notes)}]" if notes else ""
     return f"{head} {body}{tail}"
+
+
+def _latency_cell(record: TrialRecord) -> str:
+    """``latency 11.70 ms (1.66x float)``: the trial's latency, one value whatever the split
+    (the same model is timed once), with its speedup over the float model timed in the same
+    loop and the latency the study's table predicts, if any; a latency only predicted (not
+    measured) says so."""
+    if LATENCY_METRIC not in record.metrics:
+        return ""
+    value = _number(record.metrics[LATENCY_METRIC])
+    if record.latency_ms is None and record.latency_predicted_ms is not None:
+        return f"latency {value:.2f} ms (predicted)"
+    notes = [] if record.latency_speedup is None else [f"{record.latency_speedup:.2f}x float"]
+    if record.latency_predicted_ms is not None:
+        notes.append(f"predicted {record.latency_predicted_ms:.2f}")
+    return f"latency {value:.2f} ms" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 class ConsoleProgress:
@@ -195,13 +216,18 @@ def _common_row(trial: FrozenTrial) -> dict[str, Any]:
         row["val_acc"] = _interval(record.val_accuracy, record.val_samples)
         row["test_acc"] = _interval(record.test_accuracy, record.test_samples)
     for name, value in record.metrics.items():
-        if name != "accuracy":
+        if name not in ("accuracy", LATENCY_METRIC):
             row[f"val_{name}"] = _with_interval(value, record.intervals.get(name))
             row[f"test_{name}"] = _with_interval(
                 record.test_metrics.get(name), record.test_intervals.get(name)
             )
     row["size"] = format_size(_number(record.size_bytes))
     row["ratio"] = _ratio(record.compression_ratio)
+    if LATENCY_METRIC in record.metrics:
+        # One model, one latency whatever the split: milliseconds, and the speedup over the
+        # float model timed in the same loop.
+        row["latency_ms"] = f"{record.metrics[LATENCY_METRIC]:.2f}"
+        row["speedup"] = _ratio(record.latency_speedup)
     return row
 
 
@@ -214,8 +240,9 @@ _WIDE_MODEL_LAYERS = 12
 
 
 def front_table(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto front by size: accuracies (with their 95% intervals), size, ratio, bitops
-    when it is an objective, and bits per layer ("-": float).
+    """The Pareto front by size: accuracies (with their 95% intervals), size, ratio, latency
+    (ms) and speedup over float when measured, bitops when it is an objective, and bits per
+    layer ("-": float).
 
     A trial that reused another's result (same config_list) is shown once, as the original.
     """
@@ -243,7 +270,8 @@ def front_table(study: optuna.Study) -> pd.DataFrame:
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Every trial: state, accuracies, size, ratio, seconds, a note, and its parameters."""
+    """Every trial: state, accuracies, size, ratio, latency and speedup (when measured),
+    seconds, a note, and its parameters."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         row = _common_row(trial)
@@ -266,7 +294,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     ]
     columns = [
         "trial", "state", "val_acc", "test_acc", *dict.fromkeys(measured), "size", "ratio",
-        "seconds", "note",
+        "latency_ms", "speedup", "seconds", "note",
     ]
     frame = pd.DataFrame(rows)
     columns = [c for c in columns if c in frame.columns]
@@ -342,13 +370,15 @@ def trials_lines(study: optuna.Study) -> list[str]:
     return [_table_text(table)]
 
 
-def _start_of(spec: SearchSpec) -> str:
+def _start_of(spec: SearchSpec, task: Task) -> str:
     """How the space's trials get their weights, in words."""
     if spec.from_scratch:
         return "train a fresh model each (from_scratch)"
     source = (
         f"the weights in {spec.task.pretrained}"
         if spec.task.pretrained
+        else "the task's pretrained weights"
+        if task.pretrained is not None
         else "a float model trained once (float_train)"
     )
     ptq = spec.algorithm == "ptq"
@@ -370,7 +400,7 @@ def validation_lines(space: Path, spec: SearchSpec, context: StudyContext) -> li
         f"  task       {spec.task.name}: {context.task.description or context.task.name}",
         f"  layers     {', '.join(context.layers)}",
         f"  algorithm  {spec.algorithm}",
-        f"  trials     {_start_of(spec)}",
+        f"  trials     {_start_of(spec, context.task)}",
         "  objectives "
         + ", ".join(
             f"{name} ({context.metrics[name].direction})"
@@ -409,24 +439,22 @@ def validation_lines(space: Path, spec: SearchSpec, context: StudyContext) -> li
     return lines
 
 
-# (value of the sensitivity's rows, title, number format) of each table the command prints.
-_SENSITIVITY_TABLES = (
-    ("loss_increase", "validation loss increase, each parameter alone at each bit width",
-     "{:+.4f}"),
-    ("accuracy_drop", "validation accuracy drop", "{:+.4f}"),
-    ("size_delta", "size change (bytes)", "{:+,.0f}"),
-)
-
-
 def sensitivity_lines(study_name: str, sensitivity: Sensitivity) -> list[str]:
-    """``quantsearch sensitivity``: what was measured, one table per value, the predicted
-    front."""
+    """``quantsearch sensitivity``: what was measured, one table per value (the loss increase,
+    the metric's change for the worse, the size change), the predicted front."""
+    info = sensitivity.metric_info
+    metric = "" if info is None else f", {info.name} {sensitivity.shown(sensitivity.float_metric)}"
     lines = [
         f"\nsensitivity of {study_name!r} ({sensitivity.method}, "
-        f"{sensitivity.samples} validation images; float loss {sensitivity.float_loss:.4f}, "
-        f"accuracy {sensitivity.float_accuracy:.4f})"
+        f"{sensitivity.samples} validation examples; float {sensitivity.loss_label} "
+        f"{sensitivity.float_loss:.4f}{metric})"
     ]
-    tables = list(_SENSITIVITY_TABLES)
+    tables = [("loss_increase", f"validation {sensitivity.loss_label} increase, each parameter "
+               "alone at each bit width", "{:+.4f}")]
+    if info is not None:
+        pattern = "{:+.4f}" if info.proportion else "{:+.4g}"
+        tables.append(("metric_shown", f"validation {sensitivity.drop_label}", pattern))
+    tables.append(("size_delta", "size change (bytes)", "{:+,.0f}"))
     if sensitivity.method == "hessian":
         tables.append(("predicted", "predicted cost (Hessian measure)", "{:+.4f}"))
     for value, title, pattern in tables:

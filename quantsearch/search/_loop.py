@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from quantsearch.pipeline import (
     ArtifactError,
     ArtifactStore,
+    LatencyTable,
     TrialRecord,
     file_sha256,
     store_artifact,
@@ -85,6 +86,8 @@ class TrialLoop:
     _target_trial: int | None = None
     # Queues the sensitivity's predicted front, a trial at a time, before the sampler's own.
     guide: SeedGuide | None = None
+    # The study's per-layer latency table (``latency: {table: true}``), given to each trial.
+    latency_table: LatencyTable | None = None
 
     @property
     def spec(self) -> SearchSpec:
@@ -286,6 +289,8 @@ class TrialLoop:
             checkpoint=str(self.context.location.checkpoint(number)),
             hopeless=spec.hopeless,
             latency=spec.latency,
+            latency_table=self.latency_table,
+            latency_source=spec.latency_source,
         )
         self.in_flight[number] = ticket
         pool.submit(job)

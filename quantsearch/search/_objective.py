@@ -25,6 +25,7 @@ from quantsearch.pipeline import (
     METRICS,
     Evaluated,
     LatencySetup,
+    LatencyTable,
     ModelProfile,
     TrialMode,
     TrialRecord,
@@ -111,6 +112,11 @@ class TrialJob:
     # How the latency metric is timed (the space's ``latency:``); measured when the space
     # sets it or names the metric.
     latency: LatencySetup | None = None
+    # The study's per-layer latency table (``latency: {table: true}``): the trial records the
+    # latency it predicts, and with ``latency_source`` "predicted" uses it as the metric
+    # instead of timing an export.
+    latency_table: LatencyTable | None = None
+    latency_source: str = "measured"
 
     def run(self) -> TrialOutcome:
         return run_trial(self)
@@ -225,14 +231,14 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
         )
         for split in ("val", "test")
     }
-    latency = _latency(job, model, task)
+    layer_bits = compressed.quantizer.layer_bits() if compressed.quantizer is not None else {}
+    latency = _latency(job, model, task, layer_bits)
     # A classifier's validation accuracy is the one adapting measured (exactly as before).
     if task.is_classifier:
         splits["val"].values["accuracy"] = adapted.val_accuracy
     val, test = splits["val"], splits["test"]
     test_accuracy = test.values.get("accuracy")
     size = model_size_bytes(model)
-    layer_bits = compressed.quantizer.layer_bits() if compressed.quantizer is not None else {}
     profile = model_profile(task)
     evaluated = Evaluated(
         model=model,
@@ -282,11 +288,25 @@ def _run(job: TrialJob, record: TrialRecord, started: float) -> TrialOutcome:
     )
 
 
-def _latency(job: TrialJob, model: torch.nn.Module, task: Task) -> tuple[float, dict] | None:
+def _latency(
+    job: TrialJob, model: torch.nn.Module, task: Task, layer_bits: dict[str, dict[str, int]]
+) -> tuple[float, dict] | None:
     """The trial's latency (ms) and its record fields, when the space sets ``latency:`` or
-    names the metric; the metrics mapping holds it too, so constraints on it work."""
+    names the metric; the metrics mapping holds it too, so constraints on it work. With the
+    study's latency table the predicted latency is recorded beside the measured one, or, with
+    ``latency_source`` "predicted", is the latency (nothing exported or timed)."""
     if job.latency is None and LATENCY_METRIC not in job.fidelity:
         return None
+    predicted = None
+    if job.latency_table is not None:
+        try:
+            predicted = job.latency_table.predict(layer_bits)
+        except KeyError as missing:
+            if job.latency_source == "predicted":
+                raise KeyError(f"{missing.args[0]}: cannot predict this trial's latency") from None
+    if job.latency_source == "predicted" and predicted is not None:
+        setup = (job.latency or LatencySetup()).to_dict()
+        return predicted, {"latency_predicted_ms": predicted, "latency_setup": setup}
     from quantsearch.pipeline import measure_latency
 
     measured = measure_latency(
@@ -297,7 +317,10 @@ def _latency(job: TrialJob, model: torch.nn.Module, task: Task) -> tuple[float, 
         reference=task.build_model().eval(),
         reference_key=f"{job.task.name}:{json.dumps(job.task.options, sort_keys=True)}",
     )
-    return measured.median_ms, measured.record_fields()
+    fields = measured.record_fields()
+    if predicted is not None:
+        fields["latency_predicted_ms"] = predicted
+    return measured.median_ms, fields
 
 
 def _objective_value(name: str, evaluated: Evaluated) -> float:

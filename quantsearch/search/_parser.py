@@ -28,6 +28,7 @@ from quantsearch.search._sections import (
     parse_constraints,
     parse_hopeless,
     parse_latency,
+    parse_latency_options,
     parse_metrics,
     parse_objectives,
     parse_sampler,
@@ -172,6 +173,7 @@ class _Parser:
             target=parse_target(top.get("target"), top),
             metrics=parse_metrics(top.get("objectives")),
             latency=parse_latency(top.get("latency")),
+            **parse_latency_options(top.get("latency")),
             artifacts=None
             if top.get("artifacts") is None
             else artifacts_location(top["artifacts"], key="artifacts", base=self.base),

@@ -25,6 +25,7 @@ from quantsearch.search._rules import (
 )
 from quantsearch.search._samplers import SAMPLERS
 from quantsearch.search._spec import (
+    LATENCY_SOURCES,
     Constraints,
     HopelessRule,
     PerLayer,
@@ -41,6 +42,7 @@ __all__ = [
     "parse_constraints",
     "parse_hopeless",
     "parse_latency",
+    "parse_latency_options",
     "parse_metrics",
     "parse_objectives",
     "parse_sampler",
@@ -403,13 +405,18 @@ def parse_constraints(value: Any, *, user_task: bool = True) -> Constraints:
 
 
 _LATENCY_KEYS = tuple(f.name for f in fields(LatencySetup))
+# The keys of ``latency:`` that are not how one model is timed: the per-layer table.
+_LATENCY_OPTIONS = ("table", "source")
 
 
 def parse_latency(value: Any) -> LatencySetup | None:
     """``latency:`` (``true``: LatencySetup's defaults): how the latency metric is timed."""
     if value is None or value is False:
         return None
-    rule = mapping({} if value is True else value, key="latency", allowed=_LATENCY_KEYS)
+    rule = mapping(
+        {} if value is True else value, key="latency", allowed=(*_LATENCY_KEYS, *_LATENCY_OPTIONS)
+    )
+    rule = {k: v for k, v in rule.items() if k not in _LATENCY_OPTIONS}
     for key in ("batch_size", "threads", "repeats"):
         if key in rule and not (is_int(rule[key]) and rule[key] >= 1):
             raise SpaceError(f"{rule[key]!r} is not an integer >= 1", key=f"latency.{key}")
@@ -423,6 +430,35 @@ def parse_latency(value: Any) -> LatencySetup | None:
             key="latency.provider",
         )
     return LatencySetup(**rule)
+
+
+def parse_latency_options(value: Any) -> dict[str, Any]:
+    """The SearchSpec fields of ``latency: {table: true, source: measured | predicted}``:
+    whether the per-layer latency table is measured, and what the latency metric is
+    (``predicted`` needs the table, and turns it on)."""
+    if not isinstance(value, Mapping):
+        return {}
+    table = value.get("table")
+    if "table" in value and not isinstance(table, bool):
+        raise SpaceError(
+            f"{table!r} is not true or false (true: measure the per-layer latency table once "
+            "per study)",
+            key="latency.table",
+        )
+    source = value.get("source", LATENCY_SOURCES[0])
+    if source not in LATENCY_SOURCES:
+        raise SpaceError(
+            f"{source!r} is not a latency source; allowed: {', '.join(LATENCY_SOURCES)} "
+            "(measured: each trial's export timed; predicted: from the per-layer table)",
+            key="latency.source",
+        )
+    if source == "predicted" and table is False:
+        raise SpaceError(
+            "source predicted reads the per-layer latency table, which table: false turns "
+            "off; drop table: false (predicted measures the table)",
+            key="latency.source",
+        )
+    return {"latency_table": bool(table) or source == "predicted", "latency_source": source}
 
 
 def parse_hopeless(value: Any) -> HopelessRule | None:

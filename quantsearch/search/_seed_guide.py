@@ -16,7 +16,8 @@ from quantsearch.pipeline import Bits, Sensitivity, TrialRecord, accuracy_interv
 from quantsearch.search._config_builder import SpacePlan
 from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._predicted_front import seed_configs
-from quantsearch.search._sensitivity_measure import ensure_sensitivity, searched_tensors
+from quantsearch.search._sensitivity_measure import ensure_sensitivity
+from quantsearch.search._sensitivity_plan import searched_tensors
 from quantsearch.search._spec import SearchSpec, SensitivitySpec
 from quantsearch.search._workers import InlinePool, ProcessPool
 
@@ -51,6 +52,9 @@ class SeedGuide:
     params: tuple[dict[str, Any], ...]
     """The same as Optuna parameters."""
     patience: int
+    metric: str | None = "accuracy"
+    """The quality metric a seed is judged by (the sensitivity's); None: no seed misses."""
+    maximize: bool = True
 
     @classmethod
     def of(cls, spec: SearchSpec, plan: SpacePlan, sensitivity: Sensitivity) -> SeedGuide:
@@ -70,7 +74,13 @@ class SeedGuide:
                 assert isinstance(param, NniParam)
                 encoded[name] = param.encode(value)
             params.append(encoded)
-        return cls(configs=tuple(configs), params=tuple(params), patience=options.patience)
+        return cls(
+            configs=tuple(configs),
+            params=tuple(params),
+            patience=options.patience,
+            metric=sensitivity.metric,
+            maximize=sensitivity.direction == "maximize",
+        )
 
     def next_params(self, trials: Sequence[FrozenTrial]) -> dict[str, Any] | None:
         """The parameters of the next seed to queue, or None: a seed is still waiting, or
@@ -102,27 +112,32 @@ class SeedGuide:
 
     def misses(self, trials: Sequence[FrozenTrial], records: Sequence[TrialRecord]) -> int:
         """Finished seeds in a row, the latest last, that missed the front: another trial is
-        at most as large and more accurate than the seed's 95% interval reaches (a difference
-        within the validation split's noise is no miss)."""
+        at most as large and better (in the sensitivity's metric) than the seed's 95% interval
+        reaches (a difference within the validation split's noise is no miss)."""
+        metric = self.metric
+        if metric is None:
+            return 0
         done = [
-            (t.number, r.val_accuracy, r.size_bytes)
+            (t.number, r.metric(metric), r.size_bytes)
             for t, r in zip(trials, records, strict=True)
             if t.state == TrialState.COMPLETE
-            and r.val_accuracy is not None
+            and r.metric(metric) is not None
             and r.size_bytes is not None
         ]
+        sign = 1.0 if self.maximize else -1.0
         misses = 0
         for trial, record in zip(trials, records, strict=True):
             if record.seed_of != SEED_MARK or trial.state not in _FINISHED:
                 continue
-            accuracy, size = record.val_accuracy, record.size_bytes
-            if trial.state != TrialState.COMPLETE or accuracy is None or size is None:
+            value, size = record.metric(metric), record.size_bytes
+            if trial.state != TrialState.COMPLETE or value is None or size is None:
                 misses += 1
                 continue
-            reach = accuracy_interval(accuracy, record.val_samples or 0)[1]
-            if math.isnan(reach):
-                reach = accuracy
-            beaten = any(n != trial.number and s <= size and a > reach for n, a, s in done)
+            reach = _reach(record, metric, value, self.maximize)
+            beaten = any(
+                n != trial.number and s <= size and sign * v > sign * reach  # type: ignore[operator]
+                for n, v, s in done
+            )
             misses = misses + 1 if beaten else 0
         return misses
 
@@ -134,6 +149,18 @@ class SeedGuide:
         attrs = TrialRecord(seed_of=SEED_MARK).model_dump(include={"seed_of"})
         study.enqueue_trial(params, user_attrs=attrs)
         return True
+
+
+def _reach(record: TrialRecord, metric: str, value: float, maximize: bool) -> float:
+    """The far end of the trial's 95% interval in the better direction (accuracy: Wilson on
+    its validation examples; another metric: the stored interval), else its value."""
+    interval = record.intervals.get(metric)
+    if interval is None and metric == "accuracy":
+        interval = accuracy_interval(value, record.val_samples or 0)
+    if interval is None:
+        return value
+    reach = interval[1] if maximize else interval[0]
+    return value if math.isnan(reach) else reach
 
 
 def _baseline_bits(plan: SpacePlan, label: str) -> dict[str, Bits]:

@@ -1,8 +1,9 @@
 """Per-layer sensitivity, measured once on the float model: for every per-layer bits parameter
 (a layer's ``weight_bits``, ...) and bit width, the float model quantized post-training at that
 one parameter alone, evaluated on a few validation batches (loss and accuracy, or the task's
-own); ``method: hessian`` adds HAWQ-V2's mean Hessian trace x ||Q(W) - W||^2 per weight. Each
-bit width also gets the bytes it saves, by ``model_size_bytes``."""
+own: ``Sensitivity.metric``); ``method: hessian`` adds HAWQ-V2's mean Hessian trace x
+||Q(W) - W||^2 per weight. Each bit width also gets the bytes it saves, by
+``model_size_bytes``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.distributions import CategoricalDistribution, IntDistribution
 from torch import Tensor, nn
 
 from quantsearch.pipeline import (
@@ -29,11 +29,17 @@ from quantsearch.pipeline import (
 )
 from quantsearch.quantization import model_size_bytes, wrappers_of
 from quantsearch.search._config_builder import FLOAT, ModelLayers, SpacePlan
-from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._objective import build_task, float_state_of, train_config
 from quantsearch.search._rules import MEASURING_ALGORITHM, entry_keys
-from quantsearch.search._sensitivity_task import batch_loss, outputs_on, task_sensitivity_eval
-from quantsearch.search._spec import BITS_PARAMS, SearchSpec, SensitivitySpec
+from quantsearch.search._sensitivity_plan import candidates_of, only_at, searched_tensors
+from quantsearch.search._sensitivity_task import (
+    batch_loss,
+    classifier_sensitivity_eval,
+    outputs_on,
+    sensitivity_metric,
+    task_sensitivity_eval,
+)
+from quantsearch.search._spec import SearchSpec, SensitivitySpec
 from quantsearch.search._workers import InlinePool, ProcessPool
 from quantsearch.tasks import Task, batches_of, seed_everything
 
@@ -42,61 +48,10 @@ __all__ = [
     "SensitivityJob",
     "ensure_sensitivity",
     "measure_sensitivity",
-    "searched_tensors",
 ]
 
 # Activation types whose observers need calibration batches before they quantize.
 _ACTIVATIONS = ("input", "output")
-
-
-def _param_values(param: NniParam) -> list[Bits]:
-    """Every value a bits parameter takes (a range gives each integer in it)."""
-    distribution = param.distribution
-    if isinstance(distribution, CategoricalDistribution):
-        return list(dict.fromkeys(param.decode(choice) for choice in distribution.choices))
-    if isinstance(distribution, IntDistribution):
-        raw = range(distribution.low, distribution.high + 1, distribution.step)
-    else:  # a rounded log range of integers
-        low, high, q = param.value
-        raw = range(int(low), int(high) + 1, int(q))
-    return sorted({param.decode(v) for v in raw})
-
-
-def searched_tensors(plan: SpacePlan) -> dict[str, list[str]]:
-    """Each searched per-layer bits parameter -> the ``<layer>.<quant type>`` it sets."""
-    out: dict[str, list[str]] = {}
-    for name, param in plan.params.items():
-        layer, _, key = name.rpartition(".")
-        if not layer or key not in BITS_PARAMS or not isinstance(param, NniParam):
-            continue
-        tensors = [f"{lay}.{qt}" for (lay, qt), src in plan.bits_source.items() if src == name]
-        if tensors:
-            out[name] = tensors
-    return out
-
-
-def _candidates(plan: SpacePlan) -> dict[str, list[Bits]]:
-    out = {}
-    for name in searched_tensors(plan):
-        param = plan.params[name]
-        assert isinstance(param, NniParam)
-        out[name] = _param_values(param)
-    return out
-
-
-def _only(plan: SpacePlan, name: str, bits: Bits) -> dict[str, Any]:
-    """Parameter values with ``name`` at ``bits`` and every other bits parameter float; the
-    other searched parameters at their first value."""
-    values: dict[str, Any] = {}
-    for key, param in plan.params.items():
-        if key.rpartition(".")[2] in BITS_PARAMS:
-            values[key] = FLOAT
-        elif isinstance(param, NniParam):
-            values[key] = param.candidates()[0]
-        else:
-            values[key] = param
-    values[name] = bits
-    return values
 
 
 @dataclass
@@ -110,33 +65,35 @@ class _Measurer:
     def __post_init__(self) -> None:
         self.config = train_config(self.task, self.spec.train)
         self.batches = (self.spec.sensitivity or SensitivitySpec()).batches
+        self.metric = sensitivity_metric(self.spec, self.task)
 
     def _val_batches(self) -> Iterator[Any]:
         batches = batches_of(self.task.val_set, self.config, shuffle=False, task=self.task)
         return itertools.islice(batches, self.batches)
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float, int]:
-        """(mean cross-entropy loss, accuracy, images) on the first validation batches (another
-        task: its own loss and metric, ``task_sensitivity_eval``)."""
+        """(loss, metric, examples) on the first validation batches: a classifier's
+        cross-entropy and accuracy; another task's own loss and ``metric``
+        (``task_sensitivity_eval``)."""
         model.eval()
-        if not self.task.is_classifier:
-            reference = lambda: outputs_on(  # noqa: E731
+        if self.task.is_classifier:
+            return classifier_sensitivity_eval(model, self._val_batches())
+        return task_sensitivity_eval(
+            self.task, model, self._val_batches(), self.metric[0], self.reference, self.config
+        )
+
+    _reference: list[Tensor] | None = None
+
+    def reference(self) -> list[Tensor]:
+        """The float model's outputs on the same batches, computed once."""
+        if self._reference is None:
+            self._reference = outputs_on(
                 self.task, self.float_model(), self._val_batches(), self.config
             )
-            return task_sensitivity_eval(
-                self.task, model, self._val_batches(), self.spec.objectives, reference, self.config
-            )
-        loss, correct, count = 0.0, 0, 0
-        for inputs, targets in self._val_batches():
-            model.to(inputs.device)
-            scores = model(inputs)
-            loss += float(nn.functional.cross_entropy(scores, targets, reduction="sum"))
-            correct += int((scores.argmax(dim=1) == targets).sum())
-            count += int(targets.shape[0])
-        return loss / max(count, 1), correct / max(count, 1), count
+        return self._reference
 
     _float_result: tuple[float, float, int] | None = None
+
     def float_result(self) -> tuple[float, float, int]:
         if self._float_result is None:
             self._float_result = self.evaluate(self.float_model())
@@ -149,9 +106,9 @@ class _Measurer:
 
     def measure(self, name: str, tensors: Sequence[str], bits: Bits) -> SensitivityEntry:
         if bits == FLOAT:
-            loss, accuracy, _ = self.float_result()
-            return SensitivityEntry(bits=bits, loss=loss, accuracy=accuracy, size_delta=0)
-        values = _only(self.plan, name, bits)
+            loss, metric, _ = self.float_result()
+            return SensitivityEntry(bits=bits, loss=loss, metric=metric, size_delta=0)
+        values = only_at(self.plan, name, bits)
         config_list = self.plan.config_list(values)
         # The measuring quantizer's own keys (others, such as quant_start_step, are training's).
         kept = (*entry_keys(MEASURING_ALGORITHM), "quant_types", "quant_bits", "op_names")
@@ -169,14 +126,14 @@ class _Measurer:
         )
         count = self.spec.calibration_batches if activations or fitted else 1
         self._calibrate(compressed, count)
-        loss, accuracy, _ = self.evaluate(compressed.model)
+        loss, metric, _ = self.evaluate(compressed.model)
         # The size the study's own algorithm gives this setting (it may store more or less).
         sized = build_compressed(self.task, self.spec.algorithm, config_list)
         size_delta = model_size_bytes(sized.model) - self.float_size
         return SensitivityEntry(
             bits=bits,
             loss=loss,
-            accuracy=accuracy,
+            metric=metric,
             size_delta=int(size_delta),
             hessian=self._hessian_measure(compressed.model, tensors),
         )
@@ -338,17 +295,22 @@ def measure_sensitivity(
     _MEASURERS.clear()
     _MEASURERS[_measurer_key(spec, str(float_weights))] = measurer
     tensors = searched_tensors(plan)
-    candidates = _candidates(plan)
+    candidates = candidates_of(plan)
     sha = state_sha256(float_state)
     if stored is None or stored.float_sha256 != sha or stored.method != method:
-        float_loss, float_accuracy, samples = measurer.float_result()
+        float_loss, float_metric, samples = measurer.float_result()
         stored = Sensitivity(
             method=method,
             batches=measurer.batches,
             samples=samples,
             float_sha256=sha,
             float_loss=float_loss,
-            float_accuracy=float_accuracy,
+            float_metric=float_metric,
+            metric=measurer.metric[0],
+            direction=measurer.metric[1],
+            loss_label=(
+                "loss" if task.loss is not None or task.is_classifier else "noise-to-signal ratio"
+            ),
             float_size_bytes=float_size_bytes,
             params=[ParamSensitivity(param=name, tensors=t) for name, t in tensors.items()],
             candidates=candidates,

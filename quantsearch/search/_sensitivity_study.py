@@ -14,7 +14,8 @@ from quantsearch.search._objective import train_config
 from quantsearch.search._predicted_front import predicted_front
 from quantsearch.search._prepare import StudyContext
 from quantsearch.search._progress import Progress, Silent
-from quantsearch.search._sensitivity_measure import ensure_sensitivity, searched_tensors
+from quantsearch.search._sensitivity_measure import ensure_sensitivity
+from quantsearch.search._sensitivity_plan import searched_tensors
 from quantsearch.search._storage import open_study, study_lock
 from quantsearch.search._study import ensure_float_model, open_store, study_threads
 from quantsearch.search._workers import (

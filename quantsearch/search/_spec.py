@@ -17,6 +17,7 @@ __all__ = [
     "BITS_PARAMS",
     "DEFAULT_PATIENCE",
     "DEFAULT_SEEDS",
+    "LATENCY_SOURCES",
     "Baselines",
     "Constraints",
     "HopelessRule",
@@ -37,6 +38,9 @@ BITS_PARAMS: tuple[str, ...] = ("quant_bits", "weight_bits", "input_bits", "outp
 DEFAULT_PATIENCE = 3
 # The most seed trials when a space's sensitivity does not say.
 DEFAULT_SEEDS = 50
+# What a space's ``latency: {source: ...}`` may say the latency objective is (the first: the
+# default, each trial's export timed).
+LATENCY_SOURCES: tuple[str, ...] = ("measured", "predicted")
 # Keys whose change does not change what a trial means: a study may grow or move.
 _UNHASHED_KEYS = ("study_name", "n_trials", "storage", "artifacts")
 
@@ -255,6 +259,12 @@ class SearchSpec:
     latency: LatencySetup | None = None
     """How the ``latency`` metric is measured (batch size, threads, provider, repeats); None:
     the defaults (batch 1, one thread, CPU) if a latency metric is named."""
+    latency_table: bool = False
+    """Measure the per-layer latency table once per study and record each trial's predicted
+    latency (``latency: {table: true}``)."""
+    latency_source: str = LATENCY_SOURCES[0]
+    """What the ``latency`` metric of a trial is: ``measured`` (its export timed) or
+    ``predicted`` (from the table, nothing exported)."""
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Metrics the space declares in ``objectives`` (``{name: perplexity, direction:
     minimize}``): name -> direction (and label, unit)."""
@@ -294,7 +304,21 @@ class SearchSpec:
             **({"target": self.target.to_dict()} if self.target else {}),
             **({"artifacts": self.artifacts} if self.artifacts else {}),
             **({"metrics": dict(self.metrics)} if self.metrics else {}),
-            **({"latency": self.latency.to_dict()} if self.latency else {}),
+            **({"latency": self._latency_dict()} if self.latency else {}),
+        }
+
+    def _latency_dict(self) -> dict[str, Any]:
+        """``latency:`` as stored: the setup, and the table's options only when set (a space
+        without them hashes as before they existed)."""
+        assert self.latency is not None
+        return {
+            **self.latency.to_dict(),
+            **({"table": True} if self.latency_table else {}),
+            **(
+                {"source": self.latency_source}
+                if self.latency_source != LATENCY_SOURCES[0]
+                else {}
+            ),
         }
 
     def search_dict(self) -> dict[str, Any]:

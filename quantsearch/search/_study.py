@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from quantsearch.pipeline import (
     state_sha256,
     store_artifact,
 )
+from quantsearch.search._latency_table import ensure_latency_table
 from quantsearch.search._loop import TrialLoop
 from quantsearch.search._objective import train_config
 from quantsearch.search._prepare import StudyContext
@@ -118,16 +120,17 @@ def ensure_float_model(
         if store is not None:
             made = made.model_copy(update={"artifact": store_artifact(store, path, study)})
         StudyRecord.write(study, float_model=made)
-    shown = made.metrics or {"accuracy": made.val_accuracy}
-    tests = made.test_metrics or {"accuracy": made.test_accuracy}
-    log(
-        "float model: "
-        + ", ".join(f"val {k} {v:.4f}, test {k} {tests.get(k, float('nan')):.4f}"
-                    for k, v in shown.items())
-        if made.metrics
-        else f"float model: val {made.val_accuracy:.4f}, test {made.test_accuracy:.4f} "
-        f"({made.source}; {path})"
-    )
+    if made.metrics:
+        tests = made.test_metrics
+        values = ", ".join(
+            f"val {k} {v:.4f}, test {k} {tests.get(k, float('nan')):.4f}"
+            for k, v in made.metrics.items()
+        )
+    elif math.isnan(made.val_accuracy):
+        values = "no task metric (the fidelity metrics compare each trial with it)"
+    else:
+        values = f"val {made.val_accuracy:.4f}, test {made.test_accuracy:.4f}"
+    log(f"float model: {values} ({made.source}; {path})")
     return stored or made, path
 
 
@@ -204,6 +207,17 @@ def run_study(
                         )
                     if spec.target is not None:
                         loop.context, loop.target = apply_target(study, context, made[0])
+                if spec.latency_table:
+                    # Timed one model at a time in this process, before any trial loads it.
+                    loop.latency_table = ensure_latency_table(
+                        study,
+                        spec,
+                        context.task,
+                        context.plan,
+                        None if made is None else made[1],
+                        log=progress.message,
+                        count=functools.partial(progress.count, "latency table"),
+                    )
                 torch.set_num_threads(num_threads if jobs == 1 else 1)
                 loop.run(pool)
         finally:

@@ -155,9 +155,10 @@ def constraint_values(constraints: Any, record: TrialRecord) -> dict[str, float]
         value = _value(record, metric)
         if value is None:
             continue
-        # A metric that is not finite (a broken trial) breaks every bound on it.
+        # A NaN or an infinitely bad value (a broken trial) breaks every bound on it; an
+        # infinitely good one (sqnr_db of outputs equal to the float model's) meets it.
         gap = (bound - value) if kind == "min" else (value - bound)
-        out[f"{kind}_{metric}"] = gap if math.isfinite(gap) else math.inf
+        out[f"{kind}_{metric}"] = gap if gap == -math.inf or math.isfinite(gap) else math.inf
     return out
 
 
@@ -171,7 +172,7 @@ def _value(record: TrialRecord, metric: str) -> float | None:
 
 def meets(state: TargetState, value: float | None) -> bool:
     """Whether a trial's value of the target's metric is within its bound."""
-    if value is None or not math.isfinite(value):
+    if value is None or math.isnan(value):
         return False
     return value >= state.min_accuracy if state.direction == "maximize" else (
         value <= state.min_accuracy

@@ -20,6 +20,7 @@ from quantsearch.export import (
     export_trial,
 )
 from quantsearch.export._onnx import MIN_AGREEMENT
+from quantsearch.pipeline import metric_info
 from quantsearch.quantization import OnnxExport
 from quantsearch.tasks import Task, get_task
 
@@ -78,7 +79,7 @@ def test_cli_exports_onnx_that_agrees_with_the_study(
     assert "model.onnx        ONNX QDQ model (opset 25)" in text
     assert "weights uint4 x4; activations uint8 x3" in text
     accuracy = summary["onnx_accuracy"]
-    assert f"onnxruntime: test accuracy {accuracy:.4%} (stored: {stored:.4%})" in text
+    assert f"onnxruntime: test accuracy {accuracy:.2%} (stored: {stored:.2%})" in text
     assert f"same class as PyTorch on {samples - len(summary['differences'])}/{samples}" in text
     assert "onnx.checker passed" in text
     assert "batch   1: QDQ " in text and "batch  64: QDQ " in text
@@ -90,7 +91,8 @@ def _report(tmp_path: Path, **fields: Any) -> OnnxReport:
     differences = tuple((i, 1, 1, 7) for i in range(25))
     return OnnxReport(
         export=export, float_path=tmp_path / "model_float.onnx", float_file_bytes=4000,
-        onnx_accuracy=0.9, stored_test_accuracy=0.95, agreement=1 - 25 / 1000,
+        metric=metric_info("accuracy", "maximize"), onnx_metric=0.9, stored_metric=0.95,
+        agreement=1 - 25 / 1000,
         differences=differences, latency=(Latency(batch=1, qdq_ms=0.2, float_ms=0.1),),
         test_samples=1000, onnxruntime_version="1.32.0", **fields,
     )
@@ -143,3 +145,72 @@ def test_other_algorithms_export_to_onnx(tmp_path: Path, task: Task, algorithm: 
     assert "onnxruntime: test accuracy" in text
     if algorithm == "float":
         assert "no quantized tensor (float model)" in text
+
+
+def _regression_task() -> Task:
+    path = Path(__file__).resolve().parents[2] / "examples" / "regression_task.py"
+    return get_task(f"{path}:make_task", options={"limit": 120}, seed=0)
+
+
+def test_a_regression_model_with_keyword_inputs_exports_and_its_outputs_are_compared(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from quantsearch.export import export_onnx_files
+    from quantsearch.quantization import QAT_Quantizer
+    from quantsearch.tasks import measure
+
+    task = _regression_task()
+    torch.manual_seed(0)
+    float_model = task.build_model()
+    model = task.build_model()
+    model.load_state_dict(float_model.state_dict())
+    config = [{"quant_types": ["weight", "output"], "quant_bits": 8,
+               "op_types": ["Linear", "ReLU6"]}]
+    quantizer = QAT_Quantizer(model, config, torch.optim.SGD(model.parameters(), lr=0.0),
+                              dummy_input=task.dummy_input)
+    quantizer.compress()
+    model.train()
+    for batch in torch.utils.data.DataLoader(task.train_set, batch_size=32):
+        task.forward(model, batch)  # the output ranges
+    stored = measure(model, task, task.test_set).values["mae"]
+    report = export_onnx_files(model, float_model, task, tmp_path, stored_metric=stored,
+                               metric="mae", latency_repeats=3)
+    names = [i.name for i in onnx.load(str(tmp_path / "model.onnx")).graph.input]
+    assert names == ["features"]  # the keyword argument's name
+    summary = report.summary()
+    # The task's own evaluation ran on onnxruntime's outputs: the MAE comes back as stored.
+    assert summary["metric"] == "mae" and summary["onnx_mae"] == pytest.approx(stored, rel=1e-3)
+    assert "agreement" not in summary and "differences" not in summary
+    mean, largest = report.output_difference
+    assert 0 <= mean <= largest and mean <= 0.1 * report.output_spread
+    model.eval()
+    with torch.no_grad():
+        outputs = torch.cat([task.forward(model, batch) for batch in
+                             torch.utils.data.DataLoader(task.test_set, batch_size=50)])
+    assert report.output_spread == pytest.approx(float(outputs.std(unbiased=False)), rel=1e-4)
+    assert report.agrees
+    text = "\n".join(report.describe())
+    assert (f"onnxruntime: test mae {report.onnx_metric:.4g} points (stored: {stored:.4g} points)"
+            in text)
+    assert "same class" not in text and "(allowed: 0.1 of it): agree" in text
+    assert all(entry.qdq_ms > 0 and entry.float_ms > 0 for entry in report.latency)
+
+
+def test_outputs_beyond_the_tolerance_fail_a_regression_export(tmp_path: Path) -> None:
+    export = OnnxExport(path=tmp_path / "model.onnx", file_bytes=900, size_bytes=800, opset=25,
+                        tensors=(), unquantized=())
+    report = OnnxReport(
+        export=export, float_path=tmp_path / "model_float.onnx", float_file_bytes=4000,
+        metric=metric_info("mae", "minimize", unit="points"), onnx_metric=61.0,
+        stored_metric=47.5, latency=(), test_samples=89, onnxruntime_version="1.32.0",
+        output_difference=(0.3, 1.2), output_spread=1.0,
+    )
+    assert not report.agrees
+    with pytest.raises(ExportError) as raised:
+        report.check(2)
+    message = str(raised.value)
+    assert "differ by 0.3 on average (1.2 at most) against a spread of 1 (allowed: 0.1" in message
+    assert "(test mae 61 points, stored 47.5 points)" in message
+    assert "change class" not in message

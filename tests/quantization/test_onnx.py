@@ -287,3 +287,52 @@ def test_calibrated_ptq_observers_export_as_their_settled_ranges(tmp_path: Path)
     np.testing.assert_allclose(got, expected, atol=2e-2 * np.abs(expected).max())
     assert result.types()["relu1.output"] == "uint8"
     assert result.types()["conv1.weight"] == "int4"
+
+
+class _TwoInputs(torch.nn.Module):
+    """A model called with keyword arguments and a constant, returning a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = torch.nn.Linear(4, 3)
+        self.image = torch.nn.Linear(5, 3)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> Any:
+        return {"joint": self.text(ids) + scale * self.image(mask), "text": self.text(ids)}
+
+
+@pytest.mark.parametrize(
+    ("example", "names"),
+    [
+        ({"mask": torch.randn(1, 5), "ids": torch.randn(1, 4)}, ["mask", "ids"]),
+        ((torch.randn(1, 4), torch.randn(1, 5)), ["input_0", "input_1"]),
+        ((torch.randn(3, 4), torch.randn(3, 5), 2.0), ["input_0", "input_1"]),
+    ],
+)
+def test_keyword_and_positional_inputs_export_and_feed_by_name(
+    tmp_path: Path, example: Any, names: list[str]
+) -> None:
+    from quantsearch.quantization import ModelInputs
+
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    export_onnx(model, tmp_path / "two.onnx", example)
+    session = ort.InferenceSession(str(tmp_path / "two.onnx"))
+    assert sorted(i.name for i in session.get_inputs()) == sorted(names)
+    inputs = ModelInputs.of(example).batched(7)  # a batch size the trace never saw
+    assert inputs.batch_size() == 7
+    joint, text = session.run(None, inputs.feed(model))
+    expected = inputs.call(model)
+    np.testing.assert_allclose(joint, expected["joint"].detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(text, expected["text"].detach().numpy(), atol=1e-5)
+
+
+def test_inputs_that_cannot_be_fed_are_refused_by_name(tmp_path: Path) -> None:
+    model = _TwoInputs()
+    with pytest.raises(OnnxExportError, match=r"argument 'mask' is a list: each argument must"):
+        export_onnx(model, tmp_path / "x.onnx", {"ids": torch.randn(1, 4), "mask": [1, 2]})
+    with pytest.raises(OnnxExportError, match=r"dummy_input holds no tensor"):
+        export_onnx(model, tmp_path / "x.onnx", (1.0, 2.0))
+    with pytest.raises(OnnxExportError, match=r"must be a tensor, a tuple .* got str"):
+        export_onnx(model, tmp_path / "x.onnx", "ids")
+    assert not (tmp_path / "x.onnx").exists()

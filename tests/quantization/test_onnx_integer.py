@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from quantsearch.quantization import (
-    OnnxExportError,
     QAT_Quantizer,
     export_onnx,
     runtime_op_counts,
@@ -236,13 +235,25 @@ class _Attention(nn.Module):
         return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
 
-def test_a_quantized_multihead_attention_is_refused_by_name(tmp_path: Path) -> None:
+def test_a_quantized_multihead_attention_exports_and_runs_exactly(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = _Attention().eval()
-    config = [{"quant_types": ["weight"], "quant_bits": 8,
+    config = [{"quant_types": ["weight", "input"], "quant_bits": 8,
                "op_types": ["MultiheadAttention", "Linear"]}]
     quantizer = QAT_Quantizer(model, config, dummy_input=torch.randn(1, 4, 8))
-    model = quantizer.compress().eval()
-    with pytest.raises(OnnxExportError, match=r"attn: a quantized nn\.MultiheadAttention"):
-        export_onnx(model, tmp_path / "model.onnx", torch.randn(1, 4, 8))
-    assert not (tmp_path / "model.onnx").exists()
+    model = quantizer.compress()
+    with quantizer.calibrate():
+        model(torch.randn(16, 4, 8))
+    model.eval()
+    result = export_onnx(model, tmp_path / "model.onnx", torch.randn(1, 4, 8))
+    types = {t.name: t.onnx_type for t in result.tensors}
+    # The packed in_proj and the out_proj weights are codes. The in_proj multiplies the centred
+    # input (zero point not 0), so it stays uint8 (exact on CPUs without VNNI); the out_proj
+    # reads the attention's float output, so its int8 codes are dequantized to a float Gemm.
+    assert types["attn.in_proj_weight"] == "uint8" and types["attn.out_proj.weight"] == "int8"
+    assert types["attn.input"] == "uint8" and types["fc.weight"] == "uint8"
+    x = torch.randn(9, 4, 8)
+    session = ort.InferenceSession(str(result.path))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-5)

@@ -302,7 +302,7 @@ def _synthetic(
             SensitivityEntry(
                 bits=b,
                 loss=1.0 + (0.0 if b == "float" else rng.random() / b),
-                accuracy=0.9,
+                metric=0.9,
                 size_delta=0 if b == "float" else -size + size * b // 32,
             )
             for b in bits
@@ -314,7 +314,7 @@ def _synthetic(
         samples=1,
         float_sha256="x",
         float_loss=1.0,
-        float_accuracy=0.9,
+        float_metric=0.9,
         float_size_bytes=40000,
         params=out,
         candidates={p.param: list(bits) for p in out},

@@ -94,3 +94,28 @@ def test_a_study_stops_once_the_smallest_config_is_within_the_drop(
     text = (out / "report.md").read_text()
     assert text.index("## Target") < text.index("## Summary")
     assert "**trial 1**" in text and "so the study stopped there" in text
+
+
+def test_an_infinitely_good_value_meets_a_bound_and_a_nan_breaks_it() -> None:
+    import math
+
+    from quantsearch.search._sections import parse_constraints
+    from quantsearch.search._target import constraint_values, meets
+
+    constraints = parse_constraints({"min_sqnr_db": 15, "max_kl": 0.1})
+
+    def values(sqnr: float, kl: float) -> dict[str, float]:
+        return constraint_values(constraints, TrialRecord(metrics={"sqnr_db": sqnr, "kl": kl}))
+
+    # Outputs equal to the float model's: no noise (SQNR +inf), met.
+    assert values(math.inf, 0.0) == {"min_sqnr_db": -math.inf, "max_kl": -0.1}
+    assert values(20.0, 0.05) == pytest.approx({"min_sqnr_db": -5.0, "max_kl": -0.05})
+    # A broken trial: NaN, or infinitely bad, is outside every bound on it.
+    assert values(math.nan, math.inf) == {"min_sqnr_db": math.inf, "max_kl": math.inf}
+    assert values(-math.inf, 0.0)["min_sqnr_db"] == math.inf
+    state = TargetState(
+        max_accuracy_drop=math.nan, float_accuracy=math.inf, min_accuracy=20.0,
+        metric="sqnr_db", relative=False, smallest_bytes=1,
+    )  # fmt: skip
+    assert meets(state, math.inf) and meets(state, 25.0)
+    assert not meets(state, math.nan) and not meets(state, 19.0)
