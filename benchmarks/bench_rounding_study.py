@@ -7,7 +7,7 @@ within 1 point of float.
 
 Both studies start from the float weights ``bench_ptq_methods.py`` trained and cached
 (``--weights``), quantize every Conv2d/Linear weight per channel at 2, 3, 4 or 8 bits per layer
-(the sampler picks) with its input at 8 bits, calibrate on 8 batches of 32 training images, and
+(the sampler picks) with its input at 8 bits, calibrate on 8 training batches, and
 are scored on ``--eval-images`` validation and test images. The searched study also picks
 ``rounding`` from nearest, GPTQ and AdaRound (``--adaround-iters``); both use the same seed and
 sampler. Writes the two spaces, the database and one report per study under ``--out``.
@@ -40,7 +40,7 @@ def space(args: argparse.Namespace, name: str, rounding: list[str]) -> dict[str,
         },
         "algorithm": "ptq",
         "seed": 0,
-        "calibration": {"batches": 8, "batch_size": 32},
+        "calibration": {"batches": 8},
         "n_trials": args.trials,
         "storage": str((args.out / "rounding.db").resolve()),
         "baselines": {"float": True, "uniform_bits": [8]},

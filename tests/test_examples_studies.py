@@ -79,6 +79,15 @@ def test_the_byte_level_language_model_study_reports_perplexity(tmp_path: Path) 
     text = (tmp_path / "report" / "report.md").read_text()
     assert "encoder.layers.0.self_attn" in text
     assert "## Perplexity (per byte) against model size" in text
+    # The uniform-8 model, attention blocks included, runs in onnxruntime: perplexity comes
+    # back as stored and the logits within the stated tolerance of PyTorch's.
+    onnx = run_cli(tmp_path, "export", "--space", space, "--trial", uniform8["number"],
+                   "--out", "onnx", "--format", "onnx")
+    assert onnx.returncode == 0, onnx.stderr
+    summary = json.loads((tmp_path / "onnx" / "export.json").read_text())["onnx"]
+    assert summary["metric"] == "perplexity" and summary["agrees"] is True
+    assert summary["onnx_perplexity"] == pytest.approx(float(uniform8["test_perplexity"]), rel=1e-3)
+    assert "encoder.layers.0.self_attn.in_proj_weight" in summary["tensors"]
 
 
 def write_idx(path: Path, images: np.ndarray) -> None:

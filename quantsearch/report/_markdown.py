@@ -104,6 +104,27 @@ def _cells(row: Any, axis: Axis) -> tuple[str, str]:
     )
 
 
+def _latency_columns(rows: pd.DataFrame) -> tuple[str, str, str] | None:
+    """The frame's (latency, speedup, integer) columns when its trials have a latency."""
+    measured = "latency" if "latency" in rows else "attr.latency_ms"
+    if measured not in rows or not pd.to_numeric(rows[measured], errors="coerce").notna().any():
+        return None
+    return measured, "attr.latency_speedup", "attr.latency_integer"
+
+
+def _latency_cells(row: pd.Series, columns: tuple[str, str, str]) -> tuple[str, str]:
+    """``12.1 ms (1.64x)`` and whether every compute op runs on onnxruntime's integer
+    kernels (``yes``, ``no``; ``–`` where the trial was not exported)."""
+    measured, speedup, integer = (row.get(c) for c in columns)
+    if measured is None or pd.isna(measured):
+        return "–", "–"
+    text = f"{float(measured):.3g} ms"
+    if speedup is not None and not pd.isna(speedup):
+        text += f" ({float(speedup):.2f}x)"
+    kernels = "–" if integer is None or pd.isna(integer) else ("yes" if bool(integer) else "no")
+    return text, kernels
+
+
 def _trial_table(
     rows: pd.DataFrame, *, with_config: bool, with_bitops: bool, quality: Axis | None = None
 ) -> list[str]:
@@ -113,6 +134,10 @@ def _trial_table(
     if with_bitops:
         header += " bitops |"
         rule += "---:|"
+    latency = _latency_columns(rows)
+    if latency:
+        header += " latency | integer kernels |"
+        rule += "---:|---|"
     header += " algorithm | baseline |"
     rule += "---|---|"
     if with_config:
@@ -134,6 +159,8 @@ def _trial_table(
         )
         if with_bitops:
             line += f" {format_count(row.bitops)} |"
+        if latency:
+            line += " " + " | ".join(_latency_cells(series, latency)) + " |"
         line += f" {_cell(_text(row.algorithm))} | {_cell(_text(row.baseline))} |"
         if with_config:
             line += f" {_config_code(row.config_list)} |"

@@ -100,3 +100,30 @@ def test_sections_without_data_are_left_out(tmp_path: Path) -> None:
     assert "| float model |" not in text  # no float_model attribute: no row
     assert not (tmp_path / "out" / "sensitivity.png").exists()
     assert text.endswith("All trials with every attribute: [trials.csv](trials.csv).\n")
+
+
+def test_the_front_shows_each_trials_latency_and_whether_it_runs_on_integer_kernels() -> None:
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_metric_names(["accuracy", "size_bytes", "latency"])
+    rows = [  # (accuracy, size, latency ms, float ms, integer graph)
+        (0.98, 96_000, 20.0, 20.0, None),  # the float model: no integer graph recorded
+        (0.975, 24_000, 12.0, 19.8, True),
+        (0.96, 14_000, 17.5, 19.9, False),
+    ]
+    for accuracy, size, latency, reference, integer in rows:
+        attrs = {"val_accuracy": accuracy, "test_accuracy": accuracy - 0.004,
+                 "size_bytes": size, "float_size_bytes": 96_000,
+                 "compression_ratio": 96_000 / size, "algorithm": "qat", "config_list": [],
+                 "latency_ms": latency, "latency_float_ms": reference,
+                 "latency_speedup": reference / latency}
+        if integer is not None:
+            attrs["latency_integer"] = integer
+        study.add_trial(create_trial(values=[accuracy, float(size), latency], user_attrs=attrs))
+    text = render_markdown(ReportData.of(study))
+    front = text[text.index("## Pareto front"):]
+    assert "| latency | integer kernels |" in front
+    assert "| 12 ms (1.65x) | yes |" in front
+    assert "| 17.5 ms (1.14x) | no |" in front
+    assert "| 20 ms (1.00x) | – |" in front

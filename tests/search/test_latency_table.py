@@ -224,10 +224,12 @@ def test_a_trial_can_take_the_predicted_latency_without_timing(
     )
     outcome = run_trial(job)
     assert outcome.state == "COMPLETE", outcome.record.fail_reason
-    assert outcome.values[1] == pytest.approx(11.0)  # 10 - 1.5 + 0.5 + 2
+    both = {"conv1": {"weight": 4}, "relu1": {"output": 8}, "fc2": {"weight": 4}}
+    predicted = table.predict(both)  # the hand-made table's relative changes, at 10 ms
+    assert outcome.values[1] == pytest.approx(predicted)
     record = outcome.record
-    assert record.latency_predicted_ms == pytest.approx(11.0) and record.latency_ms is None
-    assert record.metrics["latency"] == pytest.approx(11.0)
+    assert record.latency_predicted_ms == pytest.approx(predicted) and record.latency_ms is None
+    assert record.metrics["latency"] == pytest.approx(predicted)
     # A config the table lacks cannot be predicted: the trial fails and says which layer.
     missing = run_trial(
         TrialJob(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from pathlib import Path
@@ -21,7 +22,9 @@ def _folder(folder: Path) -> dict[str, str]:
 
 
 def _wal_database(path: Path) -> bytes:
-    with sqlite3.connect(path) as db:
+    # Closed here: a connection left to the garbage collector checkpoints and deletes its
+    # -wal/-shm files whenever it is collected, in the middle of a later snapshot.
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("CREATE TABLE studies (x)")
     return path.read_bytes()
