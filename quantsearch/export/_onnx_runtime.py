@@ -13,21 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from quantsearch.export._errors import ExportError
+from quantsearch.pipeline import onnx_session
 from quantsearch.quantization import ModelInputs
 
-__all__ = ["OutputComparison", "RuntimeModel", "onnx_session", "output_leaves"]
-
-
-def onnx_session(path: Path, threads: int = 1) -> Any:
-    """An onnxruntime CPU session on ``threads`` threads, quiet."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+__all__ = ["OutputComparison", "RuntimeModel", "output_leaves"]
 
 
 def output_leaves(value: Any) -> list[Tensor]:

@@ -50,6 +50,7 @@ from quantsearch.pipeline._latency import (
     latency_inputs,
     measure_latency,
     measure_onnx_latency,
+    onnx_session,
     time_sessions,
 )
 from quantsearch.pipeline._latency_table import LatencyEntry, LatencyTable
@@ -167,6 +168,7 @@ __all__ = [
     "metric_info",
     "model_outputs",
     "nll_per_example",
+    "onnx_session",
     "open_artifact_store",
     "perplexity_of",
     "register_metric",

@@ -35,6 +35,7 @@ __all__ = [
     "latency_inputs",
     "measure_latency",
     "measure_onnx_latency",
+    "onnx_session",
     "time_sessions",
 ]
 
@@ -105,8 +106,12 @@ def latency_inputs(dummy_input: Any, batch_size: int) -> ModelInputs:
     return ModelInputs.of(dummy_input).map(lambda t: t.detach().cpu()).batched(batch_size)
 
 
-def _session(path: Path, setup: LatencySetup) -> Any:
+def onnx_session(path: Path, setup: LatencySetup | None = None) -> Any:
+    """An onnxruntime session on the file at ``path`` with ``setup``'s provider and threads
+    (default: CPU, one thread), sequential, quiet."""
     import onnxruntime as ort
+
+    setup = setup or LatencySetup()
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = setup.threads
@@ -122,7 +127,7 @@ def time_sessions(
     """Milliseconds of each ``session.run`` of the ONNX files at ``paths`` on ``feed`` (graph
     input name -> numpy array), ``setup.repeats`` times each after ``setup.warmup`` runs; the
     files run in turn, once each per repeat, so a burst of load slows them alike."""
-    sessions = [_session(path, setup) for path in paths]
+    sessions = [onnx_session(path, setup) for path in paths]
     for session in sessions:
         for _ in range(setup.warmup):
             session.run(None, dict(feed))

@@ -117,7 +117,21 @@ class _ActivationQDQ(nn.Module):
         )
 
 
-class _DeployedLayer(nn.Module):
+class _Deployed(nn.Module):
+    """A deployed layer in place of the wrapped module: attributes it lacks are the module's."""
+
+    def __getattr__(self, name: str) -> Any:
+        # What the model around the layer reads from it (a TransformerEncoderLayer reads its
+        # attention's batch_first), as QuantWrapper does.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
+
+
+class _DeployedLayer(_Deployed):
     """A quantized layer in eval mode with fixed integers: what the ONNX graph computes."""
 
     def __init__(
@@ -141,16 +155,6 @@ class _DeployedLayer(nn.Module):
         self.bias_apart = (
             self.kind == "conv" and input_qdq is not None and input_qdq.axis is not None
         )
-
-    def __getattr__(self, name: str) -> Any:
-        # What the model around the layer reads from it (a TransformerEncoderLayer reads its
-        # attention's batch_first), as QuantWrapper does.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(super().__getattr__("module"), name)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if self.input_qdq is not None:
@@ -176,7 +180,7 @@ class _DeployedLayer(nn.Module):
         return out
 
 
-class _DeployedAttention(nn.Module):
+class _DeployedAttention(_Deployed):
     """A quantized ``nn.MultiheadAttention``: query, key and value through one input QDQ (a
     tensor passed twice is quantized once), the packed in_proj and out_proj weights as codes,
     the attention output through the output QDQ."""
@@ -194,15 +198,6 @@ class _DeployedAttention(nn.Module):
         self.codes = nn.ModuleList(weights.values())
         self.input_qdq = input_qdq
         self.output_qdq = output_qdq
-
-    def __getattr__(self, name: str) -> Any:
-        # The enclosing TransformerEncoderLayer reads the attention's attributes.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "module":
-                raise
-            return getattr(super().__getattr__("module"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         tensors = list(args)

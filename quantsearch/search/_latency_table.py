@@ -21,7 +21,6 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.distributions import CategoricalDistribution, IntDistribution
 from torch import Tensor, nn
 
 from quantsearch.pipeline import (
@@ -36,6 +35,7 @@ from quantsearch.quantization import QUANT_TYPES
 from quantsearch.search._config_builder import FLOAT, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._objective import float_state_of, train_config
+from quantsearch.search._sensitivity_plan import param_values
 from quantsearch.search._spec import BITS_PARAMS, SearchSpec
 from quantsearch.search._workers import available_cores
 from quantsearch.tasks import Task, batches_of
@@ -64,21 +64,6 @@ def reference_key(spec: SearchSpec) -> str:
     return f"{spec.task.name}:{json.dumps(spec.task.options, sort_keys=True)}"
 
 
-def _values(param: Any) -> list[Any]:
-    """Every value a bits parameter takes (a range: each integer in it); a fixed one: itself."""
-    if not isinstance(param, NniParam):
-        return [param]
-    distribution = param.distribution
-    if isinstance(distribution, CategoricalDistribution):
-        return list(dict.fromkeys(param.decode(choice) for choice in distribution.choices))
-    if isinstance(distribution, IntDistribution):
-        raw = range(distribution.low, distribution.high + 1, distribution.step)
-    else:  # a rounded log range of integers
-        low, high, q = param.value
-        raw = range(int(low), int(high) + 1, int(q))
-    return sorted({param.decode(v) for v in raw})
-
-
 def _sources(plan: SpacePlan) -> dict[str, dict[str, str]]:
     """Each quantized layer (model order) -> quant type -> the parameter giving its bits."""
     out: dict[str, dict[str, str]] = {}
@@ -97,7 +82,7 @@ def table_settings(plan: SpacePlan) -> dict[str, list[dict[str, int]]]:
     for layer, sources in _sources(plan).items():
         params = list(dict.fromkeys(sources.values()))
         settings: list[dict[str, int]] = []
-        for combination in itertools.product(*(_values(plan.params[p]) for p in params)):
+        for combination in itertools.product(*(param_values(plan.params[p]) for p in params)):
             chosen = dict(zip(params, combination, strict=True))
             bits = {
                 quant_type: int(chosen[source])

@@ -12,11 +12,14 @@ from quantsearch.search._config_builder import FLOAT, SpacePlan
 from quantsearch.search._nni_syntax import NniParam
 from quantsearch.search._spec import BITS_PARAMS
 
-__all__ = ["candidates_of", "only_at", "searched_tensors"]
+__all__ = ["candidates_of", "only_at", "param_values", "searched_tensors"]
 
 
-def _param_values(param: NniParam) -> list[Bits]:
-    """Every value a bits parameter takes (a range gives each integer in it)."""
+def param_values(param: Any) -> list[Bits]:
+    """Every value a bits parameter takes (a range gives each integer in it; a fixed value:
+    itself)."""
+    if not isinstance(param, NniParam):
+        return [param]
     distribution = param.distribution
     if isinstance(distribution, CategoricalDistribution):
         return list(dict.fromkeys(param.decode(choice) for choice in distribution.choices))
@@ -47,7 +50,7 @@ def candidates_of(plan: SpacePlan) -> dict[str, list[Bits]]:
     for name in searched_tensors(plan):
         param = plan.params[name]
         assert isinstance(param, NniParam)
-        out[name] = _param_values(param)
+        out[name] = param_values(param)
     return out
 
 
