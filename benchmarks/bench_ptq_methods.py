@@ -9,7 +9,8 @@ reads the 28x28 images as they are; ResNet-18 and MobileNetV2 (``_networks.py``)
 padded to 32x32 and repeated over 3 channels. Every quantized model is W<b>A8: Conv2d/Linear
 weights at b bits (per tensor: ``per_tensor_affine`` uint; per channel:
 ``per_channel_symmetric`` int), the input of every Conv2d/Linear at 8 bits (per tensor, min/max
-observer), calibrated on ``--calibration-batches`` batches of 32 training images (the learned
+observer; ``--ends-bits 8`` keeps the first and last layer's weights at 8 bits, as the low-bit
+papers do), calibrated on ``--calibration-batches`` batches of 32 training images (the learned
 rounding and the bias correction are fitted on those). AdaRound and GPTQ round on the MSE
 observer's grid, so against "nearest+mse" they differ in rounding only. Seconds are wall-clock
 for compress + calibrate (+ fit), with ``--threads`` torch threads. ``--finetune`` instead
@@ -93,7 +94,10 @@ def predictions(model: nn.Module, network: str, x: Tensor) -> Tensor:
                       for i in range(0, len(x), 500)])
 
 
-def config_list(method: str, bits: int, scheme: str, iters: int) -> list[dict[str, Any]]:
+def config_list(method: str, bits: int, scheme: str, iters: int,
+                ends: list[str] | None = None, ends_bits: int = 8) -> list[dict[str, Any]]:
+    """One entry for every Conv2d/Linear; with ``ends`` (the first and last layer's names), a
+    second entry that keeps those at ``ends_bits``, as the low-bit papers do."""
     quant_scheme, dtype = SCHEMES[scheme]
     entry: dict[str, Any] = {
         "quant_types": ["weight", "input"], "quant_bits": {"weight": bits, "input": 8},
@@ -107,7 +111,18 @@ def config_list(method: str, bits: int, scheme: str, iters: int) -> list[dict[st
         entry.update(equalize=True, bias_correction=True)
     if method == "gptq":
         entry["rounding"] = "gptq"
-    return [entry]
+    if not ends:
+        return [entry]
+    kept = {key: value for key, value in entry.items() if key != "op_types"}
+    kept.update(op_names=ends, quant_bits={"weight": ends_bits, "input": 8})
+    return [entry, kept]  # the last matching entry wins
+
+
+def end_layers(model: nn.Module) -> list[str]:
+    """The first and the last Conv2d/Linear in the model's module order."""
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, (nn.Conv2d, nn.Linear))]
+    return [names[0], names[-1]]
 
 
 def quantize(float_model: nn.Module, config: list[dict[str, Any]], calibration: list[Tensor]
@@ -145,12 +160,14 @@ def run_ptq(args: argparse.Namespace, data: tuple[Tensor, ...]) -> list[dict[str
         for scheme in args.schemes:
             for bits in args.bits:
                 for method in args.methods:
-                    config = config_list(method, bits, scheme, args.adaround_iters)
+                    ends = end_layers(model) if args.ends_bits else None
+                    config = config_list(method, bits, scheme, args.adaround_iters, ends,
+                                         args.ends_bits or 8)
                     quantized, _, seconds = quantize(model, config, calibration)
                     got = predictions(quantized, network, test_x)
                     row = {
                         "network": network, "scheme": scheme, "bits": bits, "method": method,
-                        "float_accuracy": float_acc,
+                        "ends_bits": args.ends_bits, "float_accuracy": float_acc,
                         "accuracy": float((got == test_y).float().mean()),
                         "agreement": float((got == reference).float().mean()),
                         "seconds": seconds,
@@ -219,6 +236,8 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--adaround-iters", type=int, default=500)
+    parser.add_argument("--ends-bits", type=int, default=0,
+                        help="keep the first and last layer at these weight bits (0: no)")
     parser.add_argument("--finetune", action="store_true")
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--out", type=Path)

@@ -17,30 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from _study_bench import parser, ptq_study, run_space
 
 from quantsearch.report import ReportData, write_report
-from quantsearch.search import load_space, prepare, run_study
-
-HERE = Path(__file__).resolve().parent
 
 
 def space(args: argparse.Namespace, name: str, rounding: list[str]) -> dict[str, Any]:
     return {
         "study_name": f"mobilenetv2-{name}",
-        "task": {
-            "name": f"{HERE / '_mnist_networks_task.py'}:make_task",
-            "data_dir": str(args.data_dir),
-            "options": {"network": "mobilenetv2", "pretrained": str(args.weights.resolve()),
-                        "eval_limit": args.eval_images},
-        },
-        "algorithm": "ptq",
-        "seed": 0,
-        "calibration": {"batches": 8},
+        **ptq_study(args, "mobilenetv2"),
         "n_trials": args.trials,
         "storage": str((args.out / "rounding.db").resolve()),
         "baselines": {"float": True, "uniform_bits": [8]},
@@ -84,24 +72,15 @@ def summary(study: Any, out: Path, seconds: float) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/mnist"))
-    parser.add_argument("--weights", type=Path,
-                        default=HERE / ".cache" / "ptq-methods-mobilenetv2-6400.pt")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/rounding-study"))
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--eval-images", type=int, default=1000)
-    parser.add_argument("--adaround-iters", type=int, default=100)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    arguments = parser(__doc__.split("\n\n")[0], weights="ptq-methods-mobilenetv2-6400.pt",
+                       out="/tmp/rounding-study", trials=16)
+    arguments.add_argument("--adaround-iters", type=int, default=100)
+    args = arguments.parse_args()
     rows = []
     for name, rounding in (("nearest", ["nearest"]), ("rounding", ["nearest", "gptq",
                                                                    "adaround"])):
-        path = args.out / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(space(args, name, rounding), sort_keys=False))
-        started = time.perf_counter()
-        study = run_study(prepare(load_space(path)))
-        rows.append(summary(study, args.out / f"report-{name}", time.perf_counter() - started))
+        study, seconds = run_space(space(args, name, rounding), args.out / f"{name}.yaml")
+        rows.append(summary(study, args.out / f"report-{name}", seconds))
         print(json.dumps(rows[-1]), flush=True)
     (args.out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._rounding import ADAROUND_BATCH_ROWS, adaround, gptq, nearest_codes, reconstruction_error
+from ._rounding import ADAROUND_BATCH_ROWS, adaround, gptq, nearest_codes, row_errors
 
 __all__ = ["CALIBRATION_ROWS", "FitRecord", "LayerInputs", "fit_layer", "fits_layer"]
 
@@ -167,44 +167,40 @@ def fit_layer(
     w, s, z = (_grouped(t, groups) for t in (weight.reshape(out, -1), scale, zero))
     rows = inputs.rows if inputs.rows is not None else torch.zeros(1, inputs.width)
     x = rows.float().reshape(len(rows), groups, -1).transpose(0, 1).cpu()  # (g, n, d)
-    h = torch.bmm(x.transpose(1, 2), x) / len(rows)
+    # The second moment costs n d^2: build it only where the solver needs it.
+    use_h = rounding == "gptq" or (rounding == "adaround" and w.shape[2] <= ADAROUND_BATCH_ROWS)
+    h = torch.bmm(x.transpose(1, 2), x) / len(rows) if use_h else None
     qmin, qmax = quant.qmin, quant.qmax
     nearest = nearest_codes(w, s, z, qmin, qmax)
+    error_nearest = row_errors(w, nearest * s, h=h, x=x)
+    errors = error_nearest
     mask_binary = 1.0
     if rounding == "adaround":
-        use_h = w.shape[2] <= ADAROUND_BATCH_ROWS  # trace(E H E^T) is cheaper than a row batch
-        with torch.enable_grad():
-            codes, soft = adaround(
-                w, s, z, qmin, qmax, iters=iters, seed=seed,
-                h=h if use_h else None, x=None if use_h else x,
-            )
+        codes, soft = adaround(w, s, z, qmin, qmax, iters=iters, seed=seed,
+                               h=h, x=None if use_h else x)
         mask_binary = float(((soft < 1e-3) | (soft > 1 - 1e-3)).float().mean())
     elif rounding == "gptq":
+        assert h is not None
         codes = gptq(w, s, z, qmin, qmax, h=h, damp=damp)
     else:
         codes = nearest
     if rounding != "nearest":
         # Rows (output channels) are independent: keep nearest where it reconstructs better
         # (GPTQ is greedy and can lose on a layer of a few columns).
-        worse = _row_errors(w, codes * s, h) > _row_errors(w, nearest * s, h)
+        errors = row_errors(w, codes * s, h=h, x=x)
+        worse = errors > error_nearest
         codes = torch.where(worse.unsqueeze(2), nearest, codes)
+        errors = torch.minimum(errors, error_nearest)
         base = torch.round(w * torch.reciprocal(s))  # what the quantizer's forward rounds to
         quant.set_rounding((codes - base).reshape(weight.shape), rounding)
-    error_nearest = float(reconstruction_error(w, nearest * s, h).sum())
-    error = float(reconstruction_error(w, codes * s, h).sum())
     shift = None
     if bias_correction:
         w_hat = quant(weight, True)
         change = _grouped((weight - w_hat).reshape(out, -1), groups)
         mean = inputs.mean().reshape(groups, -1, 1)
         shift = _apply_bias_shift(wrapper, torch.bmm(change, mean).reshape(out))
-    return FitRecord(rounding, error_nearest, error, mask_binary, shift, len(rows))
-
-
-def _row_errors(w: Tensor, w_hat: Tensor, h: Tensor) -> Tensor:
-    """E ((W - W_hat) x)_o^2 per output row, shape (g, o)."""
-    e = (w - w_hat).double()
-    return torch.einsum("god,gde,goe->go", e, h.double(), e)
+    return FitRecord(rounding, float(error_nearest.sum()), float(errors.sum()), mask_binary, shift,
+                     len(rows))
 
 
 def _apply_bias_shift(wrapper: Any, shift: Tensor) -> Tensor | None:

@@ -19,17 +19,22 @@ point, ``q`` in ``qmin - z .. qmax - z``, so that ``w_hat = q * scale`` is on th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "ADAROUND_BATCH_ROWS",
     "ADAROUND_BETA",
     "ADAROUND_LAMBDA",
+    "AdaRoundLoss",
     "adaround",
     "gptq",
     "nearest_codes",
     "reconstruction_error",
+    "row_errors",
 ]
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (paper, section 4)
@@ -51,20 +56,89 @@ def nearest_codes(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
     return torch.clamp(base, qmin - zero_point, qmax - zero_point)
 
 
+def row_errors(w: Tensor, w_hat: Tensor, *, h: Tensor | None = None,
+               x: Tensor | None = None) -> Tensor:
+    """E ((W - W_hat) x)_o^2 per output row, shape (g, o): from the inputs' second moment ``h``
+    (o d^2 operations) or, without it, from the rows ``x`` themselves (n d o operations)."""
+    e = (w - w_hat).float()
+    if h is not None:
+        return (torch.bmm(e, h.float()) * e).sum(-1)
+    if x is None:
+        raise ValueError("row_errors needs h or x")
+    return torch.bmm(x.float(), e.transpose(1, 2)).pow(2).mean(1)
+
+
 def reconstruction_error(w: Tensor, w_hat: Tensor, h: Tensor) -> Tensor:
     """E ||(W - W_hat) x||^2 per group: trace(E h E^T) summed over rows, shape (g,)."""
-    e = (w - w_hat).double()
-    return torch.einsum("god,gde,goe->g", e, h.double(), e)
-
-
-def _rectified_sigmoid(v: Tensor) -> Tensor:
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+    return row_errors(w, w_hat, h=h).sum(1)
 
 
 def _initial_v(rest: Tensor) -> Tensor:
     # h(V) = rest at the start: the soft weight equals the float weight (paper, section 5).
     p = ((rest - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
     return torch.log(p / (1 - p))
+
+
+# sigmoid(V) (1 - sigmoid(V)) where the rectified sigmoid reaches 0 or 1: below it, h(V) is clamped.
+_CLAMPED_SLOPE = (-GAMMA / (ZETA - GAMMA)) * (ZETA / (ZETA - GAMMA))
+
+
+@dataclass(frozen=True)
+class AdaRoundLoss:
+    """AdaRound's loss of a layer as a function of its mask parameters V, with its gradient
+    written out: autograd would keep a dozen full-size tensors per step, and the fit of a
+    large layer is bound by those passes over memory, not by its matrix products.
+
+    A weight's error is ``residual - slope * h(V)``: a weight whose floor lies outside
+    ``low .. high - 1`` has a fixed code (its slope is 0), every other one ``floor + h(V)``.
+    """
+
+    residual: Tensor  # w - scale * clamp(floor, low, high)
+    slope: Tensor  # scale where the code is floor + h(V), else 0
+    norm: float  # 1 / nearest rounding's reconstruction error
+    h: Tensor | None  # (g, d, d) second moment of the inputs, or
+    rows: Tensor | None  # (g, n, d) input rows, ADAROUND_BATCH_ROWS of them drawn per step
+
+    def soft(self, v: Tensor) -> Tensor:
+        """The rectified sigmoid h(V) in [0, 1]."""
+        return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+    def value(self, v: Tensor, beta: float | None, pick: Tensor | None = None) -> Tensor:
+        """The loss: reconstruction error over nearest's, plus lambda times the mean of
+        ``1 - |2 h(V) - 1|^beta`` (no regulariser when ``beta`` is None)."""
+        soft = self.soft(v)
+        e = self.residual - self.slope * soft
+        if self.h is not None:
+            loss = torch.einsum("god,gde,goe->", e, self.h, e) * self.norm
+        else:
+            assert self.rows is not None and pick is not None
+            out = torch.bmm(self.rows[:, pick], e.transpose(1, 2))
+            loss = out.pow(2).sum() * (self.norm / len(pick))
+        if beta is not None:
+            loss = loss + ADAROUND_LAMBDA * (1 - (2 * soft - 1).abs().pow(beta)).mean()
+        return loss
+
+    @torch.no_grad()
+    def gradient(self, v: Tensor, beta: float | None, pick: Tensor | None = None) -> Tensor:
+        """d value / dV, computed in place."""
+        sig = torch.sigmoid(v)
+        dsoft = torch.addcmul(sig, sig, sig, value=-1.0)  # sigmoid'(V), 0 where h(V) is clamped
+        F.threshold_(dsoft, _CLAMPED_SLOPE, 0.0)
+        soft = sig.mul_(ZETA - GAMMA).add_(GAMMA).clamp_(0.0, 1.0)
+        e = torch.addcmul(self.residual, self.slope, soft, value=-1.0)
+        if self.h is not None:
+            grad = torch.bmm(e, self.h).mul_(2.0 * self.norm)
+        else:
+            assert self.rows is not None and pick is not None
+            batch = self.rows[:, pick]
+            out = torch.bmm(batch, e.transpose(1, 2))
+            grad = torch.bmm(out.transpose(1, 2), batch).mul_(2.0 * self.norm / len(pick))
+        grad.mul_(self.slope).neg_()  # d loss / d h(V) of the reconstruction
+        if beta is not None:  # d/dh of -|t|^beta with t = 2h - 1 is -2 beta t |t|^(beta - 2)
+            t = soft.mul_(2.0).sub_(1.0)
+            factor = -2.0 * ADAROUND_LAMBDA * beta / t.numel()
+            grad.addcmul_(t.abs().pow_(beta - 2.0), t, value=factor)
+        return grad.mul_(dsoft).mul_(ZETA - GAMMA)
 
 
 def adaround(
@@ -85,44 +159,39 @@ def adaround(
     low, high = qmin - zero_point, qmax - zero_point
     ratio = w / scale
     floor = torch.floor(ratio)
-    v = _initial_v(ratio - floor).requires_grad_(True)
-    step = lr if lr is not None else min(0.1, max(3e-3, 30.0 / max(iters, 1)))
-    optimizer = torch.optim.Adam([v], lr=step)
-    generator = torch.Generator().manual_seed(seed)
-    warmup = int(ADAROUND_WARMUP * iters)
-    start, end = ADAROUND_BETA
+    v = _initial_v(ratio - floor)
+    fixed = torch.clamp(floor, low, high)
+    slope = torch.where((floor >= low) & (floor <= high - 1), scale, 0.0)
     h_mat = None if h is None else h.float()
     rows = None if x is None else x.float()
     with torch.no_grad():  # the loss is scale-free: rec / (nearest rounding's), reg a mean
-        near = scale * torch.clamp(torch.round(ratio), low, high)
+        near = w - scale * torch.clamp(torch.round(ratio), low, high)
         if h_mat is not None:
-            rec0 = torch.einsum("god,gde,goe->", w - near, h_mat, w - near)
+            rec0 = torch.einsum("god,gde,goe->", near, h_mat, near)
         else:
             assert rows is not None
-            rec0 = torch.bmm(rows, (w - near).transpose(1, 2)).pow(2).sum() / rows.shape[1]
-        norm = 1.0 / float(rec0.clamp(min=1e-30))
+            rec0 = torch.bmm(rows, near.transpose(1, 2)).pow(2).sum() / rows.shape[1]
+    loss = AdaRoundLoss(residual=w - scale * fixed, slope=slope,
+                        norm=1.0 / float(rec0.clamp(min=1e-30)), h=h_mat, rows=rows)
+    step = lr if lr is not None else min(0.1, max(3e-3, 30.0 / max(iters, 1)))
+    optimizer = torch.optim.Adam([v], lr=step, fused=True)  # one pass over V per step
+    generator = torch.Generator().manual_seed(seed)
+    warmup = int(ADAROUND_WARMUP * iters)
+    start, end = ADAROUND_BETA
     for it in range(iters):
-        soft = _rectified_sigmoid(v)
-        e = w - scale * torch.clamp(floor + soft, low, high)
-        if h_mat is not None:
-            rec = torch.einsum("god,gde,goe->", e, h_mat, e)  # trace(E H E^T): mean over rows
-        else:
-            assert rows is not None
-            pick = torch.randint(rows.shape[1], (ADAROUND_BATCH_ROWS,), generator=generator)
-            out = torch.bmm(rows[:, pick], e.transpose(1, 2))  # (g, batch, o) output errors
-            rec = out.pow(2).sum() / ADAROUND_BATCH_ROWS
-        loss = rec * norm
+        beta = None
         if it >= warmup:
             progress = (it - warmup) / max(iters - warmup, 1)
             beta = end + (start - end) * (1 - progress)  # linear 20 -> 2
-            loss = loss + ADAROUND_LAMBDA * (1 - (2 * soft - 1).abs().pow(beta)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        pick = None
+        if rows is not None:
+            pick = torch.randint(rows.shape[1], (ADAROUND_BATCH_ROWS,), generator=generator)
+        v.grad = loss.gradient(v, beta, pick)
         optimizer.step()
     with torch.no_grad():
-        soft = _rectified_sigmoid(v)
+        soft = loss.soft(v)
         codes = torch.clamp(floor + (soft >= 0.5).float(), low, high)
-    return codes, soft.detach()
+    return codes, soft
 
 
 def gptq(

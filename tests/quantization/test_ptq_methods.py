@@ -10,7 +10,14 @@ from torch import Tensor, nn
 
 from quantsearch.quantization import ConfigError, PtqQuantizer, load_packed, wrappers_of
 from quantsearch.quantization._equalize import equalization_pairs, equalize
-from quantsearch.quantization._rounding import adaround, gptq, nearest_codes, reconstruction_error
+from quantsearch.quantization._rounding import (
+    AdaRoundLoss,
+    adaround,
+    gptq,
+    nearest_codes,
+    reconstruction_error,
+    row_errors,
+)
 
 
 def _data(seed: int, n: int, shape: tuple[int, ...]) -> Tensor:
@@ -114,6 +121,33 @@ def test_adaround_masks_end_binary_and_beat_nearest() -> None:
         reconstruction_error(w, nearest * scale, h)
     )
     assert bool(((codes - torch.floor(w / scale)).abs() <= 1).all())  # only up or down
+
+
+@pytest.mark.parametrize("form", ["h", "rows"])
+@pytest.mark.parametrize("beta", [None, 12.5, 2.0])
+def test_adaround_gradient_is_the_losss_autograd_gradient(form: str, beta: float | None) -> None:
+    w, x, h, scale, _ = _linear_problem(3)
+    floor = torch.floor(w / scale)
+    low, high = -3.0, 2.0  # some floors outside low .. high - 1: fixed codes, no gradient
+    loss = AdaRoundLoss(
+        residual=w - scale * floor.clamp(low, high),
+        slope=torch.where((floor >= low) & (floor <= high - 1), scale, 0.0),
+        norm=0.37, h=h if form == "h" else None, rows=x if form == "rows" else None,
+    )
+    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(3)) * 3  # clamped ends too
+    pick = torch.randint(x.shape[1], (64,), generator=torch.Generator().manual_seed(4))
+    leaf = v.clone().requires_grad_(True)
+    loss.value(leaf, beta, pick).backward()
+    assert leaf.grad is not None and float(leaf.grad.abs().max()) > 1e-3
+    assert torch.allclose(loss.gradient(v, beta, pick), leaf.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_row_errors_agree_between_rows_and_second_moment() -> None:
+    w, x, h, scale, zero = _linear_problem(3)
+    w_hat = nearest_codes(w, scale, zero, -3, 3) * scale
+    from_rows, from_h = row_errors(w, w_hat, x=x), row_errors(w, w_hat, h=h)
+    assert from_rows.shape == (1, 16)
+    assert torch.allclose(from_rows, from_h, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
