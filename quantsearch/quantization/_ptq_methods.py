@@ -32,7 +32,7 @@ __all__ = [
 
 ROUNDINGS = ("nearest", "adaround", "gptq")
 #: AdaRound's Adam steps per layer. The paper runs 10k-20k (1024 images, batches of 32); on
-#: 2 CPU cores 500 steps keep a ResNet-18 trial near a minute, and the scaled-up step size
+#: 2 CPU cores 500 steps keep a ResNet-18 trial under two minutes, and the scaled-up step size
 #: (``_rounding.adaround``) lets the masks settle in that many.
 ADAROUND_ITERS = 500
 #: GPTQ's dampening: 1% of the Hessian's mean diagonal (GPTQ, section 3).
