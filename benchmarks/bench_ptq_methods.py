@@ -12,7 +12,8 @@ weights at b bits (per tensor: ``per_tensor_affine`` uint; per channel:
 observer; ``--ends-bits 8`` keeps the first and last layer's weights at 8 bits, as the low-bit
 papers do), calibrated on ``--calibration-batches`` batches of 32 training images (the learned
 rounding and the bias correction are fitted on those). AdaRound and GPTQ round on the MSE
-observer's grid, so against "nearest+mse" they differ in rounding only. Seconds are wall-clock
+observer's grid, so against "nearest+mse" they differ in rounding only; "-qin" fits them on
+the quantized model's inputs (``fit_inputs: quantized``). Seconds are wall-clock
 for compress + calibrate (+ fit), with ``--threads`` torch threads. ``--finetune`` instead
 compares a QAT fine-tune that starts from the float weights with one that starts from the
 AdaRound (or GPTQ) weights.
@@ -40,7 +41,8 @@ except ImportError:  # run as a module: python -m benchmarks.bench_ptq_methods
 
 CACHE = Path(__file__).parent / ".cache"
 NETWORKS = {"mnist_cnn": MnistCNN, "resnet18": ResNet18, "mobilenetv2": MobileNetV2}
-METHODS = ("nearest-minmax", "nearest-mse", "adaround", "adaround-cle-bc", "gptq")
+METHODS = ("nearest-minmax", "nearest-mse", "adaround", "adaround-cle-bc", "gptq",
+           "adaround-qin", "gptq-qin")
 SCHEMES = {"per_tensor": ("per_tensor_affine", "uint"), "per_channel": ("per_channel_symmetric",
                                                                          "int")}
 
@@ -109,8 +111,10 @@ def config_list(method: str, bits: int, scheme: str, iters: int,
         entry.update(rounding="adaround", adaround_iters=iters)
     if method == "adaround-cle-bc":
         entry.update(equalize=True, bias_correction=True)
-    if method == "gptq":
+    if method.startswith("gptq"):
         entry["rounding"] = "gptq"
+    if method.endswith("-qin"):  # fitted on the quantized model's inputs
+        entry["fit_inputs"] = "quantized"
     if not ends:
         return [entry]
     kept = {key: value for key, value in entry.items() if key != "op_types"}

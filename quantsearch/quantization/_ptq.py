@@ -370,9 +370,12 @@ class PtqQuantizer(Quantizer):
     ends, on the grid the weight observer chose, with ``adaround_iters`` (default 500) and
     ``gptq_damp`` (default 0.01); ``bias_correction: true`` then adds the mean output change
     over those batches to the layer's bias (or its folded BatchNorm's; a layer with neither is
-    left alone); ``equalize: true`` applies cross-layer equalization and high-bias absorption
-    to the float model in ``compress()``, between layers that both ask for it (see
-    ``_equalize``). ``fit_records`` and ``equalization`` say what they did.
+    left alone); ``fit_inputs: quantized`` fits both on the inputs the quantized model gives
+    each layer (the layers before it fitted first; the default ``float`` fits on the float
+    model's), against the float layer's output; ``equalize: true`` applies cross-layer
+    equalization and high-bias absorption to the float model in ``compress()``, between layers
+    that both ask for it (see ``_equalize``). ``fit_records`` and ``equalization`` say what
+    they did.
     """
 
     rules = AlgorithmRules(
@@ -448,7 +451,8 @@ class PtqQuantizer(Quantizer):
         """``Quantizer.calibrate``; on leaving without an error, layers with a learned
         ``rounding`` or ``bias_correction`` are fitted on the inputs they saw inside."""
         recording = (
-            Recording(self._wrappers(), self.layers) if recording_needed(self.layers) else None
+            Recording(self.bound_model, self._wrappers(), self.layers)
+            if recording_needed(self.layers) else None
         )
         if recording is not None:
             recording.start()

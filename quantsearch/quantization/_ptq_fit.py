@@ -6,7 +6,10 @@ layer's float input rows (a conv's input patches, as ``F.unfold`` lays them out)
 mean row over every output position. When the calibration ends, :func:`fit_layer` rounds the
 (BatchNorm-folded) weight on the grid its observer chose, with AdaRound or GPTQ
 (:mod:`._rounding`), and corrects the bias by the mean output change (Nagel et al. 2019,
-"Data-Free Quantization", empirical bias correction: ``b += (W - W_hat) E[x]``).
+"Data-Free Quantization", empirical bias correction: ``b += (W - W_hat) E[x]``). With
+``fit_inputs: quantized`` a second :class:`LayerInputs` holds the same rows as the quantized
+model feeds them (the layers before fitted), and both fits reproduce the float layer's output
+from those (``b += W E[x] - W_hat E[x_hat]``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from torch import Tensor, nn
 
 from ._rounding import ADAROUND_BATCH_ROWS, adaround, gptq, nearest_codes, row_errors
 
-__all__ = ["CALIBRATION_ROWS", "FitRecord", "LayerInputs", "fit_layer", "fits_layer"]
+__all__ = [
+    "CALIBRATION_ROWS",
+    "TARGET_DAMP",
+    "FitRecord",
+    "LayerInputs",
+    "fit_layer",
+    "fits_layer",
+    "quantized_target",
+]
 
 #: The most input rows a layer keeps (fewer for very wide rows, see ``_row_cap``).
 CALIBRATION_ROWS = 4096
@@ -131,7 +142,8 @@ class FitRecord:
     """What fitting one layer did, measured on its recorded rows."""
 
     rounding: str
-    #: E||(W - W_hat) x||^2 summed over outputs, for nearest rounding and for the rounding used.
+    #: E||W x - W_hat x_hat||^2 summed over outputs (x_hat = x unless the fit saw the quantized
+    #: model's inputs), for nearest rounding and for the rounding used.
     error_nearest: float
     error: float
     #: Share of AdaRound's soft mask within 1e-3 of 0 or 1 when it stopped (1.0 otherwise).
@@ -146,15 +158,43 @@ def _grouped(tensor: Tensor, groups: int) -> Tensor:
     return tensor.reshape(groups, tensor.shape[0] // groups, -1)
 
 
+#: Ridge of the quantized-inputs target, relative to the mean diagonal of the inputs' second
+#: moment (GPTQ's own default dampening): it keeps the target at W where the rows say nothing.
+TARGET_DAMP = 0.01
+
+
+def _grouped_rows(inputs: LayerInputs, groups: int) -> Tensor:
+    rows = inputs.rows if inputs.rows is not None else torch.zeros(1, inputs.width)
+    return rows.float().reshape(len(rows), groups, -1).transpose(0, 1).cpu()  # (g, n, d)
+
+
+def quantized_target(w: Tensor, x: Tensor, x_hat: Tensor, h_hat: Tensor) -> Tensor:
+    """The weight V (g, o, d) whose output on the quantized model's rows ``x_hat`` best matches
+    the float layer's output on the float rows ``x``: min ||x W^T - x_hat V^T||^2 +
+    damp ||V - W||^2, so V = W where the two inputs agree. Rounding V on ``x_hat`` then fits
+    the float output from the quantized inputs (AdaRound's asymmetric reconstruction)."""
+    cross = torch.bmm(x_hat.transpose(1, 2), x) / x.shape[1]
+    diagonal = torch.diagonal(h_hat, dim1=1, dim2=2)
+    damp = TARGET_DAMP * diagonal.mean(1, keepdim=True).clamp(min=1e-12)
+    damped = h_hat + torch.diag_embed(damp.expand_as(diagonal))
+    step = torch.linalg.solve(damped, torch.bmm(cross - h_hat, w.transpose(1, 2)))
+    return w + step.transpose(1, 2)
+
+
 @torch.no_grad()
 def fit_layer(
     wrapper: Any, inputs: LayerInputs, *, rounding: str, iters: int, damp: float,
-    bias_correction: bool, seed: int,
+    bias_correction: bool, seed: int, quantized: LayerInputs | None = None,
 ) -> FitRecord:
     """Round the layer's weight with ``rounding`` on its observer's grid, store the codes in
     its weight quantizer (``PtqWeightQuant.set_rounding``) and, with ``bias_correction``,
-    add ``(W - W_hat) E[x]`` to the deployed bias (the folded BatchNorm's beta, or the layer's
-    bias; a layer with neither is left alone)."""
+    add ``W E[x] - W_hat E[x_hat]`` to the deployed bias (the folded BatchNorm's beta, or the
+    layer's bias; a layer with neither is left alone).
+
+    ``inputs`` are the float model's rows. ``quantized``, the same rows as the quantized model
+    feeds them to the layer (sampled at the same positions), makes the fit reproduce the float
+    output from those: the layer then also compensates the error of the layers before it.
+    Without it both are the float rows."""
     module, quant = wrapper.module, wrapper.weight_quant
     groups = module.groups if inputs.conv else 1
     weight, _ = wrapper._folded()
@@ -165,29 +205,35 @@ def fit_layer(
     scale = quant.scale.float().reshape(-1).expand(out).reshape(out, 1)
     zero = quant.zero_point.float().reshape(-1).expand(out).reshape(out, 1)
     w, s, z = (_grouped(t, groups) for t in (weight.reshape(out, -1), scale, zero))
-    rows = inputs.rows if inputs.rows is not None else torch.zeros(1, inputs.width)
-    x = rows.float().reshape(len(rows), groups, -1).transpose(0, 1).cpu()  # (g, n, d)
-    # The second moment costs n d^2: build it only where the solver needs it.
+    x = _grouped_rows(inputs, groups)
+    x_hat = None if quantized is None else _grouped_rows(quantized, groups)
+    rows = x if x_hat is None else x_hat  # what the quantized layer computes on
+    # The second moment costs n d^2: build it only where the solver or the target needs it.
     use_h = rounding == "gptq" or (rounding == "adaround" and w.shape[2] <= ADAROUND_BATCH_ROWS)
-    h = torch.bmm(x.transpose(1, 2), x) / len(rows) if use_h else None
+    fits = rounding != "nearest"
+    h = None
+    if use_h or (fits and x_hat is not None):
+        h = torch.bmm(rows.transpose(1, 2), rows) / rows.shape[1]
+    target = w if x_hat is None or not fits else quantized_target(w, x, rows, h)
+    h = h if use_h else None
     qmin, qmax = quant.qmin, quant.qmax
     nearest = nearest_codes(w, s, z, qmin, qmax)
-    error_nearest = row_errors(w, nearest * s, h=h, x=x)
+    error_nearest = row_errors(w, nearest * s, h=h, x=x, x_hat=x_hat)
     errors = error_nearest
     mask_binary = 1.0
     if rounding == "adaround":
-        codes, soft = adaround(w, s, z, qmin, qmax, iters=iters, seed=seed,
-                               h=h, x=None if use_h else x)
+        codes, soft = adaround(target, s, z, qmin, qmax, iters=iters, seed=seed,
+                               h=h, x=None if use_h else rows)
         mask_binary = float(((soft < 1e-3) | (soft > 1 - 1e-3)).float().mean())
     elif rounding == "gptq":
         assert h is not None
-        codes = gptq(w, s, z, qmin, qmax, h=h, damp=damp)
+        codes = gptq(target, s, z, qmin, qmax, h=h, damp=damp)
     else:
         codes = nearest
-    if rounding != "nearest":
+    if fits:
         # Rows (output channels) are independent: keep nearest where it reconstructs better
         # (GPTQ is greedy and can lose on a layer of a few columns).
-        errors = row_errors(w, codes * s, h=h, x=x)
+        errors = row_errors(w, codes * s, h=h, x=x, x_hat=x_hat)
         worse = errors > error_nearest
         codes = torch.where(worse.unsqueeze(2), nearest, codes)
         errors = torch.minimum(errors, error_nearest)
@@ -195,12 +241,13 @@ def fit_layer(
         quant.set_rounding((codes - base).reshape(weight.shape), rounding)
     shift = None
     if bias_correction:
-        w_hat = quant(weight, True)
-        change = _grouped((weight - w_hat).reshape(out, -1), groups)
+        w_hat = _grouped(quant(weight, True).reshape(out, -1), groups)
         mean = inputs.mean().reshape(groups, -1, 1)
-        shift = _apply_bias_shift(wrapper, torch.bmm(change, mean).reshape(out))
+        mean_hat = mean if quantized is None else quantized.mean().reshape(groups, -1, 1)
+        change = torch.bmm(w, mean) - torch.bmm(w_hat, mean_hat)
+        shift = _apply_bias_shift(wrapper, change.reshape(out))
     return FitRecord(rounding, float(error_nearest.sum()), float(errors.sum()), mask_binary, shift,
-                     len(rows))
+                     rows.shape[1])
 
 
 def _apply_bias_shift(wrapper: Any, shift: Tensor) -> Tensor | None:

@@ -1,7 +1,7 @@
 """Post-training methods beyond round-to-nearest, as keys of the ptq config_list entries.
 
 ``rounding`` (``nearest``, ``adaround``, ``gptq``), ``bias_correction`` and ``equalize``, with
-``adaround_iters`` and ``gptq_damp``: their validators and what
+``adaround_iters``, ``gptq_damp`` and ``fit_inputs``: their validators and what
 ``PtqQuantizer`` runs for them: :func:`equalize_model` on the float model before wrapping, and
 a :class:`Recording` that samples each layer's inputs during ``calibrate()`` and fits the
 rounding and the bias when the calibration ends (:mod:`._ptq_fit`).
@@ -9,9 +9,11 @@ rounding and the bias when the calibration ends (:mod:`._ptq_fit`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._algorithms import _WEIGHTED
@@ -21,6 +23,7 @@ from ._ptq_fit import FitRecord, LayerInputs, fit_layer, fits_layer
 
 __all__ = [
     "ADAROUND_ITERS",
+    "FIT_INPUTS",
     "GPTQ_DAMP",
     "METHOD_EXAMPLES",
     "METHOD_OPTIONS",
@@ -31,6 +34,9 @@ __all__ = [
 ]
 
 ROUNDINGS = ("nearest", "adaround", "gptq")
+#: The inputs a learned rounding and a bias correction are fitted on: the float model's, or the
+#: quantized model's (each layer then also compensates the error of the layers before it).
+FIT_INPUTS = ("float", "quantized")
 #: AdaRound's Adam steps per layer. The paper runs 10k-20k (1024 images, batches of 32); on
 #: 2 CPU cores 500 steps keep a ResNet-18 trial under two minutes, and the scaled-up step size
 #: (``_rounding.adaround``) lets the masks settle in that many.
@@ -42,6 +48,12 @@ GPTQ_DAMP = 0.01
 def _rounding_value(value: Any) -> str | None:
     return None if isinstance(value, str) and value in ROUNDINGS else (
         f"expected one of {list(ROUNDINGS)}"
+    )
+
+
+def _fit_inputs_value(value: Any) -> str | None:
+    return None if isinstance(value, str) and value in FIT_INPUTS else (
+        f"expected one of {list(FIT_INPUTS)}"
     )
 
 
@@ -65,6 +77,7 @@ def _damp_value(value: Any) -> str | None:
 METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
     "rounding": ("nearest", _rounding_value),
     "bias_correction": (False, _bool_value),
+    "fit_inputs": ("float", _fit_inputs_value),
     "equalize": (False, _bool_value),
     "adaround_iters": (ADAROUND_ITERS, _iters_value),
     "gptq_damp": (GPTQ_DAMP, _damp_value),
@@ -85,11 +98,12 @@ METHOD_EXAMPLES = (
          "relu1": {"output": 8}, "relu2": {"output": 8}},
     ),
     Example(
-        "w3a8-gptq-per-channel-mse",
+        "w3a8-gptq-per-channel-mse-quantized-inputs",
         [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 3, "input": 8},
           "op_types": ["Conv2d", "Linear"], "quant_scheme": "per_channel_symmetric",
           "quant_dtype": "int", "observer": {"weight": "mse", "input": "minmax"},
-          "rounding": "gptq", "gptq_damp": 0.05, "bias_correction": True}],
+          "rounding": "gptq", "gptq_damp": 0.05, "bias_correction": True,
+          "fit_inputs": "quantized"}],
         {name: {"weight": 3} for name in _WEIGHTED},
     ),
     Example(
@@ -119,17 +133,26 @@ def _needs_fit(layer: Any) -> bool:
     )
 
 
+class _Reached(Exception):
+    """Stops a replayed forward once the layer being fitted has seen its input."""
+
+
 class Recording:
     """Input samples of the layers that fit something, recorded while calibrating.
 
-    ``start`` hooks every such wrapper (its forward pre-hook sees the layer's float input);
-    ``finish`` removes the hooks and fits each layer, returning what it did, by layer name.
+    ``start`` hooks every such wrapper (its forward pre-hook sees the layer's float input)
+    and, where a layer fits on the quantized model's inputs, the model itself (to keep the
+    calibration batches); ``finish`` removes the hooks and fits each layer in the order the
+    forward reached them, returning what it did, by layer name.
     """
 
-    def __init__(self, wrappers: Mapping[str, Any], layers: Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, wrappers: Mapping[str, Any],
+                 layers: Mapping[str, Any]) -> None:
+        self.model = model
         self.layers = layers
         self.inputs: dict[str, LayerInputs] = {}
         self.wrappers: dict[str, Any] = {}
+        self.seeds: dict[str, int] = {}
         for index, (name, wrapper) in enumerate(wrappers.items()):
             layer = layers.get(name)
             if layer is None or not _needs_fit(layer) or wrapper.weight_quant is None:
@@ -138,42 +161,92 @@ class Recording:
                 continue  # other layer types keep nearest rounding and their bias
             self.inputs[name] = LayerInputs(wrapper.module, seed=index)
             self.wrappers[name] = wrapper
+            self.seeds[name] = index
+        self.replays = any(
+            layers[name].options.get("fit_inputs") == "quantized" for name in self.wrappers
+        )
+        #: Calls per layer, in the order the forward first reached each.
+        self.calls: dict[str, int] = {}
+        self.batches: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
         self._handles: list[Any] = []
 
     def start(self) -> None:
         for name, wrapper in self.wrappers.items():
-            inputs = self.inputs[name]
-            self._handles.append(
-                wrapper.register_forward_pre_hook(
-                    lambda _m, args, inputs=inputs: inputs.add(args[0])
-                )
-            )
+            self._handles.append(wrapper.register_forward_pre_hook(
+                lambda _m, args, name=name: self._record(name, args[0])
+            ))
+        if self.replays:
+            self._handles.append(self.model.register_forward_pre_hook(
+                lambda _m, args, kwargs: self.batches.append((args, dict(kwargs))),
+                with_kwargs=True,
+            ))
+
+    def _record(self, name: str, x: Any) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.inputs[name].add(x)
 
     def stop(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
+    @torch.no_grad()
+    def quantized_inputs(self, name: str) -> LayerInputs:
+        """The layer's input rows as the quantized model (as fitted so far) computes them on
+        the calibration batches: sampled at the positions of its float rows, after its own
+        input quantizer."""
+        wrapper = self.wrappers[name]
+        inputs = LayerInputs(wrapper.module, seed=self.seeds[name])
+        once = self.calls[name] == len(self.batches)  # then the rest of each forward is moot
+
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            inputs.add(x if wrapper.input_quant is None else wrapper.input_quant(x, True))
+            if once:
+                raise _Reached
+
+        handle = wrapper.register_forward_pre_hook(record)
+        flags = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            for args, kwargs in self.batches:
+                with contextlib.suppress(_Reached):
+                    self.model(*args, **kwargs)
+        finally:
+            handle.remove()
+            for module, training in flags:
+                module.training = training
+        expected = self.inputs[name].keys
+        if inputs.keys is None or expected is None or not torch.equal(inputs.keys, expected):
+            raise RuntimeError(
+                f"layer {name!r} saw inputs of other shapes when the calibration batches ran "
+                "again through the quantized model; fit_inputs: quantized needs a forward "
+                "that calls each layer alike for the same batches"
+            )
+        return inputs
+
     def finish(self) -> dict[str, FitRecord]:
-        """Fit every recorded layer (in eval mode, without autograd outside AdaRound)."""
+        """Fit every recorded layer in forward order (in eval mode, without autograd)."""
         records: dict[str, FitRecord] = {}
-        for index, (name, wrapper) in enumerate(self.wrappers.items()):
-            inputs = self.inputs[name]
-            if inputs.count == 0:
-                continue  # no batch reached this layer: nothing to fit on
-            options = self.layers[name].options
+        for name in list(self.calls):  # a layer no batch reached has nothing to fit on
+            wrapper, options = self.wrappers[name], self.layers[name].options
+            quantized = (
+                self.quantized_inputs(name) if options["fit_inputs"] == "quantized" else None
+            )
             quant = wrapper.weight_quant
             training = quant.training
             quant.train(False)  # a training forward would drop the fitted rounding
             try:
                 records[name] = fit_layer(
-                    wrapper, inputs, rounding=options["rounding"],
+                    wrapper, self.inputs[name], rounding=options["rounding"],
                     iters=int(options["adaround_iters"]), damp=float(options["gptq_damp"]),
-                    bias_correction=bool(options["bias_correction"]), seed=index,
+                    bias_correction=bool(options["bias_correction"]), seed=self.seeds[name],
+                    quantized=quantized,
                 )
             finally:
                 quant.train(training)
-            self.inputs[name] = LayerInputs(wrapper.module, seed=index)  # free the rows
+            self.inputs[name] = LayerInputs(wrapper.module, seed=self.seeds[name])  # free rows
+        self.batches.clear()
         return records
 
 

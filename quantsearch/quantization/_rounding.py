@@ -57,9 +57,14 @@ def nearest_codes(w: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
 
 
 def row_errors(w: Tensor, w_hat: Tensor, *, h: Tensor | None = None,
-               x: Tensor | None = None) -> Tensor:
+               x: Tensor | None = None, x_hat: Tensor | None = None) -> Tensor:
     """E ((W - W_hat) x)_o^2 per output row, shape (g, o): from the inputs' second moment ``h``
-    (o d^2 operations) or, without it, from the rows ``x`` themselves (n d o operations)."""
+    (o d^2 operations) or, without it, from the rows ``x`` themselves (n d o operations).
+    With ``x_hat`` (the rows the quantized model feeds the layer, paired with ``x``), the error
+    of the quantized layer on them against the float layer on ``x``: E (W x - W_hat x_hat)^2."""
+    if x_hat is not None and x is not None:
+        target = torch.bmm(x.float(), w.float().transpose(1, 2))
+        return (target - torch.bmm(x_hat.float(), w_hat.float().transpose(1, 2))).pow(2).mean(1)
     e = (w - w_hat).float()
     if h is not None:
         return (torch.bmm(e, h.float()) * e).sum(-1)

@@ -218,8 +218,8 @@ def test_mse_and_percentile_weights_are_recomputed_only_when_the_weight_changes(
         ({"quant_start_step": 10},
          "config_list[0]: unknown key 'quant_start_step' for PtqQuantizer; allowed keys: "
          "quant_types, quant_bits, op_types, op_names, exclude, quant_scheme, quant_dtype, "
-         "observer, percentile, rounding, bias_correction, equalize, adaround_iters, "
-         "gptq_damp"),
+         "observer, percentile, rounding, bias_correction, fit_inputs, equalize, "
+         "adaround_iters, gptq_damp"),
         ({"quant_bits": 1},
          "config_list[0]: 'quant_bits' = 1 is invalid: PtqQuantizer takes an int in 2..16 bits "
          "for weight"),

@@ -189,6 +189,68 @@ def test_learned_rounding_lowers_every_layers_output_error(scheme: str, rounding
     assert improved >= 2
 
 
+def _model_error(model: nn.Module, batches: list[Tensor]) -> float:
+    reference = _conv_net()
+    with torch.no_grad():
+        return float(sum((model(b) - reference(b)).pow(2).mean() for b in batches))
+
+
+@pytest.mark.parametrize("rounding", ["adaround", "gptq"])
+def test_fitting_on_quantized_inputs_lowers_the_models_output_error(rounding: str) -> None:
+    batches = [_data(i, 32, (3, 8, 8)) for i in range(3)]
+    config = [{"quant_types": ["weight", "input"], "quant_bits": {"weight": 2, "input": 4},
+               "op_types": ["Conv2d", "Linear"], "quant_scheme": "per_channel_symmetric",
+               "quant_dtype": "int", "rounding": rounding, "adaround_iters": 200,
+               "bias_correction": True}]
+    errors = {}
+    for fit_inputs in ("float", "quantized"):
+        model = _conv_net()
+        quantizer = _calibrated(model, [{**config[0], "fit_inputs": fit_inputs}], batches)
+        # fitted in forward order, whatever the modules' registration order
+        assert list(quantizer.fit_records) == ["conv1", "dw", "pw", "fc"]
+        errors[fit_inputs] = _model_error(model, batches)
+    assert errors["quantized"] < 0.8 * errors["float"], errors
+
+
+def test_quantized_inputs_without_quantization_before_are_the_float_fit() -> None:
+    batches = [_data(i, 16, (3, 8, 8)) for i in range(2)]
+    records, weights = [], []
+    for fit_inputs in ("float", "quantized"):
+        model = _conv_net()
+        config = _weights(3, rounding="gptq", bias_correction=True, fit_inputs=fit_inputs)
+        config[0]["op_types"] = ["Conv2d"]
+        config[0]["op_names"] = ["conv1"]  # only the first layer: its inputs are the float ones
+        quantizer = _calibrated(model, config, batches)
+        records.append(quantizer.fit_records["conv1"])
+        weights.append(wrappers_of(model)["conv1"].quantized_weight())
+    assert torch.equal(weights[0], weights[1])
+    assert records[0].error == pytest.approx(records[1].error, rel=1e-5)
+    assert records[0].bias_shift is not None and records[1].bias_shift is not None
+    assert torch.allclose(records[0].bias_shift, records[1].bias_shift, atol=1e-6)
+
+
+class _ShiftingNet(nn.Module):
+    """A forward that crops its input differently on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.conv(x[..., self.calls % 3 :])
+
+
+def test_quantized_inputs_need_a_repeatable_forward() -> None:
+    model = _ShiftingNet()
+    quantizer = PtqQuantizer(model, _weights(3, rounding="gptq", fit_inputs="quantized"))
+    quantizer.compress()
+    message = "layer 'conv' saw inputs of other shapes"
+    with pytest.raises(RuntimeError, match=message), quantizer.calibrate():
+        model(_data(0, 4, (3, 8, 8)))
+
+
 def test_bias_correction_zeroes_the_mean_output_error() -> None:
     batches = [_data(i, 32, (3, 8, 8)) for i in range(2)]
     model = _conv_net()
@@ -382,6 +444,9 @@ def test_equalize_through_the_quantizer_keeps_float_calibration() -> None:
          "config_list[0]: 'adaround_iters' = 2.5 is invalid: expected an int in 1..100000"),
         ({"gptq_damp": True},
          "config_list[0]: 'gptq_damp' = True is invalid: expected a number in (0, 1]"),
+        ({"fit_inputs": "fake"},
+         "config_list[0]: 'fit_inputs' = 'fake' is invalid: expected one of ['float', "
+         "'quantized']"),
     ],
 )
 def test_bad_keys(entry: dict, message: str) -> None:
