@@ -37,7 +37,7 @@ from ._pack import load_packed, model_size_bytes, save_packed
 from ._ptq import NotCalibratedError, PtqQuantizer
 from ._registry import QUANTIZERS, algorithm_rules, get_quantizer, register_quantizer
 from ._tensor_quant import SCHEMES
-from ._wrapper import QuantWrapper, wrappers_of
+from ._wrapper import QuantWrapper, eval_mode, wrappers_of
 
 __all__ = [
     "DEFAULT_OP_TYPES",
@@ -64,6 +64,7 @@ __all__ = [
     "QuantWrapper",
     "Quantizer",
     "algorithm_rules",
+    "eval_mode",
     "export_onnx",
     "get_quantizer",
     "load_packed",

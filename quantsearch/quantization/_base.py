@@ -21,7 +21,7 @@ from ._config import AlgorithmRules, ConfigError, LayerConfig, select_layers, va
 from ._onnx import export_onnx
 from ._pack import save_packed
 from ._tensor_quant import TensorQuant
-from ._wrapper import QuantWrapper, keep_transformers_on_slow_path, wrappers_of
+from ._wrapper import QuantWrapper, eval_mode, keep_transformers_on_slow_path, wrappers_of
 
 __all__ = [
     "Example",
@@ -281,20 +281,17 @@ class Quantizer:
         model = self._compressed_model()
         if self._calibrating:
             raise RuntimeError("calibrate() is already active for this quantizer")
-        flags = [(module, module.training) for module in model.modules()]
-        self._calibrating = True
-        try:
-            model.eval()
-            for wrapper in self._wrapper_list:
-                wrapper.set_calibrating(True)
-            with torch.no_grad():
-                yield model
-        finally:
-            for wrapper in self._wrapper_list:
-                wrapper.set_calibrating(False)
-            for module, training in flags:
-                module.training = training
-            self._calibrating = False
+        with eval_mode(model):
+            self._calibrating = True
+            try:
+                for wrapper in self._wrapper_list:
+                    wrapper.set_calibrating(True)
+                with torch.no_grad():
+                    yield model
+            finally:
+                for wrapper in self._wrapper_list:
+                    wrapper.set_calibrating(False)
+                self._calibrating = False
         with torch.no_grad():
             for wrapper in self._wrapper_list:
                 for quant in (wrapper.weight_quant, wrapper.input_quant, wrapper.output_quant):

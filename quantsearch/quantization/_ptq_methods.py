@@ -20,6 +20,7 @@ from ._algorithms import _WEIGHTED
 from ._base import Example
 from ._equalize import EqualizeResult, equalize
 from ._ptq_fit import FitRecord, LayerInputs, fit_layer, fits_layer
+from ._wrapper import eval_mode
 
 __all__ = [
     "ADAROUND_ITERS",
@@ -45,16 +46,14 @@ ADAROUND_ITERS = 500
 GPTQ_DAMP = 0.01
 
 
-def _rounding_value(value: Any) -> str | None:
-    return None if isinstance(value, str) and value in ROUNDINGS else (
-        f"expected one of {list(ROUNDINGS)}"
-    )
+def _one_of(choices: tuple[str, ...]) -> Any:
+    """A validator that accepts one of ``choices``."""
 
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, str) and value in choices
+        return None if ok else f"expected one of {list(choices)}"
 
-def _fit_inputs_value(value: Any) -> str | None:
-    return None if isinstance(value, str) and value in FIT_INPUTS else (
-        f"expected one of {list(FIT_INPUTS)}"
-    )
+    return check
 
 
 def _bool_value(value: Any) -> str | None:
@@ -75,9 +74,9 @@ def _damp_value(value: Any) -> str | None:
 #: check: a search writes every searched key into every entry, so an entry without weights
 #: (ReLU6 outputs) and one whose rounding is not AdaRound take them too, and ignore them.
 METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "rounding": ("nearest", _rounding_value),
+    "rounding": ("nearest", _one_of(ROUNDINGS)),
     "bias_correction": (False, _bool_value),
-    "fit_inputs": ("float", _fit_inputs_value),
+    "fit_inputs": ("float", _one_of(FIT_INPUTS)),
     "equalize": (False, _bool_value),
     "adaround_iters": (ADAROUND_ITERS, _iters_value),
     "gptq_damp": (GPTQ_DAMP, _damp_value),
@@ -206,16 +205,13 @@ class Recording:
                 raise _Reached
 
         handle = wrapper.register_forward_pre_hook(record)
-        flags = [(module, module.training) for module in self.model.modules()]
-        self.model.eval()
         try:
-            for args, kwargs in self.batches:
-                with contextlib.suppress(_Reached):
-                    self.model(*args, **kwargs)
+            with eval_mode(self.model):
+                for args, kwargs in self.batches:
+                    with contextlib.suppress(_Reached):
+                        self.model(*args, **kwargs)
         finally:
             handle.remove()
-            for module, training in flags:
-                module.training = training
         expected = self.inputs[name].keys
         if inputs.keys is None or expected is None or not torch.equal(inputs.keys, expected):
             raise RuntimeError(

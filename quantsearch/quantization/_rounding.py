@@ -62,7 +62,9 @@ def row_errors(w: Tensor, w_hat: Tensor, *, h: Tensor | None = None,
     (o d^2 operations) or, without it, from the rows ``x`` themselves (n d o operations).
     With ``x_hat`` (the rows the quantized model feeds the layer, paired with ``x``), the error
     of the quantized layer on them against the float layer on ``x``: E (W x - W_hat x_hat)^2."""
-    if x_hat is not None and x is not None:
+    if x_hat is not None:
+        if x is None:
+            raise ValueError("row_errors with x_hat needs the float rows x")
         target = torch.bmm(x.float(), w.float().transpose(1, 2))
         return (target - torch.bmm(x_hat.float(), w_hat.float().transpose(1, 2))).pow(2).mean(1)
     e = (w - w_hat).float()
@@ -170,12 +172,8 @@ def adaround(
     h_mat = None if h is None else h.float()
     rows = None if x is None else x.float()
     with torch.no_grad():  # the loss is scale-free: rec / (nearest rounding's), reg a mean
-        near = w - scale * torch.clamp(torch.round(ratio), low, high)
-        if h_mat is not None:
-            rec0 = torch.einsum("god,gde,goe->", near, h_mat, near)
-        else:
-            assert rows is not None
-            rec0 = torch.bmm(rows, near.transpose(1, 2)).pow(2).sum() / rows.shape[1]
+        near = scale * nearest_codes(w, scale, zero_point, qmin, qmax)
+        rec0 = row_errors(w, near, h=h_mat, x=rows).sum()
     loss = AdaRoundLoss(residual=w - scale * fixed, slope=slope,
                         norm=1.0 / float(rec0.clamp(min=1e-30)), h=h_mat, rows=rows)
     step = lr if lr is not None else min(0.1, max(3e-3, 30.0 / max(iters, 1)))

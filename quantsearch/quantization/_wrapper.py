@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -14,6 +16,7 @@ from ._tensor_quant import EmaActivationQuant, LsqQuant, TensorQuant
 
 __all__ = [
     "QuantWrapper",
+    "eval_mode",
     "keep_transformers_on_slow_path",
     "unwrapped_float_state",
     "wrappers_of",
@@ -397,3 +400,16 @@ def unwrapped_float_state(model: nn.Module) -> dict[str, Tensor]:
         seen.add(id(tensor))  # tied weights are stored once
         state[key] = tensor
     return state
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode; every submodule gets back its own training flag afterwards (a
+    quantizer's observers and step counters must not stay frozen)."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training

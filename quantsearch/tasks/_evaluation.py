@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from quantsearch.quantization import eval_mode
 from quantsearch.tasks._batches import Batches
 from quantsearch.tasks._contract import Task, TaskMetric
 from quantsearch.tasks._errors import TaskError
@@ -43,15 +44,9 @@ def model_device(model: nn.Module) -> torch.device:
 def evaluation_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
     """``model`` on ``device`` in eval mode under ``torch.no_grad``; every submodule's training
     flag is restored afterwards (a quantizer's observers must not stay frozen)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.to(device)
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model), torch.no_grad():
+        model.to(device)
+        yield
 
 
 def _as_values(value: Any) -> np.ndarray | float:
