@@ -1,11 +1,13 @@
-"""onnxruntime latency of W8A8 ResNet-18 and MobileNetV2: float ONNX, onnxruntime's own
-``quantize_static``, and quantsearch's QDQ export, ratios measured in one process.
+"""onnxruntime latency of W8A8 ResNet-18, MobileNetV2 and an MLP: float ONNX, onnxruntime's
+own ``quantize_static``, and quantsearch's QDQ export, ratios measured in one process.
 
-    python benchmarks/bench_latency.py [--networks resnet18 mobilenetv2] [--sizes 32 224]
+    python benchmarks/bench_latency.py [--networks resnet18 mobilenetv2 mlp] [--sizes 32 224]
         [--batches 1 32] [--threads 1 2] [--seconds 4] [--json out.json]
 
-Both networks are the CIFAR-style ones of benchmarks/_networks.py (seed 0, untrained: the
-latency does not depend on the weights' values). For each network and input size:
+ResNet-18 and MobileNetV2 are the CIFAR-style networks of benchmarks/_networks.py at each of
+``--sizes``; ``mlp`` is the latency space's 784-2048-2048-2048-10 MLP
+(examples/latency_task.py) on 28x28 inputs, whatever ``--sizes`` says. All seed 0, untrained:
+the latency does not depend on the weights' values. For each network and input size:
 
 - float: the model exported by ``export_onnx`` (BatchNorm left to onnxruntime's own folding);
 - quantize_static: that file through ``quant_pre_process`` and ``quantize_static`` (QDQ format,
@@ -41,8 +43,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 from _networks import MobileNetV2, ResNet18
+from latency_task import MnistMLP
 
 from quantsearch.quantization import QAT_Quantizer, export_onnx, runtime_op_counts
 
@@ -51,7 +55,9 @@ W8A8 = [
      "op_types": ["Conv2d", "Linear"]},
     {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU", "ReLU6"]},
 ]
-NETWORKS = {"resnet18": ResNet18, "mobilenetv2": MobileNetV2}
+NETWORKS = {"resnet18": ResNet18, "mobilenetv2": MobileNetV2, "mlp": MnistMLP}
+#: Networks with one input shape (channels, height, width); the others take 3 x size x size.
+FIXED_INPUTS = {"mlp": (1, 28, 28)}
 
 
 def _session(path: Path, threads: int) -> Any:
@@ -127,10 +133,14 @@ def _time(sessions: dict[str, Any], inputs: np.ndarray, seconds: float) -> dict[
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for network in args.networks:
-        for size in args.sizes:
+        shapes = [FIXED_INPUTS[network]] if network in FIXED_INPUTS else [
+            (3, size, size) for size in args.sizes
+        ]
+        for shape in shapes:
+            size = shape[-1]
             torch.manual_seed(0)
             model = NETWORKS[network]().eval()
-            batches = [torch.randn(8, 3, size, size) for _ in range(4)]
+            batches = [torch.randn(8, *shape) for _ in range(4)]
             with tempfile.TemporaryDirectory() as folder:
                 paths = {name: Path(folder) / f"{name}.onnx"
                          for name in ("float", "qs", "ours", "ours_u8")}
@@ -138,7 +148,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 _quantize_static(paths["float"], paths["qs"], batches)
                 ours = _ours(model, paths["ours"], batches)
                 ops = {name: runtime_op_counts(paths[name]) for name in ("qs", "ours", "ours_u8")}
-                check = torch.randn(64, 3, size, size).numpy()
+                check = torch.randn(64, *shape).numpy()
                 outputs = {n: _session(p, 1).run(None, {"input": check})[0]
                            for n, p in paths.items()}
                 quality = {n: _sqnr(outputs["float"], outputs[n])
@@ -152,7 +162,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for threads in args.threads:
                     sessions = {n: _session(p, threads) for n, p in paths.items()}
                     for batch in args.batches:
-                        inputs = np.ascontiguousarray(np.resize(check, (batch, 3, size, size)))
+                        inputs = np.ascontiguousarray(np.resize(check, (batch, *shape)))
                         load = os.getloadavg()[0]
                         times = _time(sessions, inputs, args.seconds)
                         med = {n: statistics.median(t) for n, t in times.items()}

@@ -1,6 +1,6 @@
 """The per-layer latency table against measurement, on a space's network, without training.
 
-    python benchmarks/bench_latency_table.py --space search_spaces/latency.yaml \
+    python benchmarks/bench_latency_table.py --space search_spaces/latency_cnn.yaml \
         --data-dir /path/to/mnist [--configs 8] [--seed 0]
 
 Measures the space's latency table (``latency: {table: true}``'s pass: the float model, then

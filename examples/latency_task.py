@@ -1,21 +1,26 @@
-"""MNIST with a network whose convolutions have enough channels for int8 kernels to pay off.
+"""MNIST with networks that onnxruntime's int8 kernels run faster than float.
 
-The latency-aware space (``search_spaces/latency.yaml``) uses it: the built-in MNIST CNN's 5x5
-convolutions on 1 and 20 channels run slower in onnxruntime's int8 kernels than in its float
-ones, so no quantization config of it is faster than float. This one (four 3x3 convolutions
-with BatchNorm and ReLU, 32 to 128 channels, two of them strided, global pooling and one
-Linear) runs 1.6 to 1.7 times as fast in int8 (W8A8, batch 64, one thread) on a CPU with AVX2
-and no VNNI, as fast as onnxruntime's own ``quantize_static`` of it. Nearly all its time is in
-the four convolutions; wider (64 to 256 channels), 1x1, max-pooled and Linear-headed variants
-measured no better (docs/latency.md), so it stays this small: a study of it trains in minutes.
-Data, splits and training are the built-in ``mnist`` task's::
+The latency-aware spaces use them; data, splits and training are the built-in ``mnist``
+task's (same options)::
 
     task: {name: ../examples/latency_task.py:make_task, data_dir: ../data/mnist}
+
+* :class:`MnistMLP` (``make_task``, ``search_spaces/latency.yaml``): three hidden Linear layers
+  of 2048 units. At batch 1 each Linear is a matrix-vector product whose time is spent reading
+  the weight, and int8 weights are a quarter of float's bytes: its W8A8 export runs about 3x as
+  fast as float on one thread of an AVX2 CPU without VNNI (docs/latency.md).
+* :class:`MnistConvNet` (``make_conv_task``, ``search_spaces/latency_cnn.yaml``): four 3x3
+  convolutions of 32 to 128 channels. Convolutions are bound by arithmetic, where that CPU's
+  int8 kernels are at most about twice as fast as float: 1.6 to 1.7x at batch 64. (The
+  built-in MNIST CNN's 5x5 convolutions on 1 and 20 channels run slower in int8 than in float.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,20 @@ from torch import Tensor, nn
 
 from quantsearch.tasks import Task, get_task
 
-__all__ = ["MnistConvNet", "make_task"]
+__all__ = ["MnistConvNet", "MnistMLP", "make_conv_task", "make_task"]
+
+
+class MnistMLP(nn.Sequential):
+    """784 -> 2048 -> 2048 -> 2048 -> 10 (``fc1`` to ``fc4``), ReLUs between (``relu1`` to 3)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 2048) -> None:
+        layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+        sizes = (28 * 28, width, width, width)
+        for index, (inp, out) in enumerate(itertools.pairwise(sizes), start=1):
+            layers[f"fc{index}"] = nn.Linear(inp, out)
+            layers[f"relu{index}"] = nn.ReLU()
+        layers["fc4"] = nn.Linear(width, num_classes)
+        super().__init__(layers)
 
 
 class MnistConvNet(nn.Module):
@@ -31,15 +49,12 @@ class MnistConvNet(nn.Module):
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
         for index, (inp, out, stride) in enumerate(
             ((1, 32, 2), (32, 64, 1), (64, 128, 2), (128, 128, 1)), start=1
         ):
-            conv = nn.Conv2d(inp, out, 3, stride, 1, bias=False)
-            self.add_module(f"conv{index}", conv)
+            self.add_module(f"conv{index}", nn.Conv2d(inp, out, 3, stride, 1, bias=False))
             self.add_module(f"bn{index}", nn.BatchNorm2d(out))
             self.add_module(f"relu{index}", nn.ReLU())
-            layers.append(conv)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(128, num_classes)
 
@@ -51,11 +66,20 @@ class MnistConvNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def make_task(data_dir: Path | None, options: dict[str, Any], seed: int) -> Task:
-    """The built-in ``mnist`` task (same options) with :class:`MnistConvNet` as its model."""
+def _mnist_with(
+    build: Callable[[], nn.Module], what: str, data_dir: Path | None, options: dict[str, Any],
+    seed: int,
+) -> Task:
     base = get_task("mnist", data_dir=data_dir, options=options, seed=seed)
-    return dataclasses.replace(
-        base,
-        build_model=lambda: MnistConvNet(10),
-        description=base.description.split(",")[0] + ", a 4-conv net (examples/latency_task.py)",
-    )
+    description = f"{base.description.split(',')[0]}, {what} (examples/latency_task.py)"
+    return dataclasses.replace(base, build_model=build, description=description)
+
+
+def make_task(data_dir: Path | None, options: dict[str, Any], seed: int) -> Task:
+    """The built-in ``mnist`` task (same options) with :class:`MnistMLP` as its model."""
+    return _mnist_with(lambda: MnistMLP(10), "a 3x2048 MLP", data_dir, options, seed)
+
+
+def make_conv_task(data_dir: Path | None, options: dict[str, Any], seed: int) -> Task:
+    """The built-in ``mnist`` task (same options) with :class:`MnistConvNet` as its model."""
+    return _mnist_with(lambda: MnistConvNet(10), "a 4-conv net", data_dir, options, seed)

@@ -14,7 +14,8 @@ from quantsearch.cli import main
 from tests.tasks.conftest import cifar_batch, write_mnist_files
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
-NEEDS_DATA = {"bnn_cifar10.yaml", "latency.yaml", "qat_mnist.yaml", "qat_mnist_finetune.yaml",
+NEEDS_DATA = {"bnn_cifar10.yaml", "latency.yaml", "latency_cnn.yaml", "qat_mnist.yaml",
+              "qat_mnist_finetune.yaml",
               # MNIST files, and the MiniLM package (not in .[test]): their slow tests run them.
               "mnist_segmentation.yaml", "minilm_embeddings.yaml"}
 
@@ -87,17 +88,23 @@ def test_bnn_cifar10_uniform_baseline_is_the_nni_example_config(
                               "features.20", "classifier.2", "classifier.5"])
 
 
-def test_latency_space_validates_on_idx_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("space", "per_layer"),
+    [("latency.yaml", "input_bits: choice [8, 'float'] on fc1, fc2, fc3, fc4"),
+     ("latency_cnn.yaml", "weight_bits: choice [8, 4, 'float'] on conv1, conv2, conv3, conv4, fc")],
+)
+def test_latency_spaces_validate_on_idx_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    space: str, per_layer: str,
 ) -> None:
-    root = _repository(tmp_path, monkeypatch, "latency.yaml")
+    root = _repository(tmp_path, monkeypatch, space)
     (root / "examples").mkdir()  # its task: the built-in MNIST data, its own network
     shutil.copy(SPACES.parent / "examples" / "latency_task.py", root / "examples")
     write_mnist_files(root / "data" / "mnist")
-    assert main(["validate", "--space", str(root / "search_spaces" / "latency.yaml")]) == 0
-    assert "objectives accuracy (maximize), size_bytes (minimize), latency (minimize)" in (
-        capsys.readouterr().out
-    )
+    assert main(["validate", "--space", str(root / "search_spaces" / space)]) == 0
+    out = capsys.readouterr().out
+    assert "objectives accuracy (maximize), size_bytes (minimize), latency (minimize)" in out
+    assert f"per layer  {per_layer}" in out
 
 
 def test_qat_mnist_space_validates_on_idx_files(

@@ -111,6 +111,45 @@ def digits_as_mnist(folder: Path) -> Path:
     return data
 
 
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    """An IDX1 file of uint8 labels (gzipped)."""
+    with gzip.open(path, "wb") as out:
+        out.write(struct.pack(">II", 0x00000801, len(labels)) + labels.astype(np.uint8).tobytes())
+
+
+@pytest.mark.slow
+def test_the_latency_space_runs_the_mlp_on_integer_kernels(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from sklearn.datasets import load_digits
+
+    data = digits_as_mnist(tmp_path)
+    labels = load_digits().target
+    write_idx_labels(data / "train-labels-idx1-ubyte.gz", labels[:1500])
+    write_idx_labels(data / "t10k-labels-idx1-ubyte.gz", labels[1500:])
+    space = write_space(
+        tmp_path, "latency.yaml", task={"data_dir": str(data)},
+        float_train={"epochs": 2, "batch_size": 64, "optimizer": "adam", "lr": 0.0003},
+        calibration={"batches": 2}, n_trials=4,
+        latency={"batch_size": 1, "threads": 1, "repeats": 5, "warmup": 1},
+    )
+    study = run_cli(tmp_path, "study", "--space", space, "--report-dir", "report")
+    assert study.returncode == 0, study.stderr
+    rows = list(csv.DictReader((tmp_path / "report" / "trials.csv").open()))
+    complete = {r["baseline"] or r["number"]: r for r in rows if r["state"] == "COMPLETE"}
+    assert len(complete) == 4
+    float_row, uniform8 = complete["float"], complete["uniform-8"]
+    # The W8A8 MLP runs every layer on onnxruntime's integer kernels; the float one none.
+    assert uniform8["attr.latency_integer"] == "True"
+    assert float_row["attr.latency_integer"] == "False"
+    assert float(uniform8["latency"]) > 0 and float(uniform8["attr.latency_float_ms"]) > 0
+    # Per-channel int8 weights with GPTQ keep the float model's accuracy on the test split.
+    assert float(uniform8["test_accuracy"]) == pytest.approx(
+        float(float_row["test_accuracy"]), abs=0.02
+    )
+    assert float(uniform8["size_bytes"]) < float(float_row["size_bytes"]) / 3.9
+
+
 @pytest.mark.slow
 def test_the_stroke_segmenter_study_reports_mean_iou(tmp_path: Path) -> None:
     pytest.importorskip("torchmetrics")

@@ -19,7 +19,7 @@ import torch
 from quantsearch.export._errors import ExportError
 from quantsearch.export._formats import ExportContext, register_export_format
 from quantsearch.export._onnx_runtime import RuntimeModel
-from quantsearch.quantization import ModelInputs
+from quantsearch.quantization import RUNTIME_FLOAT_OPS, ModelInputs
 from quantsearch.tasks import evaluation_mode
 
 if TYPE_CHECKING:
@@ -101,6 +101,18 @@ class OnnxReport:
     """Node types of model.onnx after onnxruntime's graph optimisation, with counts."""
 
     @property
+    def runtime_float(self) -> dict[str, int]:
+        """Layers onnxruntime computes in float after its graph optimisation, by node type."""
+        ops = self.runtime_ops or {}
+        return {kind: n for kind, n in ops.items() if kind in RUNTIME_FLOAT_OPS}
+
+    @property
+    def integer(self) -> bool:
+        """Every compute op on integer kernels, by the export's reading of the graph and in
+        onnxruntime's optimised graph."""
+        return self.export.integer and not self.runtime_float
+
+    @property
     def agrees(self) -> bool:
         """The outputs differ by at most ``OUTPUT_TOLERANCE`` of their spread on average, and
         no image changes class where its top-1 margin exceeds the outputs' difference: a
@@ -134,11 +146,12 @@ class OnnxReport:
             },
             "unquantized": list(export.unquantized),
             "folded": list(export.folded),
-            "integer": export.integer,
+            "integer": self.integer,
             "float_ops": [
                 {"name": op.name, "op_type": op.op_type, "reason": op.reason}
                 for op in export.float_ops
             ],
+            "runtime_quantized": list(export.runtime_quantized),
             "runtime_ops": self.runtime_ops,
             "checker": "passed",
             "metric": self.metric.name,
@@ -417,12 +430,19 @@ def describe_onnx(report: OnnxReport) -> list[str]:
         lines.append(f"  left in float (never calibrated): {', '.join(export.unquantized)}")
     if export.folded:
         lines.append(f"  quantized twice in a row, written once: {', '.join(export.folded)}")
-    if export.tensors:
-        lines.append(
-            "  onnxruntime's integer kernels run every compute op" if export.integer else
-            f"  {len(export.float_ops)} compute op(s) stay float:"
-        )
+    if export.tensors and report.integer:
+        lines.append("  onnxruntime's integer kernels run every compute op")
+    elif export.float_ops:
+        lines.append(f"  {len(export.float_ops)} compute op(s) stay float:")
         lines += [f"    {op.name} ({op.op_type}): {op.reason}" for op in export.float_ops]
+    elif export.tensors:
+        kinds = ", ".join(f"{kind} x{n}" for kind, n in report.runtime_float.items())
+        lines.append(f"  onnxruntime's optimised graph still computes in float: {kinds}")
+    if export.runtime_quantized:
+        lines.append(
+            "  float weights onnxruntime quantizes itself (int8 per tensor; their inputs and "
+            f"outputs are quantized): {', '.join(export.runtime_quantized)}"
+        )
     if report.runtime_ops:
         counts = ", ".join(f"{kind} x{n}" for kind, n in report.runtime_ops.items())
         lines.append(f"  after onnxruntime's graph optimisation: {counts}")

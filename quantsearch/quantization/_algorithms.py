@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._base import Example, Quantizer
-from ._config import AlgorithmRules, LayerConfig, quantizable_weight
+from ._config import AlgorithmRules, LayerConfig, one_of, per_quant_type, quantizable_weight
 from ._registry import register_quantizer
 from ._tensor_quant import (
     SCHEMES,
@@ -34,10 +34,6 @@ __all__ = [
 _WEIGHTED = ("conv1", "conv2", "fc")
 
 _DTYPES = ("int", "uint")
-
-
-def _one_of(allowed: Sequence[str]) -> Any:
-    return lambda v: None if v in allowed else f"expected one of {list(allowed)}"
 
 
 def _non_negative_int(value: Any) -> str | None:
@@ -106,11 +102,12 @@ class QAT_Quantizer(Quantizer):
         max_bits=16,
         options={
             "quant_start_step": (0, _non_negative_int),
-            "quant_scheme": ("per_tensor_affine", _one_of(SCHEMES)),
-            "quant_dtype": ("uint", _one_of(_DTYPES)),
+            "quant_scheme": ("per_tensor_affine", one_of(SCHEMES)),
+            "quant_dtype": ("uint", one_of(_DTYPES)),
         },
         trains=True,
         affine=True,
+        per_type=("quant_scheme", "quant_dtype"),
     )
     folds_batch_norm = True
     examples = (
@@ -133,10 +130,11 @@ class QAT_Quantizer(Quantizer):
     )
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
-        scheme, dtype = layer.options["quant_scheme"], layer.options["quant_dtype"]
         quants: dict[str, TensorQuant] = {}
         for quant_type in layer.quant_types:
             bits = layer.bits[quant_type]
+            scheme = per_quant_type(layer.options, "quant_scheme", quant_type)
+            dtype = per_quant_type(layer.options, "quant_dtype", quant_type)
             if quant_type == "weight":
                 quants["weight"] = AffineWeightQuant(
                     bits, scheme=scheme, dtype=dtype, channels=_channels(module)
@@ -227,7 +225,8 @@ class LsqQuantizer(Quantizer):
         quant_types=("weight", "input", "output"),
         min_bits=2,
         max_bits=16,
-        options={"quant_dtype": ("int", _one_of(_DTYPES))},
+        options={"quant_dtype": ("int", one_of(_DTYPES))},
+        per_type=("quant_dtype",),
         trains=True,
         affine=False,
     )
@@ -245,10 +244,10 @@ class LsqQuantizer(Quantizer):
     )
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
-        dtype = layer.options["quant_dtype"]
         quants: dict[str, TensorQuant] = {}
         for quant_type in layer.quant_types:
             bits = layer.bits[quant_type]
+            dtype = per_quant_type(layer.options, "quant_dtype", quant_type)
             if quant_type == "weight":
                 quants["weight"] = LsqQuant(bits, dtype=dtype, init_from=quantizable_weight(module))
             else:

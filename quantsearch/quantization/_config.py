@@ -23,6 +23,8 @@ __all__ = [
     "ConfigError",
     "LayerConfig",
     "match_layers",
+    "one_of",
+    "per_quant_type",
     "quantizable_weight",
     "select_layers",
     "validate_config_list",
@@ -76,6 +78,25 @@ class AlgorithmRules:
     #: grid over the tensor's range); False for grids that change the values (tanh, sign, a
     #: learned step).
     affine: bool = False
+    #: Options that may also be a dict per quant type (``{"weight": "per_channel_symmetric",
+    #: "output": "per_tensor_affine"}``), covering exactly the entry's quant types.
+    per_type: tuple[str, ...] = ()
+
+
+def one_of(choices: Sequence[str]) -> Callable[[Any], str | None]:
+    """An option validator that accepts one of ``choices``."""
+
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, str) and value in choices
+        return None if ok else f"expected one of {list(choices)}"
+
+    return check
+
+
+def per_quant_type(options: Mapping[str, Any], key: str, quant_type: str) -> Any:
+    """An option's value for one quant type, whether given once or as a dict per type."""
+    value = options[key]
+    return value[quant_type] if isinstance(value, Mapping) else value
 
 
 @dataclass(frozen=True)
@@ -150,7 +171,7 @@ def validate_config_list(
         out["quant_bits"] = _validate_bits(index, entry, out["quant_types"], rules)
         for key, (default, check) in rules.options.items():
             value = entry.get(key, default)
-            problem = check(value)
+            problem = _check_option(value, check, out["quant_types"], key in rules.per_type)
             if problem is not None:
                 raise _error(index, key, value, problem)
             out[key] = value
@@ -161,6 +182,27 @@ def validate_config_list(
                 raise _error(index, key, entry.get(key, out.get(key)), text)
         normalised.append(out)
     return normalised
+
+
+def _check_option(
+    value: Any, check: Callable[[Any], str | None], quant_types: tuple[str, ...], per_type: bool
+) -> str | None:
+    if not (per_type and isinstance(value, Mapping)):
+        problem = check(value)
+        if problem is None or not per_type:
+            return problem
+        return f"{problem}, or a dict of them per quant type"
+    for key in value:
+        if key not in quant_types:
+            return f"key {_fmt(key)} is not in quant_types {list(quant_types)}"
+    missing = [t for t in quant_types if t not in value]
+    if missing:
+        return f"no value given for {missing}"
+    for quant_type, item in value.items():
+        problem = check(item)
+        if problem is not None:
+            return f"{quant_type}: {problem}"
+    return None
 
 
 def _validate_quant_types(

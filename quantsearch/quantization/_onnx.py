@@ -27,6 +27,7 @@ from ._onnx_fuse import (
     FloatOp,
     float_ops,
     fold_requantizations,
+    runtime_quantized_weights,
     unsigned_weights_for_centred_inputs,
 )
 from ._onnx_graph import (
@@ -75,6 +76,11 @@ class OnnxExport:
     float_ops: tuple[FloatOp, ...] = ()
     """Compute nodes onnxruntime keeps in float, each with the reason; empty when the whole
     graph runs on integer kernels (or the model is float)."""
+    runtime_quantized: tuple[str, ...] = ()
+    """Layers left with a float weight between a quantized input and a quantized output:
+    onnxruntime quantizes such a weight itself (int8 per tensor) and runs an integer kernel,
+    so its outputs differ from the PyTorch model's by that rounding. To keep a layer float in
+    onnxruntime, leave its input or output unquantized too."""
 
     @property
     def integer(self) -> bool:
@@ -186,6 +192,7 @@ def export_onnx(
         unquantized=tuple(unquantized),
         folded=tuple(folded),
         float_ops=tuple(float_ops(onnx, proto)) if records else (),
+        runtime_quantized=tuple(runtime_quantized_weights(onnx, proto)) if records else (),
     )
 
 

@@ -29,11 +29,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 __all__ = [
+    "RUNTIME_FLOAT_OPS",
     "FloatOp",
     "float_ops",
     "fold_requantizations",
     "runtime_op_counts",
+    "runtime_quantized_weights",
     "unsigned_weights_for_centred_inputs",
 ]
 
@@ -48,6 +52,9 @@ _WEIGHTED = ("Conv", "Gemm", "MatMul")
 _ELEMENTWISE = ("Add", "Mul", "Concat")
 _UNARY = ("AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid", "Softmax")
 _EIGHT_BIT = ("INT8", "UINT8")
+#: Node types of onnxruntime's optimised graph that compute a layer in float.
+RUNTIME_FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+_ONE_SCALE = "integer kernels take one scale per activation tensor"
 
 
 @dataclass(frozen=True)
@@ -265,8 +272,6 @@ def unsigned_weights_for_centred_inputs(onnx: Any, proto: Any) -> list[str]:
     their zero point (a transformer's, codes near 128) do so often, ReLU outputs (codes near
     0) rarely. Its uint8 x uint8 kernels are exact, so such a layer keeps uint8 weights.
     """
-    import numpy as np
-
     graph = _Graph(onnx, proto)
     unsigned = []
     for dequantize in list(graph.graph.node):
@@ -302,7 +307,14 @@ def _input_reason(graph: _Graph, tensor: str, what: str) -> str | None:
     kind = graph.code_type(producer)
     if kind not in _EIGHT_BIT:
         return f"its {what} is {kind.lower()} (integer kernels need int8 or uint8)"
+    if what != "weight" and _per_axis(graph, producer):
+        return f"its {what} is quantized per channel ({_ONE_SCALE})"
     return None
+
+
+def _per_axis(graph: _Graph, node: Any) -> bool:
+    scale = graph.constant(node.input[1])
+    return scale is not None and scale.size > 1
 
 
 def _output_reason(graph: _Graph, tensor: str) -> str | None:
@@ -319,6 +331,8 @@ def _output_reason(graph: _Graph, tensor: str) -> str | None:
     kind = graph.code_type(dequantize) if dequantize is not None else "unknown"
     if dequantize is not None and kind not in _EIGHT_BIT:
         return f"its output is {kind.lower()} (integer kernels need int8 or uint8)"
+    if _per_axis(graph, reader):
+        return f"its output is quantized per channel ({_ONE_SCALE})"
     return None
 
 
@@ -327,8 +341,34 @@ def _weighted_name(graph: _Graph, node: Any) -> str:
     if weight is not None and weight.op_type == "DequantizeLinear":
         return _tag(weight).removesuffix(".weight")
     if len(node.input) > 1 and node.input[1] in graph.initializers:  # a float weight
-        return node.input[1].removesuffix(".weight")
+        # A quantized layer's wrapper holds the float module as ``<layer>.module``.
+        return node.input[1].removesuffix(".weight").removesuffix(".module")
     return node.name
+
+
+def _runtime_quantizes_weight(graph: _Graph, node: Any) -> bool:
+    """onnxruntime's WeightBiasQuantization: a Conv or Gemm whose input is dequantized and
+    whose output is quantized, with a float constant weight, gets that weight quantized to
+    int8 per tensor when the model loads, and so runs on an integer kernel."""
+    return (
+        node.op_type in ("Conv", "Gemm")
+        and len(node.input) > 1
+        and node.input[1] in graph.initializers
+        and _input_reason(graph, node.input[0], "input") is None
+        and _output_reason(graph, node.output[0]) is None
+    )
+
+
+def runtime_quantized_weights(onnx: Any, proto: Any) -> list[str]:
+    """The layers of ``proto`` whose float weight onnxruntime quantizes itself (int8 per tensor)
+    when it loads the model: their outputs there differ from the PyTorch model's by that
+    rounding."""
+    graph = _Graph(onnx, proto)
+    return [
+        _weighted_name(graph, node)
+        for node in graph.graph.node
+        if _runtime_quantizes_weight(graph, node)
+    ]
 
 
 def float_ops(onnx: Any, proto: Any) -> list[FloatOp]:
@@ -341,10 +381,12 @@ def float_ops(onnx: Any, proto: Any) -> list[FloatOp]:
         reasons: list[str | None] = []
         name = node.name
         if node.op_type in _WEIGHTED:
+            if _runtime_quantizes_weight(graph, node):
+                continue
             name = _weighted_name(graph, node)
             reasons.append(_input_reason(graph, node.input[0], "input"))
             reasons.append(_input_reason(graph, node.input[1], "weight"))
-            if node.op_type == "Conv":  # QGemm and MatMulIntegerToFloat may output float
+            if node.op_type != "MatMul":  # MatMulIntegerToFloat may output float; QGemm not
                 reasons.append(_output_reason(graph, node.output[0]))
         elif node.op_type in _ELEMENTWISE:
             for index, tensor in enumerate(node.input):

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._algorithms import _DTYPES, _WEIGHTED, _channels, _one_of
+from ._algorithms import _DTYPES, _WEIGHTED, _channels
 from ._base import Example, Quantizer
 from ._codes import QdqForm, affine_fixed_params, fixed_activation_form
-from ._config import AlgorithmRules, LayerConfig
+from ._config import AlgorithmRules, LayerConfig, one_of, per_quant_type
 from ._equalize import EqualizeResult
 from ._math import affine_qparams, affine_qparams_float, fake_quantize
 from ._observers import (
@@ -309,42 +309,16 @@ class PtqActivationQuant(TensorQuant):
         }
 
 
-def _observer_value(value: Any) -> str | None:
-    if isinstance(value, str) and value in OBSERVERS:
-        return None
-    if isinstance(value, Mapping) and value and all(
-        isinstance(v, str) and v in OBSERVERS for v in value.values()
-    ):
-        return None
-    return f"expected one of {list(OBSERVERS)}, or a dict of them per quant type"
-
-
 def _percentile_value(value: Any) -> str | None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return None if number and 50 < value <= 100 else "expected a number in (50, 100]"
 
 
-def _observers_of(entry: Mapping[str, Any]) -> dict[str, str]:
-    observer = entry["observer"]
-    if isinstance(observer, str):
-        return dict.fromkeys(entry["quant_types"], observer)
-    return dict(observer)
-
-
 def _check_entry(
     given: Mapping[str, Any], entry: Mapping[str, Any]
 ) -> tuple[str, str] | None:
-    observer = entry["observer"]
-    if isinstance(observer, Mapping):
-        quant_types = list(entry["quant_types"])
-        for key in observer:
-            if key not in quant_types:
-                return "observer", f"key {key!r} is not in quant_types {quant_types}"
-        missing = [t for t in quant_types if t not in observer]
-        if missing:
-            return "observer", f"no observer given for {missing}"
-    if "percentile" in given and "percentile" not in _observers_of(entry).values():
-        chosen = sorted(set(_observers_of(entry).values()))
+    chosen = sorted({per_quant_type(entry, "observer", t) for t in entry["quant_types"]})
+    if "percentile" in given and "percentile" not in chosen:
         return "percentile", f"only used with observer 'percentile' (this entry's: {chosen})"
     return None
 
@@ -384,15 +358,16 @@ class PtqQuantizer(Quantizer):
         min_bits=2,
         max_bits=16,
         options={
-            "quant_scheme": ("per_tensor_affine", _one_of(SCHEMES)),
-            "quant_dtype": ("uint", _one_of(_DTYPES)),
-            "observer": ("minmax", _observer_value),
+            "quant_scheme": ("per_tensor_affine", one_of(SCHEMES)),
+            "quant_dtype": ("uint", one_of(_DTYPES)),
+            "observer": ("minmax", one_of(OBSERVERS)),
             "percentile": (99.99, _percentile_value),
             **METHOD_OPTIONS,
         },
         entry_check=_check_entry,
         trains=False,
         affine=True,
+        per_type=("quant_scheme", "quant_dtype", "observer"),
     )
     folds_batch_norm = True
     examples = (
@@ -466,13 +441,14 @@ class PtqQuantizer(Quantizer):
             self.fit_records = recording.finish()
 
     def _make_quants(self, layer: LayerConfig, module: nn.Module) -> dict[str, TensorQuant]:
-        scheme, dtype = layer.options["quant_scheme"], layer.options["quant_dtype"]
         percentile = float(layer.options["percentile"])
-        observers = _observers_of({**layer.options, "quant_types": layer.quant_types})
         quants: dict[str, TensorQuant] = {}
         for quant_type in layer.quant_types:
             bits = layer.bits[quant_type]
-            observer = observers[quant_type]
+            scheme, dtype, observer = (
+                per_quant_type(layer.options, key, quant_type)
+                for key in ("quant_scheme", "quant_dtype", "observer")
+            )
             if quant_type == "weight":
                 quants["weight"] = PtqWeightQuant(
                     bits, scheme=scheme, dtype=dtype, channels=_channels(module),

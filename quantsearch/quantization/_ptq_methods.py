@@ -18,6 +18,7 @@ from torch import nn
 
 from ._algorithms import _WEIGHTED
 from ._base import Example
+from ._config import one_of
 from ._equalize import EqualizeResult, equalize
 from ._ptq_fit import FitRecord, LayerInputs, fit_layer, fits_layer
 from ._wrapper import eval_mode
@@ -46,16 +47,6 @@ ADAROUND_ITERS = 500
 GPTQ_DAMP = 0.01
 
 
-def _one_of(choices: tuple[str, ...]) -> Any:
-    """A validator that accepts one of ``choices``."""
-
-    def check(value: Any) -> str | None:
-        ok = isinstance(value, str) and value in choices
-        return None if ok else f"expected one of {list(choices)}"
-
-    return check
-
-
 def _bool_value(value: Any) -> str | None:
     return None if isinstance(value, bool) else "expected true or false"
 
@@ -74,9 +65,9 @@ def _damp_value(value: Any) -> str | None:
 #: check: a search writes every searched key into every entry, so an entry without weights
 #: (ReLU6 outputs) and one whose rounding is not AdaRound take them too, and ignore them.
 METHOD_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "rounding": ("nearest", _one_of(ROUNDINGS)),
+    "rounding": ("nearest", one_of(ROUNDINGS)),
     "bias_correction": (False, _bool_value),
-    "fit_inputs": ("float", _one_of(FIT_INPUTS)),
+    "fit_inputs": ("float", one_of(FIT_INPUTS)),
     "equalize": (False, _bool_value),
     "adaround_iters": (ADAROUND_ITERS, _iters_value),
     "gptq_damp": (GPTQ_DAMP, _damp_value),

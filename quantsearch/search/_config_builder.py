@@ -76,6 +76,13 @@ def config_key(config_list: list[dict[str, Any]], train: Mapping[str, Any]) -> s
     return json.dumps({"config_list": config_list, "train": dict(train)}, sort_keys=True)
 
 
+def _for_entry(value: Any, quant_types: Iterable[str]) -> Any:
+    """A value given per quant type, cut to the quant types of one entry."""
+    if not isinstance(value, Mapping):
+        return value
+    return {quant_type: value[quant_type] for quant_type in quant_types if quant_type in value}
+
+
 class SpacePlan:
     """A search space laid onto one model: its distributions, and values -> config_list.
 
@@ -163,17 +170,20 @@ class SpacePlan:
                 bits[quant_type] = int(values[source])
             if bits:
                 groups.setdefault(tuple(bits.items()), []).append(name)
-        # The algorithm's own config keys the space sets, written into every entry.
+        return [self.entry(dict(setting), names, values) for setting, names in groups.items()]
+
+    def entry(
+        self, bits: Mapping[str, int], op_names: list[str], values: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """One config_list entry: ``bits`` on ``op_names``, with the algorithm's own config
+        keys the space sets (a value given per quant type cut to the entry's types)."""
         extras = {key: values[key] for key in entry_keys(self.spec.algorithm) if key in values}
-        return [
-            {
-                "quant_types": [quant_type for quant_type, _ in setting],
-                "quant_bits": dict(setting),
-                "op_names": names,
-                **extras,
-            }
-            for setting, names in groups.items()
-        ]
+        return {
+            "quant_types": list(bits),
+            "quant_bits": dict(bits),
+            "op_names": op_names,
+            **{key: _for_entry(value, bits) for key, value in extras.items()},
+        }
 
     def train_overrides(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Training settings the space searches (lr, ...), to replace the fixed ones."""

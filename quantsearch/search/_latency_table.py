@@ -105,16 +105,8 @@ def layer_config_list(plan: SpacePlan, layer: str, bits: Mapping[str, int]) -> l
             values[key] = FLOAT
         else:
             values[key] = param.candidates()[0] if isinstance(param, NniParam) else param
-    entries = plan.config_list(values)
-    extras = {k: v for e in entries[:1] for k, v in e.items() if k in _GRAPH_KEYS[3:]}
-    return [
-        {
-            "quant_types": list(bits),
-            "quant_bits": dict(bits),
-            "op_names": [layer],
-            **extras,
-        }
-    ]
+    entry = plan.entry(bits, [layer], values)
+    return [{key: value for key, value in entry.items() if key in _GRAPH_KEYS}]
 
 
 class _Measurer:

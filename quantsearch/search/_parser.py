@@ -249,7 +249,7 @@ class _Parser:
     def param(self, name: str, value: Any, *, key: str, rule: Rule) -> Param:
         if not is_nni_param(value):
             problem = rule.problem(value)
-            if problem is None and isinstance(value, Mapping):
+            if problem is None and isinstance(value, Mapping) and not rule.per_quant_type:
                 problem = "a single value"  # a mapping is a search space or nothing
             if problem is not None:
                 raise SpaceError(

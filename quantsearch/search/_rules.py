@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from quantsearch.quantization import QUANTIZERS, PtqQuantizer, algorithm_rules
+from quantsearch.quantization import QUANT_TYPES, QUANTIZERS, PtqQuantizer, algorithm_rules
 from quantsearch.search._errors import SpaceError
 from quantsearch.search._spec import BITS_PARAMS
 from quantsearch.tasks import TrainConfig
@@ -52,6 +52,8 @@ class Rule:
 
     problem: Callable[[Any], str | None]
     integral: bool = False
+    #: It also takes a fixed dict of values per quant type (``quant_scheme: {weight: ...}``).
+    per_quant_type: bool = False
 
 
 def is_int(value: Any) -> bool:
@@ -121,7 +123,17 @@ def param_rule(name: str, algorithm: str) -> Rule | None:
     if name not in options:
         return None
     _, check = options[name]
-    return Rule(lambda v: _allowed(check(v)))
+    if name not in algorithm_rules(algorithm).per_type:
+        return Rule(lambda v: _allowed(check(v)))
+
+    def problem(value: Any) -> str | None:
+        if not isinstance(value, Mapping):
+            return _allowed(check(value))
+        if not value or any(key not in QUANT_TYPES for key in value):
+            return f"a dict with keys from {list(QUANT_TYPES)}"
+        return next((f"{key}: {_allowed(check(v))}" for key, v in value.items() if check(v)), None)
+
+    return Rule(problem, per_quant_type=True)
 
 
 def mapping(value: Any, *, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:

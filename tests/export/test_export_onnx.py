@@ -3,6 +3,7 @@ onnxruntime on the test split and timed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from quantsearch.export import (
 )
 from quantsearch.export._onnx import MIN_AGREEMENT
 from quantsearch.pipeline import metric_info
-from quantsearch.quantization import OnnxExport
+from quantsearch.quantization import OnnxExport, OnnxTensor
 from quantsearch.tasks import Task, get_task
 
 from .test_export import _study
@@ -95,6 +96,24 @@ def _report(tmp_path: Path, **fields: Any) -> OnnxReport:
         agreement=1 - 25 / 1000,
         differences=differences, latency=(Latency(batch=1, qdq_ms=0.2, float_ms=0.1),),
         test_samples=1000, onnxruntime_version="1.32.0", **fields,
+    )
+
+
+def test_integer_is_also_read_from_onnxruntimes_optimised_graph(tmp_path: Path) -> None:
+    codes = OnnxTensor(name="fc.weight", bits=8, onnx_type="int8", qmin=-128, qmax=127,
+                       per_channel=False, clipped=False)
+    fused = {"QGemm": 2, "QuantizeLinear": 1, "DequantizeLinear": 1}
+    quantized = OnnxExport(path=tmp_path / "model.onnx", file_bytes=900, size_bytes=800,
+                           opset=25, tensors=(codes,), unquantized=())
+    report = dataclasses.replace(_report(tmp_path, runtime_ops=fused), export=quantized)
+    assert report.integer and report.summary()["integer"] is True
+    assert "  onnxruntime's integer kernels run every compute op" in describe_onnx(report)
+    # A ReLU that onnxruntime kept: the Gemm before it computes in float.
+    report = dataclasses.replace(report, runtime_ops={**fused, "FusedGemm": 1})
+    assert not report.integer and report.runtime_float == {"FusedGemm": 1}
+    assert report.summary()["integer"] is False
+    assert "  onnxruntime's optimised graph still computes in float: FusedGemm x1" in (
+        describe_onnx(report)
     )
 
 

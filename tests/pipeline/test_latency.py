@@ -92,3 +92,23 @@ def test_the_float_reference_is_timed_in_the_same_loop() -> None:
     fields = measured.record_fields()
     assert fields["latency_float_ms"] == measured.reference_ms
     assert fields["latency_speedup"] == measured.speedup
+
+
+def test_integer_is_what_onnxruntime_runs_not_only_what_the_export_reads() -> None:
+    # Symmetric uint8 activations put a ReLU's output on zero point 128: onnxruntime keeps the
+    # ReLU and computes the Linear layers in float (FusedGemm), a rewrite the export's own
+    # reading of the graph does not follow.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    config = [
+        {"quant_types": ["input", "weight", "output"], "quant_bits": 8,
+         "op_types": ["Linear"], "quant_scheme": "per_tensor_symmetric"},
+        {"quant_types": ["output"], "quant_bits": 8, "op_types": ["ReLU"],
+         "quant_scheme": "per_tensor_symmetric"},
+    ]
+    quantizer = QAT_Quantizer(model, config, dummy_input=torch.randn(1, 16))
+    model = quantizer.compress()
+    with quantizer.calibrate():
+        model(torch.randn(8, 16))
+    measured = measure_latency(model.eval(), torch.randn(1, 16), LatencySetup(repeats=3))
+    assert not measured.integer and measured.float_ops >= 1

@@ -69,7 +69,23 @@ W8 = {"quant_types": ["weight"], "quant_bits": 8, "op_types": ["Conv2d"]}
             [{**W8, "quant_scheme": "per_layer"}],
             "config_list[0]: 'quant_scheme' = 'per_layer' is invalid: expected one of "
             "['per_tensor_affine', 'per_tensor_symmetric', 'per_channel_affine', "
-            "'per_channel_symmetric']",
+            "'per_channel_symmetric'], or a dict of them per quant type",
+        ),
+        (
+            [{**W8, "quant_types": ["weight", "input"], "quant_scheme": {
+                "weight": "per_channel_symmetric"}}],
+            "config_list[0]: 'quant_scheme' = {'weight': 'per_channel_symmetric'} is invalid: "
+            "no value given for ['input']",
+        ),
+        (
+            [{**W8, "quant_scheme": {"weight": "per_channel_symmetric", "output": "x"}}],
+            "config_list[0]: 'quant_scheme' = {'weight': 'per_channel_symmetric', 'output': "
+            "'x'} is invalid: key 'output' is not in quant_types ['weight']",
+        ),
+        (
+            [{**W8, "quant_dtype": {"weight": "int8"}}],
+            "config_list[0]: 'quant_dtype' = {'weight': 'int8'} is invalid: weight: expected "
+            "one of ['int', 'uint']",
         ),
         (
             [{**W8, "quant_start_step": -5}],
@@ -85,6 +101,17 @@ def test_schema_errors(config_list: list[Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         QAT_Quantizer(make_net(), config_list)
     assert str(info.value) == message
+
+
+def test_scheme_and_dtype_may_differ_per_quant_type() -> None:
+    entry = {"quant_types": ["weight", "input"], "quant_bits": 8, "op_types": ["Conv2d"],
+             "quant_scheme": {"weight": "per_channel_symmetric", "input": "per_tensor_affine"},
+             "quant_dtype": {"weight": "int", "input": "uint"}}
+    quantizer = QAT_Quantizer(make_net(), [entry])
+    quantizer.compress()
+    wrapper = quantizer.bound_model.conv1
+    assert wrapper.weight_quant.per_channel and wrapper.weight_quant.qmin == -127
+    assert not wrapper.input_quant.per_channel and wrapper.input_quant.qmin == 0
 
 
 def test_unknown_op_name_lists_the_closest_real_names() -> None:

@@ -187,6 +187,59 @@ def test_weights_below_8_bits_are_named(tmp_path: Path) -> None:
     assert packed.integer
 
 
+def test_per_channel_weights_with_per_tensor_activations_run_on_integer_kernels(
+    tmp_path: Path,
+) -> None:
+    scheme = {"input": "per_tensor_affine", "weight": "per_channel_symmetric",
+              "output": "per_tensor_affine"}
+    model = _quantized([{**W8A8[0], "quant_scheme": scheme}, W8A8[1]])
+    assert model.block1.conv1.weight_quant.per_channel
+    assert not model.block1.conv1.input_quant.per_channel
+    result = export_onnx(model, tmp_path / "model.onnx", torch.randn(1, 3, 8, 8))
+    assert result.integer
+    counts = runtime_op_counts(result.path)
+    assert counts.get("QLinearConv") == 5
+    assert not {"Conv", "FusedConv", "Gemm", "FusedGemm"} & set(counts)
+
+
+def test_activations_quantized_per_channel_stay_float_and_say_why(tmp_path: Path) -> None:
+    config = [{**W8A8[0], "quant_scheme": "per_channel_affine"}, W8A8[1]]
+    result = export_onnx(_quantized(config), tmp_path / "model.onnx", torch.randn(1, 3, 8, 8))
+    reasons = {op.name: op.reason for op in result.float_ops if op.op_type == "Conv"}
+    assert not result.integer
+    assert reasons["block1.conv1"] == (
+        "its input is quantized per channel (integer kernels take one scale per activation "
+        "tensor)"
+    )
+    # What the check says is what onnxruntime does: the convs compute in float.
+    counts = runtime_op_counts(result.path)
+    assert counts.get("Conv", 0) + counts.get("FusedConv", 0) >= 1
+    assert "QLinearConv" not in counts
+
+
+def test_a_float_weight_between_quantized_tensors_is_quantized_by_onnxruntime(
+    tmp_path: Path,
+) -> None:
+    float_weight = {"quant_types": ["input", "output"], "quant_bits": 8,
+                    "op_names": ["block1.conv1"]}
+    result = export_onnx(
+        _quantized([*W8A8, float_weight]), tmp_path / "model.onnx", torch.randn(1, 3, 8, 8)
+    )
+    assert "block1.conv1.weight" not in result.types()  # written as a float weight
+    assert result.runtime_quantized == ("block1.conv1",) and result.integer
+    counts = runtime_op_counts(result.path)  # onnxruntime made it an integer kernel
+    assert counts.get("QLinearConv") == 5 and not {"Conv", "FusedConv"} & set(counts)
+
+
+def test_a_linear_layer_with_a_float_output_stays_float(tmp_path: Path) -> None:
+    config = [{**W8A8[0], "op_types": ["Conv2d"]}, W8A8[1],
+              {"quant_types": ["input", "weight"], "quant_bits": 8, "op_types": ["Linear"]}]
+    result = export_onnx(_quantized(config), tmp_path / "model.onnx", torch.randn(1, 3, 8, 8))
+    reasons = {op.name: op.reason for op in result.float_ops}
+    assert reasons == {"fc": "its output is not quantized (or is read by more than one node)"}
+    assert runtime_op_counts(result.path).get("Gemm") == 1  # onnxruntime 1.32 has no QGemm here
+
+
 class _Inverted(nn.Module):
     """MobileNetV2's pattern: residual adds with no ReLU after them, one after the other."""
 

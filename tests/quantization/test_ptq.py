@@ -205,7 +205,7 @@ def test_mse_and_percentile_weights_are_recomputed_only_when_the_weight_changes(
          "config_list[0]: 'observer' = 'max' is invalid: expected one of ['minmax', "
          "'percentile', 'mse'], or a dict of them per quant type"),
         ({"observer": {"weight": "mse"}},
-         "config_list[0]: 'observer' = {'weight': 'mse'} is invalid: no observer given for "
+         "config_list[0]: 'observer' = {'weight': 'mse'} is invalid: no value given for "
          "['output']"),
         ({"observer": {"weight": "mse", "output": "mse", "input": "mse"}},
          "config_list[0]: 'observer' = {'weight': 'mse', 'output': 'mse', 'input': 'mse'} is "

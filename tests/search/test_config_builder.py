@@ -103,6 +103,36 @@ def test_a_layer_with_weight_and_output_gets_one_entry_for_both() -> None:
     ]
 
 
+def test_a_scheme_per_quant_type_is_cut_to_each_entry() -> None:
+    scheme = {"weight": "per_channel_symmetric", "output": "per_tensor_affine"}
+    plan = _plan(**{**PER_LAYER, "params": {"output_bits": 8, "quant_scheme": scheme}})
+    values = plan.values({"conv1.weight_bits": 4, "conv2.weight_bits": 4,
+                          "head.1.weight_bits": 4})
+    entries = plan.config_list(values)
+    assert [entry["quant_scheme"] for entry in entries] == [
+        {"weight": "per_channel_symmetric"}, {"output": "per_tensor_affine"}
+    ]
+    validate_config_list(entries, QATQuantizer.rules)  # what the quantizer accepts
+
+
+@pytest.mark.parametrize(
+    ("scheme", "message"),
+    [
+        ({"weight": "per_row"}, "params.quant_scheme: {'weight': 'per_row'} is not weight: one "
+         "of ['per_tensor_affine'"),
+        ({"bias": "per_tensor_affine"}, "params.quant_scheme: {'bias': 'per_tensor_affine'} is "
+         "not a dict with keys from ['weight', 'input', 'output']"),
+        ({"_type": "choice", "_value": [{"weight": "per_tensor_affine"}]},
+         "params.quant_scheme._value[0]: {'weight': 'per_tensor_affine'} is not allowed; "
+         "choices are numbers, strings, booleans or null"),
+    ],
+)
+def test_a_bad_scheme_per_quant_type_is_refused(scheme: dict, message: str) -> None:
+    with pytest.raises(SpaceError) as caught:
+        _plan(params={"quant_bits": 8, "quant_scheme": scheme})
+    assert message in str(caught.value)
+
+
 def test_all_float_is_an_empty_config_list() -> None:
     plan = _plan(per_layer=PER_LAYER["per_layer"])
     raw = dict.fromkeys(plan.distributions, "float")

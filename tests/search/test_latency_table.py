@@ -150,6 +150,18 @@ def test_the_settings_are_each_layer_at_each_bit_width(space_file: SpaceFile) ->
     ]
 
 
+def test_a_layers_config_keeps_the_keys_that_change_the_graph(space_file: SpaceFile) -> None:
+    scheme = {"weight": "per_channel_symmetric", "output": "per_tensor_affine"}
+    params = {"output_bits": 8, "quant_scheme": scheme, "rounding": "gptq"}
+    context = prepare(load_space(space_file(algorithm="ptq", train=None, params=params)))
+    # The scheme (per channel or not) changes the exported graph: kept, cut to the layer's
+    # quant types; the rounding changes weight values only: left out.
+    assert layer_config_list(context.plan, "conv1", {"weight": 8}) == [
+        {"quant_types": ["weight"], "quant_bits": {"weight": 8}, "op_names": ["conv1"],
+         "quant_scheme": {"weight": "per_channel_symmetric"}}
+    ]
+
+
 def test_the_table_is_measured_and_a_killed_pass_resumes(
     space_file: SpaceFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
