@@ -142,6 +142,10 @@ def test_the_latency_space_runs_the_mlp_on_integer_kernels(tmp_path: Path) -> No
     # The W8A8 MLP runs every layer on onnxruntime's integer kernels; the float one none.
     assert uniform8["attr.latency_integer"] == "True"
     assert float_row["attr.latency_integer"] == "False"
+    # The named baseline: 4-bit weights, 8-bit inputs, still every layer on integer kernels.
+    w4a8 = complete["w4-a8"]
+    assert w4a8["attr.latency_integer"] == "True"
+    assert float(w4a8["size_bytes"]) < float(uniform8["size_bytes"]) / 1.9
     assert float(uniform8["latency"]) > 0 and float(uniform8["attr.latency_float_ms"]) > 0
     # Per-channel int8 weights with GPTQ keep the float model's accuracy on the test split.
     assert float(uniform8["test_accuracy"]) == pytest.approx(

@@ -190,7 +190,8 @@ class SpacePlan:
         return {key: values[key] for key in TRAIN_PARAMS if key in values}
 
     def baseline_params(self, label: str) -> dict[str, Any]:
-        """Raw Optuna values of a baseline trial (``float`` or ``uniform-<bits>``).
+        """Raw Optuna values of a baseline trial (``float``, ``uniform-<bits>`` or a named
+        config of ``baselines.configs``).
 
         ``uniform-b`` sets every bits parameter to b. ``float`` (whose config_list is empty)
         records the most precise point of the space: "float" where a parameter offers it,
@@ -202,10 +203,13 @@ class SpacePlan:
             if isinstance(param, NniParam) and name.rsplit(".", 1)[-1] in BITS_PARAMS
         ]
         params: dict[str, Any] = {}
+        named = self.spec.baselines.config(label)
         for name in bits_names:
             param = self.params[name]
             assert isinstance(param, NniParam)
-            if label == "float":
+            if named is not None:
+                value = named[name.rpartition(".")[2]]
+            elif label == "float":
                 candidates = param.candidates()
                 value = FLOAT if FLOAT in candidates else max(c for c in candidates if c != FLOAT)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -342,7 +343,9 @@ class _Parser:
     ) -> Baselines:
         if value is None:
             return Baselines()
-        baselines = mapping(value, key="baselines", allowed=("float", "uniform_bits"))
+        baselines = mapping(
+            value, key="baselines", allowed=("float", "uniform_bits", "configs")
+        )
         use_float = baselines.get("float", True)
         if not isinstance(use_float, bool):
             raise SpaceError(f"{use_float!r} is not true or false", key="baselines.float")
@@ -358,17 +361,57 @@ class _Parser:
         if per_layer is not None:
             searched += [(f"per_layer.{k}", p) for k, p in per_layer.params.items()]
         for b in bits:
-            for key, param in searched:
-                try:
-                    _encode(param, b)
-                except ValueError:
-                    shown = param.describe() if isinstance(param, NniParam) else repr(param)
-                    raise SpaceError(
-                        f"{b} is not a value of {key} ({shown}), so a uniform-{b} "
-                        "trial is not in the space",
-                        key="baselines.uniform_bits",
-                    ) from None
-        return Baselines(float=use_float, uniform_bits=tuple(bits))
+            for where, param in searched:
+                _require_value(
+                    param, b, where, key="baselines.uniform_bits",
+                    why=f", so a uniform-{b} trial is not in the space",
+                )
+        configs = self.baseline_configs(baselines.get("configs", {}), searched)
+        return Baselines(float=use_float, uniform_bits=tuple(bits), configs=configs)
+
+    def baseline_configs(
+        self, value: Any, searched: list[tuple[str, Param]]
+    ) -> tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]:
+        """Named baseline configs: each sets every bits parameter of the space through its key."""
+        if not isinstance(value, Mapping):
+            raise SpaceError(f"expected a mapping of names to bits, got {value!r}",
+                             key="baselines.configs")
+        out = []
+        for name, values in value.items():
+            key = f"baselines.configs.{name}"
+            if not isinstance(name, str) or not _LABEL.fullmatch(name) or name == "float" or (
+                name.startswith("uniform-")
+            ):
+                raise SpaceError(
+                    "a baseline's name is 1 to 40 letters, digits, '.', '_' or '-', starting "
+                    "with a letter, and neither 'float' nor 'uniform-...'", key=key,
+                )
+            chosen = mapping(values, key=key, allowed=BITS_PARAMS)
+            for where, param in searched:
+                bits_key = where.rpartition(".")[2]
+                if bits_key in chosen:
+                    _require_value(param, chosen[bits_key], where, key=f"{key}.{bits_key}")
+                elif isinstance(param, NniParam):  # a fixed one keeps its value
+                    raise SpaceError(f"gives no {bits_key} (for {where})", key=key)
+            unused = sorted(set(chosen) - {w.rpartition(".")[2] for w, _ in searched})
+            if unused:
+                raise SpaceError(f"the space has no {', '.join(unused)} to set", key=key)
+            out.append((name, tuple(chosen.items())))
+        return tuple(out)
+
+
+_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,39}")
+
+
+def _require_value(param: Param, value: Any, where: str, *, key: str, why: str = "") -> None:
+    """SpaceError at ``key`` unless ``value`` is one the parameter at ``where`` takes."""
+    try:
+        _encode(param, value)
+    except ValueError:
+        shown = param.describe() if isinstance(param, NniParam) else repr(param)
+        raise SpaceError(
+            f"{value!r} is not a value of {where} ({shown}){why}", key=key
+        ) from None
 
 
 def _encode(param: Param, value: Any) -> Any:

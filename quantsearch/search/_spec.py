@@ -90,13 +90,22 @@ class SamplerSpec:
 class Baselines:
     float: bool = True
     uniform_bits: tuple[int, ...] = ()
+    configs: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    """Named configs: (label, ((bits key, value), ...)), each value set on every parameter
+    of that key (``weight_bits`` on every layer's weight bits)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"float": self.float, "uniform_bits": list(self.uniform_bits)}
+        named = {"configs": {k: dict(v) for k, v in self.configs}} if self.configs else {}
+        return {"float": self.float, "uniform_bits": list(self.uniform_bits), **named}
 
     @property
     def labels(self) -> list[str]:
-        return (["float"] if self.float else []) + [f"uniform-{b}" for b in self.uniform_bits]
+        uniform = [f"uniform-{b}" for b in self.uniform_bits]
+        return (["float"] if self.float else []) + uniform + [k for k, _ in self.configs]
+
+    def config(self, label: str) -> dict[str, Any] | None:
+        """The bits values of a named config; None for ``float`` and ``uniform-<b>``."""
+        return next((dict(values) for name, values in self.configs if name == label), None)
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,38 @@ def test_a_bad_scheme_per_quant_type_is_refused(scheme: dict, message: str) -> N
     assert message in str(caught.value)
 
 
+def test_a_named_baseline_sets_every_parameter_of_its_keys() -> None:
+    plan = _plan(**PER_LAYER, baselines={"configs": {"w4-a8": {"weight_bits": 4,
+                                                                "output_bits": 8}}})
+    assert plan.spec.baselines.labels == ["float", "w4-a8"]
+    raw = plan.baseline_params("w4-a8")
+    assert {name: plan.params[name].decode(v) for name, v in raw.items()} == {
+        "output_bits": 8, "conv1.weight_bits": 4, "conv2.weight_bits": 4, "head.1.weight_bits": 4
+    }
+    assert [e["quant_bits"] for e in plan.config_list(plan.values({**raw,
+            "quant_start_step": 0}))] == [{"weight": 4}, {"output": 8}]
+
+
+@pytest.mark.parametrize(
+    ("configs", "message"),
+    [
+        ({"w4": {"weight_bits": 4}},
+         "baselines.configs.w4: gives no output_bits (for params.output_bits)"),
+        ({"w4": {"weight_bits": 3, "output_bits": 8}},
+         "baselines.configs.w4.weight_bits: 3 is not a value of per_layer.weight_bits"),
+        ({"w4": {"weight_bits": 4, "output_bits": 8, "input_bits": 8}},
+         "baselines.configs.w4: the space has no input_bits to set"),
+        ({"uniform-4": {"weight_bits": 4, "output_bits": 8}},
+         "baselines.configs.uniform-4: a baseline's name is 1 to 40 letters"),
+        ({"w4": {"weight_bits": 4, "lr": 0.1}}, "baselines.configs.w4.lr: unknown key 'lr'"),
+    ],
+)
+def test_a_bad_named_baseline_is_refused(configs: dict, message: str) -> None:
+    with pytest.raises(SpaceError) as caught:
+        _plan(**PER_LAYER, baselines={"configs": configs})
+    assert message in str(caught.value)
+
+
 def test_all_float_is_an_empty_config_list() -> None:
     plan = _plan(per_layer=PER_LAYER["per_layer"])
     raw = dict.fromkeys(plan.distributions, "float")
