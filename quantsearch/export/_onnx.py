@@ -19,7 +19,7 @@ import torch
 from quantsearch.export._errors import ExportError
 from quantsearch.export._formats import ExportContext, register_export_format
 from quantsearch.export._onnx_runtime import RuntimeModel
-from quantsearch.quantization import RUNTIME_FLOAT_OPS, ModelInputs
+from quantsearch.quantization import ModelInputs, runtime_float_ops
 from quantsearch.tasks import evaluation_mode
 
 if TYPE_CHECKING:
@@ -103,8 +103,7 @@ class OnnxReport:
     @property
     def runtime_float(self) -> dict[str, int]:
         """Layers onnxruntime computes in float after its graph optimisation, by node type."""
-        ops = self.runtime_ops or {}
-        return {kind: n for kind, n in ops.items() if kind in RUNTIME_FLOAT_OPS}
+        return runtime_float_ops(self.runtime_ops or {})
 
     @property
     def integer(self) -> bool:

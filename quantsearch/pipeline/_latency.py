@@ -220,12 +220,11 @@ def measure_latency(
 def _runtime_float_ops(path: Path, setup: LatencySetup) -> int:
     """Layers that onnxruntime's CPU provider computes in float after its graph optimisation:
     what was timed, whatever the export's own reading of the graph said."""
-    from quantsearch.quantization import RUNTIME_FLOAT_OPS, runtime_op_counts
+    from quantsearch.quantization import runtime_float_ops, runtime_op_counts
 
     if setup.provider != "CPUExecutionProvider":
         return 0
-    counts = runtime_op_counts(path, threads=setup.threads)
-    return sum(counts.get(kind, 0) for kind in RUNTIME_FLOAT_OPS)
+    return sum(runtime_float_ops(runtime_op_counts(path, threads=setup.threads)).values())
 
 
 def _latency_value(evaluated: Evaluated) -> float:

@@ -32,7 +32,7 @@ from ._base import Example, Quantizer, real_state_dict
 from ._config import DEFAULT_OP_TYPES, QUANT_TYPES, AlgorithmRules, ConfigError, match_layers
 from ._observers import OBSERVERS
 from ._onnx import FloatOp, ModelInputs, OnnxExport, OnnxExportError, OnnxTensor, export_onnx
-from ._onnx_fuse import RUNTIME_FLOAT_OPS, runtime_op_counts
+from ._onnx_fuse import runtime_float_ops, runtime_op_counts
 from ._pack import load_packed, model_size_bytes, save_packed
 from ._ptq import NotCalibratedError, PtqQuantizer
 from ._registry import QUANTIZERS, algorithm_rules, get_quantizer, register_quantizer
@@ -44,7 +44,6 @@ __all__ = [
     "OBSERVERS",
     "QUANTIZERS",
     "QUANT_TYPES",
-    "RUNTIME_FLOAT_OPS",
     "SCHEMES",
     "AlgorithmRules",
     "BNNQuantizer",
@@ -73,6 +72,7 @@ __all__ = [
     "model_size_bytes",
     "real_state_dict",
     "register_quantizer",
+    "runtime_float_ops",
     "runtime_op_counts",
     "save_packed",
     "wrappers_of",

@@ -26,16 +26,17 @@ patterns of a quantized model break that shape and are folded here:
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
-    "RUNTIME_FLOAT_OPS",
     "FloatOp",
     "float_ops",
     "fold_requantizations",
+    "runtime_float_ops",
     "runtime_op_counts",
     "runtime_quantized_weights",
     "unsigned_weights_for_centred_inputs",
@@ -53,7 +54,7 @@ _ELEMENTWISE = ("Add", "Mul", "Concat")
 _UNARY = ("AveragePool", "GlobalAveragePool", "LeakyRelu", "Sigmoid", "Softmax")
 _EIGHT_BIT = ("INT8", "UINT8")
 #: Node types of onnxruntime's optimised graph that compute a layer in float.
-RUNTIME_FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+_RUNTIME_FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 _ONE_SCALE = "integer kernels take one scale per activation tensor"
 
 
@@ -423,3 +424,8 @@ def runtime_op_counts(path: Any, *, threads: int = 1) -> dict[str, int]:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         counts = Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     return dict(counts.most_common())
+
+
+def runtime_float_ops(counts: Mapping[str, int]) -> dict[str, int]:
+    """Of ``runtime_op_counts``'s node types, those that compute a layer in float."""
+    return {kind: n for kind, n in counts.items() if kind in _RUNTIME_FLOAT_OPS}
